@@ -1,0 +1,29 @@
+# The two commands of the Quick start. Each bootstraps first (idempotent).
+PY := .venv/bin/python
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+DEMO_ARGS ?=
+
+.PHONY: bootstrap demo test lint sanitize bench clean
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+demo: bootstrap
+	$(PY) -m vfmig demo $(DEMO_ARGS)
+
+test: bootstrap
+	$(PY) -m pytest -q tests
+
+lint: bootstrap
+	.venv/bin/ruff check vfmig tests bench
+
+# C unit tests under ASan/UBSan (also run by tests/test_c_units.py).
+sanitize: bootstrap
+	VFMIG_SANITIZE=1 $(PY) -m pytest -q tests/test_c_units.py
+
+bench: bootstrap
+	$(PY) bench/vm_bench.py
+	$(PY) bench/migrate_bench.py
+
+clean:
+	rm -rf build build-asan .venv

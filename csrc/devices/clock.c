@@ -1,0 +1,45 @@
+/* Clock port: reading the low half samples CLOCK_MONOTONIC and latches the high half for that
+ * vCPU, so a 32-bit guest reads a consistent 64-bit value with two inl. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "vfmig/devices.h"
+#include "vfmig/util.h"
+#include "vfmig/vm.h"
+
+struct clockdev {
+    struct vfmig_device dev;
+    uint32_t latch[VFMIG_MAX_VCPUS]; /* each slot touched only by its own vCPU thread */
+};
+
+/* vCPU thread; lock-free. */
+static int clock_access(struct vfmig_device *d, struct vfmig_vcpu *cpu, uint64_t addr, uint8_t *data,
+                        uint32_t len, int is_write)
+{
+    struct clockdev *c = d->opaque;
+    if (is_write)
+        return 0;
+    uint32_t v;
+    if (addr == VFMIG_PORT_CLOCK_LO) {
+        uint64_t now = vfmig_now_ns();
+        c->latch[cpu->id] = (uint32_t)(now >> 32);
+        v = (uint32_t)now;
+    } else {
+        v = c->latch[cpu->id];
+    }
+    memset(data, 0, len);
+    memcpy(data, &v, len < 4 ? len : 4);
+    return 0;
+}
+
+static void clock_destroy(struct vfmig_device *d) { free(d->opaque); }
+
+struct vfmig_device *vfmig_clock_new(void)
+{
+    struct clockdev *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->dev = (struct vfmig_device){.name = "clock", .space = VFMIG_SPACE_PIO, .base = VFMIG_PORT_CLOCK_LO,
+                                   .len = 8, .opaque = c, .access = clock_access, .destroy = clock_destroy};
+    return &c->dev;
+}

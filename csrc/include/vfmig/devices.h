@@ -1,0 +1,19 @@
+/* The built-in device models. Each constructor returns a device ready for vfmig_vm_add_device,
+ * or NULL on allocation failure. */
+#ifndef VFMIG_DEVICES_H
+#define VFMIG_DEVICES_H
+#include "vfmig/device.h"
+
+/* Debug console on VFMIG_PORT_CONSOLE: keeps the last 64 KiB the guest printed. */
+struct vfmig_device *vfmig_console_new(void);
+/* Copies up to cap bytes of console output (oldest first); returns the length. */
+size_t vfmig_console_read(struct vfmig_device *d, char *buf, size_t cap);
+
+/* Clock on VFMIG_PORT_CLOCK_LO/HI: host CLOCK_MONOTONIC in ns, latched per vCPU. */
+struct vfmig_device *vfmig_clock_new(void);
+
+/* The in-kernel platform: PIC, IOAPIC and the KVM clock. No I/O of its own; it carries their
+ * state through save/load. */
+struct vfmig_device *vfmig_platform_new(int vm_fd);
+
+#endif

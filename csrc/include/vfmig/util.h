@@ -1,0 +1,30 @@
+/* Small shared helpers: errors, time, checkpoints. */
+#ifndef VFMIG_UTIL_H
+#define VFMIG_UTIL_H
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#define VFMIG_ERR_LEN 256
+
+/* Error strings travel with the object that failed, so callers on any thread can report them. */
+struct vfmig_err {
+    char msg[VFMIG_ERR_LEN];
+};
+
+/* Formats msg into err (if not NULL) and returns -code, so callers can `return vfmig_fail(...)`. */
+int vfmig_fail(struct vfmig_err *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static inline uint64_t vfmig_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* Records a named checkpoint: fires the USDT probe vfmig:checkpoint(name, t_ns) and returns
+ * t_ns. Thread-safe, lock-free. */
+uint64_t vfmig_checkpoint(const char *name);
+
+#endif

@@ -1,0 +1,109 @@
+/* The micro-VMM: one KVM VM with memfd-backed RAM, an in-kernel irqchip, N vCPU threads and a
+ * bus of device models. */
+#ifndef VFMIG_VM_H
+#define VFMIG_VM_H
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "vfmig/device.h"
+#include "vfmig/guest_abi.h"
+#include "vfmig/util.h"
+
+#define VFMIG_MAX_DEVICES 16
+#define VFMIG_MAX_SLOTS 2
+#define VFMIG_MIN_RAM (64ull << 20)
+#define VFMIG_MAX_RAM (1ull << 40)
+
+enum vfmig_exit_kind {
+    VFMIG_EXIT_IO, VFMIG_EXIT_MMIO, VFMIG_EXIT_HLT, VFMIG_EXIT_INTR, VFMIG_EXIT_RING_FULL,
+    VFMIG_EXIT_SHUTDOWN, VFMIG_EXIT_INTERNAL, VFMIG_EXIT_OTHER, VFMIG_EXIT__COUNT
+};
+
+struct vfmig_vm_config {
+    uint64_t mem_bytes;
+    uint32_t vcpus;
+    uint32_t ring_entries; /* 0: dirty bitmap with manual protect; else dirty ring of this size */
+};
+
+struct vfmig_slot {
+    uint32_t id;
+    uint32_t flags;        /* KVM_MEM_* currently set */
+    uint64_t gpa, size;
+    uint64_t first_page;   /* index of this slot's first page in RAM (memfd offset / 4096) */
+};
+
+struct vfmig_vcpu {
+    struct vfmig_vm *vm;
+    uint32_t id;
+    int fd;
+    struct kvm_run *run;
+    size_t run_size;
+    struct kvm_dirty_gfn *ring; /* NULL in bitmap mode */
+    pthread_t thread;
+    int thread_live;
+    int paused;                 /* under vm->lock */
+    _Atomic int throttle_due;
+    _Atomic uint64_t exits[VFMIG_EXIT__COUNT];
+};
+
+typedef void (*vfmig_ring_full_fn)(void *opaque, struct vfmig_vcpu *cpu);
+
+struct vfmig_vm {
+    int kvm_fd, vm_fd, mem_fd;
+    uint8_t *ram;          /* the whole memfd, mapped MAP_SHARED */
+    uint64_t ram_bytes, npages;
+    uint32_t nslots;
+    struct vfmig_slot slots[VFMIG_MAX_SLOTS];
+    uint32_t nvcpus;
+    struct vfmig_vcpu vcpus[VFMIG_MAX_VCPUS];
+    uint32_t ndevices;
+    struct vfmig_device *devices[VFMIG_MAX_DEVICES];
+    uint32_t ring_entries;
+
+    /* Pause/resume. The lock is only ever taken around these flags, never across KVM_RUN or a
+     * device access, so nothing a vCPU needs to make progress waits on it. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    _Atomic int pause_req;
+    int quit, started;
+    uint64_t last_pause_ns, last_resume_ns;
+
+    _Atomic int failed;    /* a vCPU stopped on an error; err says why */
+    struct vfmig_err err;
+
+    _Atomic int throttle_pct;
+    pthread_t throttle_thread;
+    int throttle_live;
+
+    vfmig_ring_full_fn on_ring_full; /* set by the ring tracker */
+    void *ring_full_opaque;
+};
+
+/* Lifecycle. Every call returns 0 or -errno with err filled; none is thread-safe against
+ * another lifecycle call on the same VM (the Python layer serialises them). */
+int vfmig_vm_create(const struct vfmig_vm_config *cfg, struct vfmig_vm **out, struct vfmig_err *err);
+int vfmig_vm_add_device(struct vfmig_vm *vm, struct vfmig_device *dev);
+struct vfmig_device *vfmig_vm_find_device(struct vfmig_vm *vm, const char *name);
+int vfmig_vm_boot(struct vfmig_vm *vm, const uint8_t *image, size_t len);
+int vfmig_vm_start(struct vfmig_vm *vm);
+int vfmig_vm_pause(struct vfmig_vm *vm);
+int vfmig_vm_resume(struct vfmig_vm *vm);
+void vfmig_vm_destroy(struct vfmig_vm *vm);
+
+/* Dirty logging on every slot (KVM_MEM_LOG_DIRTY_PAGES). */
+int vfmig_vm_set_dirty_logging(struct vfmig_vm *vm, int on);
+
+/* Auto-converge: each vCPU sleeps pct% of every 10 ms. 0 turns it off. */
+int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct);
+
+/* Address translation. Both return -1 / NULL for anything outside RAM. */
+int64_t vfmig_vm_gpa_to_page(const struct vfmig_vm *vm, uint64_t gpa);
+uint64_t vfmig_vm_page_to_gpa(const struct vfmig_vm *vm, uint64_t page);
+uint8_t *vfmig_vm_host(const struct vfmig_vm *vm, uint64_t gpa, uint64_t len);
+
+/* Kick one vCPU out of KVM_RUN. Any thread, lock-free. */
+void vfmig_vcpu_kick(struct vfmig_vcpu *cpu);
+
+#endif

@@ -1,0 +1,285 @@
+/* vCPU threads: the KVM_RUN loop, exit dispatch to devices, pause/resume and throttling. */
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vfmig/vm.h"
+
+#define KICK_SIGNAL SIGUSR2
+#define THROTTLE_SLICE_NS 10000000ull
+
+static void on_kick(int sig) { (void)sig; }
+
+static void install_kick_signal(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_kick; /* no SA_RESTART: KVM_RUN must return EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(KICK_SIGNAL, &sa, NULL);
+}
+
+static void install_kick_handler(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, install_kick_signal);
+}
+
+void vfmig_vcpu_kick(struct vfmig_vcpu *cpu)
+{
+    /* immediate_exit covers the window before the thread enters KVM_RUN; the signal covers
+     * the time inside it (halted in the kernel, or running guest code). */
+    __atomic_store_n(&cpu->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (cpu->thread_live)
+        pthread_kill(cpu->thread, KICK_SIGNAL);
+}
+
+static struct vfmig_device *bus_find(struct vfmig_vm *vm, enum vfmig_space space, uint64_t addr)
+{
+    for (uint32_t i = 0; i < vm->ndevices; i++) {
+        struct vfmig_device *d = vm->devices[i];
+        if (d->space == space && addr >= d->base && addr - d->base < d->len)
+            return d;
+    }
+    return NULL;
+}
+
+static int dispatch(struct vfmig_vcpu *cpu, enum vfmig_space space, uint64_t addr, uint8_t *data,
+                    uint32_t len, int is_write)
+{
+    struct vfmig_device *d = bus_find(cpu->vm, space, addr);
+    if (!d) {
+        if (!is_write)
+            memset(data, 0xff, len); /* open bus */
+        return 0;
+    }
+    return d->access(d, cpu, addr, data, len, is_write);
+}
+
+static int handle_io(struct vfmig_vcpu *cpu)
+{
+    struct kvm_run *run = cpu->run;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size) {
+        int r = dispatch(cpu, VFMIG_SPACE_PIO, run->io.port, data, run->io.size,
+                         run->io.direction == KVM_EXIT_IO_OUT);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+static void vcpu_failed(struct vfmig_vcpu *cpu, const char *what, uint32_t detail)
+{
+    struct vfmig_vm *vm = cpu->vm;
+    struct kvm_regs regs = {0};
+    ioctl(cpu->fd, KVM_GET_REGS, &regs);
+    pthread_mutex_lock(&vm->lock);
+    if (!atomic_load(&vm->failed))
+        vfmig_fail(&vm->err, EIO, "vCPU %u stopped: %s (%u) at rip 0x%llx", cpu->id, what, detail,
+                   (unsigned long long)regs.rip);
+    atomic_store(&vm->failed, 1);
+    pthread_mutex_unlock(&vm->lock);
+}
+
+/* Blocks while a pause is requested. Returns 1 when the VM is being torn down. */
+static int wait_if_paused(struct vfmig_vcpu *cpu)
+{
+    struct vfmig_vm *vm = cpu->vm;
+    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    if (!atomic_load(&vm->pause_req) && !atomic_load(&vm->failed) && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE))
+        return 0;
+    pthread_mutex_lock(&vm->lock);
+    while ((atomic_load(&vm->pause_req) || atomic_load(&vm->failed)) && !vm->quit) {
+        if (!cpu->paused) {
+            cpu->paused = 1;
+            pthread_cond_broadcast(&vm->cond);
+        }
+        pthread_cond_wait(&vm->cond, &vm->lock);
+    }
+    cpu->paused = 0;
+    int quit = vm->quit;
+    pthread_mutex_unlock(&vm->lock);
+    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    return quit;
+}
+
+static void throttle(struct vfmig_vcpu *cpu)
+{
+    int pct = atomic_load(&cpu->vm->throttle_pct);
+    if (!atomic_exchange(&cpu->throttle_due, 0) || pct <= 0)
+        return;
+    uint64_t ns = THROTTLE_SLICE_NS * (uint64_t)pct / (uint64_t)(100 - pct);
+    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
+    nanosleep(&ts, NULL);
+}
+
+static int handle_exit(struct vfmig_vcpu *cpu)
+{
+    struct kvm_run *run = cpu->run;
+    struct vfmig_vm *vm = cpu->vm;
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_IO], 1, memory_order_relaxed);
+        return handle_io(cpu);
+    case KVM_EXIT_MMIO:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_MMIO], 1, memory_order_relaxed);
+        return dispatch(cpu, VFMIG_SPACE_MMIO, run->mmio.phys_addr, run->mmio.data, run->mmio.len,
+                        run->mmio.is_write);
+    case KVM_EXIT_HLT:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_HLT], 1, memory_order_relaxed);
+        usleep(1000);
+        return 0;
+    case KVM_EXIT_DIRTY_RING_FULL:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_RING_FULL], 1, memory_order_relaxed);
+        if (vm->on_ring_full)
+            vm->on_ring_full(vm->ring_full_opaque, cpu);
+        return 0;
+    case KVM_EXIT_SHUTDOWN:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_SHUTDOWN], 1, memory_order_relaxed);
+        vcpu_failed(cpu, "triple fault (shutdown)", 0);
+        return -EIO;
+    case KVM_EXIT_INTERNAL_ERROR:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_INTERNAL], 1, memory_order_relaxed);
+        vcpu_failed(cpu, "KVM internal error", run->internal.suberror);
+        return -EIO;
+    default:
+        atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_OTHER], 1, memory_order_relaxed);
+        vcpu_failed(cpu, "unexpected exit reason", run->exit_reason);
+        return -EIO;
+    }
+}
+
+static void *vcpu_thread(void *arg)
+{
+    struct vfmig_vcpu *cpu = arg;
+    sigset_t only_kick;
+    sigfillset(&only_kick);
+    sigdelset(&only_kick, KICK_SIGNAL);
+    pthread_sigmask(SIG_SETMASK, &only_kick, NULL); /* SIGINT and friends go to Python */
+    for (;;) {
+        if (wait_if_paused(cpu))
+            break;
+        throttle(cpu);
+        if (ioctl(cpu->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_INTR], 1, memory_order_relaxed);
+                continue;
+            }
+            vcpu_failed(cpu, strerror(errno), (uint32_t)errno);
+            continue;
+        }
+        if (handle_exit(cpu) < 0 && !atomic_load(&cpu->vm->failed))
+            vcpu_failed(cpu, "device error", 0);
+    }
+    return NULL;
+}
+
+static void *throttle_thread(void *arg)
+{
+    struct vfmig_vm *vm = arg;
+    struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)THROTTLE_SLICE_NS};
+    while (atomic_load(&vm->throttle_pct) > 0 && !vm->quit) {
+        nanosleep(&slice, NULL);
+        for (uint32_t i = 0; i < vm->nvcpus; i++) {
+            atomic_store(&vm->vcpus[i].throttle_due, 1);
+            vfmig_vcpu_kick(&vm->vcpus[i]);
+        }
+    }
+    return NULL;
+}
+
+int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct)
+{
+    if (pct < 0 || pct > 99)
+        return vfmig_fail(&vm->err, EINVAL, "throttle must be 0..99%%, got %d", pct);
+    atomic_store(&vm->throttle_pct, pct);
+    if (pct == 0 && vm->throttle_live) {
+        pthread_join(vm->throttle_thread, NULL);
+        vm->throttle_live = 0;
+    } else if (pct > 0 && !vm->throttle_live) {
+        if (pthread_create(&vm->throttle_thread, NULL, throttle_thread, vm) != 0)
+            return vfmig_fail(&vm->err, EAGAIN, "cannot start the throttle thread");
+        vm->throttle_live = 1;
+    }
+    return 0;
+}
+
+int vfmig_vm_start(struct vfmig_vm *vm)
+{
+    if (vm->started)
+        return vfmig_fail(&vm->err, EALREADY, "VM already started");
+    install_kick_handler();
+    for (uint32_t i = 0; i < vm->nvcpus; i++) {
+        struct vfmig_vcpu *cpu = &vm->vcpus[i];
+        if (pthread_create(&cpu->thread, NULL, vcpu_thread, cpu) != 0)
+            return vfmig_fail(&vm->err, EAGAIN, "cannot start vCPU thread %u", i);
+        cpu->thread_live = 1;
+    }
+    vm->started = 1;
+    return 0;
+}
+
+/* Returns once every vCPU is out of KVM_RUN and parked; records the latency. */
+int vfmig_vm_pause(struct vfmig_vm *vm)
+{
+    uint64_t t0 = vfmig_now_ns();
+    atomic_store(&vm->pause_req, 1);
+    for (uint32_t i = 0; i < vm->nvcpus; i++)
+        vfmig_vcpu_kick(&vm->vcpus[i]);
+    pthread_mutex_lock(&vm->lock);
+    for (;;) {
+        uint32_t parked = 0;
+        for (uint32_t i = 0; i < vm->nvcpus; i++)
+            parked += !vm->vcpus[i].thread_live || vm->vcpus[i].paused;
+        if (parked == vm->nvcpus)
+            break;
+        pthread_mutex_unlock(&vm->lock);
+        /* A kick can land just before KVM_RUN re-arms; re-kick until all are parked. */
+        for (uint32_t i = 0; i < vm->nvcpus; i++)
+            if (!vm->vcpus[i].paused)
+                vfmig_vcpu_kick(&vm->vcpus[i]);
+        sched_yield();
+        pthread_mutex_lock(&vm->lock);
+    }
+    pthread_mutex_unlock(&vm->lock);
+    vm->last_pause_ns = vfmig_now_ns() - t0;
+    return 0;
+}
+
+int vfmig_vm_resume(struct vfmig_vm *vm)
+{
+    uint64_t t0 = vfmig_now_ns();
+    if (atomic_load(&vm->failed))
+        return -EIO;
+    pthread_mutex_lock(&vm->lock);
+    atomic_store(&vm->pause_req, 0);
+    pthread_cond_broadcast(&vm->cond);
+    pthread_mutex_unlock(&vm->lock);
+    vm->last_resume_ns = vfmig_now_ns() - t0;
+    return 0;
+}
+
+void vfmig_vcpus_stop(struct vfmig_vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    vm->quit = 1;
+    pthread_cond_broadcast(&vm->cond);
+    pthread_mutex_unlock(&vm->lock);
+    atomic_store(&vm->throttle_pct, 0);
+    if (vm->throttle_live)
+        pthread_join(vm->throttle_thread, NULL);
+    vm->throttle_live = 0;
+    for (uint32_t i = 0; i < vm->nvcpus; i++) {
+        struct vfmig_vcpu *cpu = &vm->vcpus[i];
+        if (!cpu->thread_live)
+            continue;
+        vfmig_vcpu_kick(cpu);
+        pthread_join(cpu->thread, NULL);
+        cpu->thread_live = 0;
+    }
+}

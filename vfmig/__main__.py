@@ -1,0 +1,5 @@
+import sys
+
+from vfmig.cli import main
+
+sys.exit(main())
