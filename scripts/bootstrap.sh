@@ -60,9 +60,17 @@ if [ -d /usr/lib/python3/dist-packages/bcc ]; then
     echo "$(pwd)/.venv/bcc-only" > "$site/vfmig-bcc.pth"
 fi
 
+# Absolute tool paths, so the import-time rebuild works without the venv on PATH.
+native=.venv/meson-native.ini
+printf "[binaries]\ncython = '%s'\n" "$(pwd)/.venv/bin/cython" > "$native.new"
+cmp -s "$native.new" "$native" && rm "$native.new" || mv "$native.new" "$native"
+
 # Editable install: meson-python rebuilds changed C/Cython on import.
-if ! $VPY -c 'import vfmig._core' 2>/dev/null || [ ! -d build ]; then
+if [ ! -f build/.vfmig-editable ] || ! $VPY -c 'import vfmig._core' 2>/dev/null; then
     say "building vfmig (editable)"
-    $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -Cbuild-dir=build -e .
+    rm -rf build
+    $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -Cbuild-dir=build \
+        -Csetup-args=--native-file="$(pwd)/$native" -e .
+    touch build/.vfmig-editable
 fi
 say "ready"

@@ -68,3 +68,8 @@ cdef extern from "vfmig/ramfile.h":
     int vfmig_ram_save(vfmig_vm *vm, int fd, vfmig_err *err) nogil
     int vfmig_ram_load(vfmig_vm *vm, int fd, vfmig_err *err) nogil
     int64_t vfmig_ram_wrap_edges(vfmig_vm *vm, uint64_t gpa, uint64_t pages, uint32_t width) nogil
+
+cdef extern from "vfmig/refbench.h":
+    double vfmig_ref_memcpy(uint64_t bytes, int reps) nogil
+    double vfmig_ref_eventfd_rtt(int rounds) nogil
+    double vfmig_ref_tcp_loopback(uint64_t bytes) nogil

@@ -261,3 +261,28 @@ cdef class VM:
         if n < 0:
             raise ValueError("range outside RAM")
         return n
+
+
+# Reference measurements for benchmark ratios -------------------------------------------------
+def ref_memcpy(uint64_t nbytes=256 << 20, int reps=4):
+    """memcpy bandwidth in bytes/s."""
+    cdef double r
+    with nogil:
+        r = vfmig_ref_memcpy(nbytes, reps)
+    return r
+
+
+def ref_eventfd_rtt(int rounds=50000):
+    """Mean eventfd ping-pong round trip between two threads, ns."""
+    cdef double r
+    with nogil:
+        r = vfmig_ref_eventfd_rtt(rounds)
+    return r
+
+
+def ref_tcp_loopback(uint64_t nbytes=2 << 30):
+    """Loopback TCP throughput, one stream, bytes/s."""
+    cdef double r
+    with nogil:
+        r = vfmig_ref_tcp_loopback(nbytes)
+    return r

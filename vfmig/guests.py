@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -67,7 +69,9 @@ class GuestParams:
             raise ConfigError(f"unknown pattern {self.pattern!r}: choose one of {', '.join(PATTERNS)}")
         avail = min(mem_bytes, LOW_RAM_MAX) - DATA_GPA
         if self.wss_bytes < 0 or self.wss_bytes > avail:
-            raise ConfigError(f"working set of {self.wss_bytes} bytes does not fit in {avail} bytes of guest RAM")
+            raise ConfigError(
+                f"working set of {self.wss_bytes} bytes does not fit in {avail} bytes of guest RAM"
+            )
         if self.wss_bytes and self.wss_bytes < PAGE_SIZE * self.vcpus:
             raise ConfigError("working set must hold at least one page per vCPU")
         if self.rate_pps < 0 or (self.rate_pps and self.rate_pps < 1000 * self.vcpus):
@@ -83,9 +87,19 @@ class GuestParams:
         per_vcpu = self.rate_pps / self.vcpus if self.rate_pps else 0
         ps_per_page = round(1e12 / per_vcpu) if per_vcpu else 0
         return _BOOT.pack(
-            BOOT_MAGIC, BOOT_VERSION, self.vcpus, PATTERNS[self.pattern], DATA_GPA, self.wss(mem_bytes),
-            min(ps_per_page, 0xFFFFFFFF), self.clock_every, self.gap_threshold_ns, self.hot_pct,
-            self.hot_size_pct, self.width, self.seed,
+            BOOT_MAGIC,
+            BOOT_VERSION,
+            self.vcpus,
+            PATTERNS[self.pattern],
+            DATA_GPA,
+            self.wss(mem_bytes),
+            min(ps_per_page, 0xFFFFFFFF),
+            self.clock_every,
+            self.gap_threshold_ns,
+            self.hot_pct,
+            self.hot_size_pct,
+            self.width,
+            self.seed,
         )
 
 
@@ -124,5 +138,16 @@ class VcpuStats:
 STATS_BYTES = _STATS.size + GAP_RING * _GAP.size
 
 
-def guest_dir() -> Path:
-    return Path(str(resources.files("vfmig") / "guests"))
+def guest_elf(name: str) -> Path:
+    """A real file path to the guest's ELF (for QEMU's multiboot loader)."""
+    if name not in GUESTS:
+        raise ConfigError(f"unknown guest {name!r}: choose one of {', '.join(GUESTS)}")
+    res = resources.files("vfmig") / "guests" / f"{name}.elf"
+    if isinstance(res, Path):
+        return res
+    # An editable install serves package data through its own Traversable: copy it out once.
+    out = Path(tempfile.gettempdir()) / f"vfmig-{os.getuid()}-{name}.elf"
+    data = res.read_bytes()
+    if not out.exists() or out.read_bytes() != data:
+        out.write_bytes(data)
+    return out

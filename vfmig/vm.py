@@ -92,7 +92,9 @@ class VMState:
                 "devices": {k: len(v) for k, v in self.devices.items()},
             }
         ).encode()
-        return b"".join([self._MAGIC, struct.pack("<I", len(head)), head, *self.vcpus, *self.devices.values()])
+        return b"".join(
+            [self._MAGIC, struct.pack("<I", len(head)), head, *self.vcpus, *self.devices.values()]
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> VMState:
@@ -155,7 +157,9 @@ class MicroVM:
     def _open(self, config: VMConfig) -> None:
         config.validate()
         if not os.path.exists(KVM_PATH):
-            raise HostError(f"{KVM_PATH} is missing: this host has no KVM (load kvm, or enable nested virtualization)")
+            raise HostError(
+                f"{KVM_PATH} is missing: this host has no KVM (load kvm, or enable nested virtualization)"
+            )
         try:
             ring = config.ring_entries if config.tracker == "ring" else 0
             self.core = _core.VM(config.memory, config.vcpus, ring)
@@ -228,7 +232,8 @@ class MicroVM:
         p = self.config.params
         per = p.wss(self.config.memory) // PAGE_SIZE // self.config.vcpus
         return [
-            self.core.wrap_edges(DATA_GPA + i * per * PAGE_SIZE, per, p.width) for i in range(self.config.vcpus)
+            self.core.wrap_edges(DATA_GPA + i * per * PAGE_SIZE, per, p.width)
+            for i in range(self.config.vcpus)
         ]
 
     def stats(self) -> dict[str, Any]:

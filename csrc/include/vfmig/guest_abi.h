@@ -28,8 +28,8 @@ typedef unsigned long long uint64_t;
 
 /* I/O ports. */
 #define VFMIG_PORT_CONSOLE   0xE9      /* outb: one character */
-#define VFMIG_PORT_CLOCK_LO  0x510     /* inl: CLOCK_MONOTONIC ns, low half; latches the high half */
-#define VFMIG_PORT_CLOCK_HI  0x514     /* inl: the latched high half */
+#define VFMIG_PORT_CLOCK_LO  0x5F0     /* inl: CLOCK_MONOTONIC ns, low half; latches the high half (0x510 is QEMU fw_cfg) */
+#define VFMIG_PORT_CLOCK_HI  0x5F4     /* inl: the latched high half */
 
 #define VFMIG_BOOT_MAGIC     0x544F4256u /* "VBOT" */
 #define VFMIG_BOOT_VERSION   1u

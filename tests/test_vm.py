@@ -1,0 +1,151 @@
+"""The micro-VMM on real KVM: dirty rate, pause/resume, vCPU state and cold migration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vfmig.errors import ConfigError, HostError
+from vfmig.vm import MicroVM, VMState
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_dirty_rate_within_15_percent(vcpus: int) -> None:
+    target = 100_000
+    with MicroVM(memory="128M", vcpus=vcpus, rate_pps=target) as vm:
+        vm.start()
+        time.sleep(0.5)
+        rate = vm.measure_rate(2.0)
+        assert vm.core.failed is None
+    assert abs(rate - target) / target <= 0.15, f"measured {rate:.0f} pages/s for a target of {target}"
+
+
+def test_two_vcpus_both_run() -> None:
+    with MicroVM(memory="128M", vcpus=2) as vm:
+        vm.start()
+        time.sleep(0.5)
+        a = [s.touches for s in vm.vcpu_stats()]
+        time.sleep(0.3)
+        b = [s.touches for s in vm.vcpu_stats()]
+    assert all(y > x > 0 for x, y in zip(a, b, strict=True)), (a, b)
+
+
+def test_pause_stops_progress_and_resume_continues() -> None:
+    with MicroVM(memory="128M", vcpus=2) as vm:
+        vm.start()
+        time.sleep(0.3)
+        latency = vm.pause()
+        frozen = vm.touches()
+        time.sleep(0.3)
+        assert vm.touches() == frozen, "the guest's counter moved while paused"
+        assert 0 < latency < 1e9
+        vm.resume()
+        time.sleep(0.3)
+        assert vm.touches() > frozen
+        assert vm.stats()["exits"]["io"] > 0
+
+
+def test_sequential_dirtier_leaves_at_most_one_wrap_edge() -> None:
+    with MicroVM(memory="64M", vcpus=2) as vm:
+        vm.start()
+        time.sleep(0.6)
+        vm.pause()
+        assert all(s.passes >= 1 for s in vm.vcpu_stats())
+        edges = vm.wrap_edges()
+    assert all(e <= 1 for e in edges), edges
+
+
+def test_idle_guest_touches_once_then_halts() -> None:
+    with MicroVM(memory="64M", guest="idle") as vm:
+        vm.start()
+        deadline = time.monotonic() + 10
+        while vm.vcpu_stats()[0].state != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = vm.vcpu_stats()[0]
+        assert st.state == 2 and st.passes == 1
+        assert st.touches == (64 << 20) // 4096 - 1024  # RAM above the 4 MiB data start
+        assert "halting" in vm.core.console()
+
+
+_RESTORE = r"""
+import sys, time
+from vfmig.vm import MicroVM, VMState
+state = VMState.from_bytes(open(sys.argv[1], "rb").read())
+with MicroVM.from_config(state.config) as vm:
+    vm.load_ram(sys.argv[2])
+    vm.load_state(state)
+    before = vm.touches()
+    vm.start_loaded()
+    time.sleep(0.5)
+    vm.pause()
+    print(before, vm.touches(), vm.core.failed)
+"""
+
+
+def test_cold_migration_to_a_new_process(tmp_path: Path) -> None:
+    with MicroVM(memory="64M", vcpus=2, rate_pps=50_000) as vm:
+        vm.start()
+        time.sleep(0.5)
+        vm.pause()
+        counter = vm.touches()
+        state = vm.save_state()
+        vm.save_ram(str(tmp_path / "ram.img"))
+    assert counter > 0
+    assert set(state.devices) == {"platform"}
+    (tmp_path / "state.bin").write_bytes(state.to_bytes())
+    out = subprocess.run(
+        [sys.executable, "-c", _RESTORE, str(tmp_path / "state.bin"), str(tmp_path / "ram.img")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    before, after, failed = int(out[0]), int(out[1]), out[2]
+    assert before == counter, "the counter must arrive as it was at pause"
+    assert after > counter, "the guest must carry on counting in the new process"
+    assert failed == "None"
+
+
+def test_state_roundtrip_rejects_garbage() -> None:
+    with MicroVM(memory="64M") as vm:
+        vm.start()
+        time.sleep(0.1)
+        vm.pause()
+        state = vm.save_state()
+    blob = bytearray(state.vcpus[0])
+    blob[0] ^= 0xFF
+    with MicroVM.from_config(state.config) as dst, pytest.raises(Exception, match="magic"):
+        dst.load_state(VMState(state.config, [bytes(blob)], state.devices))
+    with pytest.raises(ConfigError):
+        VMState.from_bytes(state.to_bytes()[:-3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"memory": (64 << 20) + 100}, ConfigError, "multiple of the page size"),
+        ({"memory": "100T"}, HostError, "too large for this host"),
+        ({"guest": "nope"}, ConfigError, "unknown guest"),
+        ({"vcpus": 0}, ConfigError, "vcpus"),
+        ({"pattern": "zigzag"}, ConfigError, "unknown pattern"),
+    ],
+)
+def test_bad_config_is_rejected_before_kvm(kwargs: dict, exc: type, match: str) -> None:
+    args = {"memory": "64M", **kwargs}
+    with pytest.raises(exc, match=match):
+        MicroVM(**args)
+
+
+def test_large_memory_is_sparse() -> None:
+    # 16 GiB of memfd RAM, two memslots (below 3 GiB and from 4 GiB); only touched pages cost.
+    with MicroVM(memory="16G", wss_bytes=16 << 20) as vm:
+        vm.start()
+        time.sleep(0.3)
+        assert vm.touches() > 0
+        assert vm.core.ram_bytes == 16 << 30
