@@ -121,7 +121,6 @@ static void throttle(struct vfmig_vcpu *cpu)
 static int handle_exit(struct vfmig_vcpu *cpu)
 {
     struct kvm_run *run = cpu->run;
-    struct vfmig_vm *vm = cpu->vm;
     switch (run->exit_reason) {
     case KVM_EXIT_IO:
         atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_IO], 1, memory_order_relaxed);
@@ -136,8 +135,9 @@ static int handle_exit(struct vfmig_vcpu *cpu)
         return 0;
     case KVM_EXIT_DIRTY_RING_FULL:
         atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_RING_FULL], 1, memory_order_relaxed);
-        if (vm->on_ring_full)
-            vm->on_ring_full(vm->ring_full_opaque, cpu);
+        /* The harvester (dirty_ring.c) sees the flag; give it a moment before re-entering. */
+        atomic_store(&cpu->ring_full, 1);
+        usleep(500);
         return 0;
     case KVM_EXIT_SHUTDOWN:
         atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_SHUTDOWN], 1, memory_order_relaxed);

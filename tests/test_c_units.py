@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-C_TESTS = [("vm", ["{guests}/dirtier.bin"])]
+C_TESTS = [("vm", ["{guests}/dirtier.bin"]), ("crc32c", []), ("stream", [])]
 BIN = Path(sys.executable).parent
 
 

@@ -16,4 +16,12 @@ struct vfmig_device *vfmig_clock_new(void);
  * state through save/load. */
 struct vfmig_device *vfmig_platform_new(int vm_fd);
 
+
+/* A DMA engine: writes guest RAM from the host side, as a device's DMA would, and logs the
+ * pages it wrote; the dirty set drains that log through the device's dirty_log hook. The
+ * emulated VF's DMA plugs into the same mechanism. */
+struct vfmig_vm;
+struct vfmig_device *vfmig_dma_engine_new(struct vfmig_vm *vm, const char *name);
+/* Fill [gpa, gpa+len) with value and log the pages. Any thread, lock-free. 0 or -EFAULT. */
+int vfmig_dma_fill(struct vfmig_device *d, uint64_t gpa, uint8_t value, uint64_t len);
 #endif

@@ -45,10 +45,9 @@ struct vfmig_vcpu {
     int thread_live;
     int paused;                 /* under vm->lock */
     _Atomic int throttle_due;
+    _Atomic int ring_full;      /* a KVM_EXIT_DIRTY_RING_FULL since the last harvest */
     _Atomic uint64_t exits[VFMIG_EXIT__COUNT];
 };
-
-typedef void (*vfmig_ring_full_fn)(void *opaque, struct vfmig_vcpu *cpu);
 
 struct vfmig_vm {
     int kvm_fd, vm_fd, mem_fd;
@@ -76,9 +75,6 @@ struct vfmig_vm {
     _Atomic int throttle_pct;
     pthread_t throttle_thread;
     int throttle_live;
-
-    vfmig_ring_full_fn on_ring_full; /* set by the ring tracker */
-    void *ring_full_opaque;
 };
 
 /* Lifecycle. Every call returns 0 or -errno with err filled; none is thread-safe against

@@ -1,0 +1,147 @@
+/* DirtyTracker over KVM's per-vCPU dirty rings, harvested continuously by its own thread.
+ *
+ * This machine's KVM emulator overruns a full ring instead of stopping the vCPU at the soft
+ * limit: entries are overwritten and pages lost (shared/probes/kvm_dirty_ring_overflow.c). So:
+ * the ring is sized far above what the guest dirties between harvests, the harvester runs
+ * every HARVEST_US, and any sign of an overrun (a harvest near the ring size, or a ring-full
+ * exit with nothing to harvest) marks all RAM dirty for the round. No page is lost silently. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+#include "vfmig/dirty.h"
+
+#define HARVEST_US 500
+#define OVERRUN_SLACK 128 /* a harvest this close to the ring size may have wrapped */
+
+struct ring_priv {
+    pthread_mutex_t lock;      /* serialises harvests: the thread's and sync()'s */
+    pthread_t thread;
+    int thread_live;
+    _Atomic int stop;
+    uint32_t idx[VFMIG_MAX_VCPUS];
+    uint64_t *pages;           /* scratch: page indices of one harvest */
+};
+
+static uint64_t gfn_to_page(const struct vfmig_vm *vm, uint32_t slot, uint64_t offset)
+{
+    for (uint32_t i = 0; i < vm->nslots; i++)
+        if (vm->slots[i].id == (slot & 0xffff) && offset < vm->slots[i].size / VFMIG_PAGE_SIZE)
+            return vm->slots[i].first_page + offset;
+    return UINT64_MAX;
+}
+
+/* Harvest every vCPU's ring once. Caller holds p->lock. */
+static int harvest(struct vfmig_tracker *t)
+{
+    struct ring_priv *p = t->priv;
+    struct vfmig_vm *vm = t->vm;
+    uint32_t nent = vm->ring_entries;
+    uint64_t n = 0;
+    int overrun = 0;
+    for (uint32_t c = 0; c < vm->nvcpus; c++) {
+        struct kvm_dirty_gfn *ring = vm->vcpus[c].ring;
+        uint32_t got = 0;
+        while (got < nent) {
+            struct kvm_dirty_gfn *e = &ring[p->idx[c] % nent];
+            uint32_t f = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
+            if (!(f & KVM_DIRTY_GFN_F_DIRTY))
+                break;
+            uint64_t page = gfn_to_page(vm, e->slot, e->offset);
+            if (page == UINT64_MAX)
+                overrun = 1; /* garbage entry: trust nothing this round */
+            else
+                p->pages[n++] = page;
+            __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+            p->idx[c]++;
+            got++;
+        }
+        int was_full = atomic_exchange(&vm->vcpus[c].ring_full, 0); /* set by vcpu.c on a ring-full exit */
+        if (got + OVERRUN_SLACK >= nent || (was_full && got == 0))
+            overrun = 1;
+    }
+    if (n && ioctl(vm->vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
+        return vfmig_fail(&t->err, errno, "KVM_RESET_DIRTY_RINGS: %s", strerror(errno));
+    /* Only now, with the pages write-protected again, do they enter the set. */
+    for (uint64_t i = 0; i < n; i++)
+        vfmig_dirty_set_mark(&t->set, p->pages[i]);
+    atomic_fetch_add(&t->harvested, n);
+    if (overrun) {
+        atomic_fetch_add(&t->overruns, 1);
+        atomic_store(&t->set.all, 1);
+    }
+    return 0;
+}
+
+static void *harvester(void *arg)
+{
+    struct vfmig_tracker *t = arg;
+    struct ring_priv *p = t->priv;
+    struct timespec ts = {0, HARVEST_US * 1000L};
+    while (!atomic_load(&p->stop)) {
+        pthread_mutex_lock(&p->lock);
+        int r = harvest(t);
+        pthread_mutex_unlock(&p->lock);
+        if (r < 0)
+            atomic_store(&t->set.all, 1); /* sync() reports the error */
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static int ring_start(struct vfmig_tracker *t)
+{
+    struct vfmig_vm *vm = t->vm;
+    struct ring_priv *p = calloc(1, sizeof(*p));
+    if (!p)
+        return vfmig_fail(&t->err, ENOMEM, "out of memory");
+    t->priv = p;
+    pthread_mutex_init(&p->lock, NULL);
+    p->pages = calloc((size_t)vm->ring_entries * vm->nvcpus, sizeof(uint64_t));
+    if (!p->pages)
+        return vfmig_fail(&t->err, ENOMEM, "out of memory");
+    /* Entries left from an earlier tracking session are stale: skip them. */
+    pthread_mutex_lock(&p->lock);
+    harvest(t);
+    pthread_mutex_unlock(&p->lock);
+    int r = vfmig_vm_set_dirty_logging(vm, 1);
+    if (r < 0)
+        return vfmig_fail(&t->err, -r, "%s", vm->err.msg);
+    if (pthread_create(&p->thread, NULL, harvester, t) != 0)
+        return vfmig_fail(&t->err, EAGAIN, "cannot start the dirty-ring harvester");
+    p->thread_live = 1;
+    return 0;
+}
+
+static int ring_sync(struct vfmig_tracker *t)
+{
+    struct ring_priv *p = t->priv;
+    pthread_mutex_lock(&p->lock);
+    int r = harvest(t);
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+static void ring_stop(struct vfmig_tracker *t)
+{
+    struct ring_priv *p = t->priv;
+    if (!p)
+        return;
+    atomic_store(&p->stop, 1);
+    if (p->thread_live)
+        pthread_join(p->thread, NULL);
+    vfmig_vm_set_dirty_logging(t->vm, 0);
+    pthread_mutex_lock(&p->lock);
+    harvest(t); /* leave the rings empty for a later session */
+    pthread_mutex_unlock(&p->lock);
+    pthread_mutex_destroy(&p->lock);
+    free(p->pages);
+    free(p);
+    t->priv = NULL;
+}
+
+const struct vfmig_tracker_ops vfmig_tracker_ring = {
+    .name = "ring", .start = ring_start, .sync = ring_sync, .stop = ring_stop,
+};

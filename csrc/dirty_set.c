@@ -1,0 +1,104 @@
+/* The dirty set, and the tracker front door that feeds it. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vfmig/dirty.h"
+
+int vfmig_dirty_set_init(struct vfmig_dirty_set *s, uint64_t npages)
+{
+    s->npages = npages;
+    s->bits = calloc((npages + 63) / 64, sizeof(uint64_t));
+    atomic_store(&s->all, 0);
+    return s->bits ? 0 : -ENOMEM;
+}
+
+void vfmig_dirty_set_free(struct vfmig_dirty_set *s)
+{
+    free((void *)s->bits);
+    s->bits = NULL;
+}
+
+void vfmig_dirty_set_or(struct vfmig_dirty_set *s, const uint64_t *bits, uint64_t first_page, uint64_t npages)
+{
+    if (first_page % 64 == 0) {
+        for (uint64_t w = 0; w < (npages + 63) / 64; w++)
+            if (bits[w])
+                atomic_fetch_or_explicit(&s->bits[first_page / 64 + w], bits[w], memory_order_relaxed);
+        return;
+    }
+    for (uint64_t i = 0; i < npages; i++)
+        if (bits[i / 64] & (1ull << (i % 64)))
+            vfmig_dirty_set_mark(s, first_page + i);
+}
+
+uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out)
+{
+    uint64_t words = (s->npages + 63) / 64, n = 0;
+    int all = atomic_exchange(&s->all, 0);
+    for (uint64_t w = 0; w < words; w++) {
+        uint64_t v = atomic_exchange_explicit(&s->bits[w], 0, memory_order_acq_rel);
+        out[w] = all ? ~0ull : v;
+    }
+    if (s->npages % 64)
+        out[words - 1] &= (1ull << (s->npages % 64)) - 1;
+    for (uint64_t w = 0; w < words; w++)
+        n += (uint64_t)__builtin_popcountll(out[w]);
+    return n;
+}
+
+int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct vfmig_err *err)
+{
+    struct vfmig_tracker *t = calloc(1, sizeof(*t));
+    if (!t || vfmig_dirty_set_init(&t->set, vm->npages) < 0) {
+        free(t);
+        return vfmig_fail(err, ENOMEM, "out of memory for the dirty set");
+    }
+    t->vm = vm;
+    t->ops = vm->ring_entries ? &vfmig_tracker_ring : &vfmig_tracker_bitmap;
+    int r = t->ops->start(t);
+    if (r < 0) {
+        vfmig_fail(err, -r, "%s", t->err.msg);
+        vfmig_tracker_close(t);
+        return r;
+    }
+    atomic_store(&t->set.all, 1); /* the first round sends everything */
+    /* Drain DMA logs from before tracking: the first round covers those pages anyway. */
+    uint64_t *scratch = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
+    for (uint32_t i = 0; scratch && i < vm->ndevices; i++)
+        if (vm->devices[i]->dirty_log)
+            vm->devices[i]->dirty_log(vm->devices[i], scratch, vm->npages);
+    free(scratch);
+    *out = t;
+    return 0;
+}
+
+int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out)
+{
+    int r = t->ops->sync(t);
+    if (r < 0)
+        return r;
+    t->syncs++;
+    /* Device logs go through out as scratch, then atomically into the set: a ring harvester
+     * may be OR-ing into the set at the same time. */
+    struct vfmig_vm *vm = t->vm;
+    uint64_t words = (vm->npages + 63) / 64;
+    for (uint32_t i = 0; i < vm->ndevices; i++) {
+        if (!vm->devices[i]->dirty_log)
+            continue;
+        memset(out, 0, words * 8);
+        vm->devices[i]->dirty_log(vm->devices[i], out, vm->npages);
+        vfmig_dirty_set_or(&t->set, out, 0, vm->npages);
+    }
+    return (int64_t)vfmig_dirty_set_take(&t->set, out);
+}
+
+void vfmig_tracker_close(struct vfmig_tracker *t)
+{
+    if (!t)
+        return;
+    if (t->ops)
+        t->ops->stop(t);
+    vfmig_dirty_set_free(&t->set);
+    free(t);
+}

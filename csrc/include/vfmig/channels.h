@@ -1,0 +1,79 @@
+/* Page channels: the sender splits the dirty set over N TCP channels in 2 MiB stripes (a page
+ * always travels on the same channel, so TCP keeps its versions in order without barriers);
+ * the receiver decodes each channel straight into destination RAM. */
+#ifndef VFMIG_CHANNELS_H
+#define VFMIG_CHANNELS_H
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "vfmig/stream.h"
+#include "vfmig/vm.h"
+
+#define VFMIG_MAX_CHANNELS 16
+#define VFMIG_STRIPE_PAGES 512u
+
+struct vfmig_round_stats {
+    uint64_t pages, zero_pages, bytes, records, ns;
+};
+
+struct vfmig_chan_tx {
+    int fd;
+    struct vfmig_digest digest;
+    uint8_t *staging;           /* record header + run header + up to 256 pages */
+    struct vfmig_round_stats st;
+    int rc;
+    struct vfmig_err err;
+};
+
+struct vfmig_sender {
+    struct vfmig_vm *vm;
+    uint32_t nchan;
+    struct vfmig_chan_tx ch[VFMIG_MAX_CHANNELS];
+    _Atomic uint64_t bandwidth; /* bytes/s over all channels, 0 = unlimited */
+    _Atomic int cancel;
+    const uint64_t *bits;       /* the round being sent */
+    int zero_copy;
+    struct vfmig_err err;
+};
+
+/* Sender over connected sockets (already past the CHANNEL handshake). 0 or -errno. */
+int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
+                      struct vfmig_err *err);
+void vfmig_sender_free(struct vfmig_sender *s);
+/* Send every page whose bit is set, one thread per channel. zero_copy sends straight from
+ * guest RAM (only when vCPUs are stopped; live pages are copied first so each record's CRC
+ * matches its bytes). Blocks the caller, no lock held. 0 or -errno (s->err). */
+int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy, struct vfmig_round_stats *out);
+/* ITER or EOS on every channel. 0 or -errno. */
+int vfmig_send_marker(struct vfmig_sender *s, uint32_t iteration, uint64_t dirty);
+int vfmig_send_eos(struct vfmig_sender *s);
+
+struct vfmig_chan_rx {
+    int fd;
+    struct vfmig_digest digest;
+    uint64_t pages, zero_pages, bytes, records, iterations;
+    int done, rc;
+    struct vfmig_err err;
+};
+
+struct vfmig_receiver {
+    struct vfmig_vm *vm;
+    uint32_t nchan;
+    struct vfmig_chan_rx ch[VFMIG_MAX_CHANNELS];
+    _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
+    uint32_t *page_crc;         /* --verify: CRC32C of each page as loaded; NULL otherwise */
+    _Atomic int cancel;
+    struct vfmig_err err;
+};
+
+int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
+                        int verify, struct vfmig_err *err);
+void vfmig_receiver_free(struct vfmig_receiver *r);
+/* Decode every channel to its EOS, one thread each. Blocks the caller; cancel (and shutting
+ * the sockets) stops it. 0, or the first channel's -errno with r->err naming the channel. */
+int vfmig_receiver_run(struct vfmig_receiver *r);
+
+/* CRC32C of every RAM page into out[npages] (verification, outside the downtime). */
+void vfmig_ram_page_crcs(const struct vfmig_vm *vm, uint32_t *out);
+uint32_t vfmig_zero_page_crc(void);
+#endif

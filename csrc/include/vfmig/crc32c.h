@@ -1,0 +1,13 @@
+/* CRC32C (Castagnoli), computed with the SSE4.2 crc32 instruction. */
+#ifndef VFMIG_CRC32C_H
+#define VFMIG_CRC32C_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* Standard CRC32C continued from crc (0 to start), like zlib's crc32(). Pure; any thread. */
+uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len);
+/* Bit-at-a-time reference, for tests. */
+uint32_t vfmig_crc32c_sw(uint32_t crc, const void *buf, size_t len);
+/* CRC of A||B from crc(A), crc(B) and len(B). */
+uint32_t vfmig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+#endif

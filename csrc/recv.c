@@ -1,0 +1,221 @@
+/* The page receiver: one thread per channel reads records, checks every bound before touching
+ * destination RAM, receives page data straight into it and checks each record's CRC. A bad
+ * record fails the whole migration: nothing loaded is ever run. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "vfmig/channels.h"
+
+#define RECV_TIMEOUT_S 60
+#define PAGES_MAX_LEN (sizeof(struct vfmig_pages_hdr) + VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE)
+
+int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
+                        int verify, struct vfmig_err *err)
+{
+    memset(r, 0, sizeof(*r));
+    if (nchan < 1 || nchan > VFMIG_MAX_CHANNELS)
+        return vfmig_fail(err, EINVAL, "channels must be 1..%d, got %u", VFMIG_MAX_CHANNELS, nchan);
+    r->vm = vm;
+    r->nchan = nchan;
+    r->written = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
+    if (verify) {
+        r->page_crc = malloc(vm->npages * sizeof(uint32_t));
+        if (r->page_crc) {
+            uint32_t z = vfmig_zero_page_crc();
+            for (uint64_t i = 0; i < vm->npages; i++)
+                r->page_crc[i] = z;
+        }
+    }
+    if (!r->written || (verify && !r->page_crc)) {
+        vfmig_receiver_free(r);
+        return vfmig_fail(err, ENOMEM, "out of memory");
+    }
+    struct timeval tv = {.tv_sec = RECV_TIMEOUT_S};
+    for (uint32_t i = 0; i < nchan; i++) {
+        r->ch[i].fd = fds[i];
+        setsockopt(fds[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    }
+    return 0;
+}
+
+void vfmig_receiver_free(struct vfmig_receiver *r)
+{
+    free((void *)r->written);
+    free(r->page_crc);
+    r->written = NULL;
+    r->page_crc = NULL;
+}
+
+static int io_fail(struct vfmig_chan_rx *ch, uint32_t c, int rc)
+{
+    if (rc == -ECONNRESET)
+        return vfmig_fail(&ch->err, ECONNRESET, "channel %u: peer closed the connection mid-stream (after %llu records)",
+                          c, (unsigned long long)ch->records);
+    if (rc == -ETIMEDOUT)
+        return vfmig_fail(&ch->err, ETIMEDOUT, "channel %u: no data for %d s", c, RECV_TIMEOUT_S);
+    return vfmig_fail(&ch->err, -rc, "channel %u: receive failed: %s", c, strerror(-rc));
+}
+
+static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_rec_hdr *h)
+{
+    struct vfmig_chan_rx *ch = &r->ch[c];
+    struct vfmig_vm *vm = r->vm;
+    struct vfmig_pages_hdr ph;
+    if (h->len < sizeof(ph))
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record too short", c);
+    int rc = vfmig_read_all(ch->fd, &ph, sizeof(ph));
+    if (rc < 0)
+        return io_fail(ch, c, rc);
+    /* Every bound before any byte lands in RAM. */
+    if (ph.count == 0 || ph.count > VFMIG_RUN_MAX_PAGES || ph.reserved[0] | ph.reserved[1] | ph.reserved[2])
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record with bad count %u", c, ph.count);
+    if (ph.encoding != VFMIG_ENC_RAW && ph.encoding != VFMIG_ENC_ZERO)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: unknown page encoding %u", c, ph.encoding);
+    uint64_t bytes = (uint64_t)ph.count * VFMIG_PAGE_SIZE;
+    uint8_t *host = ph.gpa % VFMIG_PAGE_SIZE ? NULL : vfmig_vm_host(vm, ph.gpa, bytes);
+    if (!host)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: pages at gpa 0x%llx (+%u) are outside guest RAM", c,
+                          (unsigned long long)ph.gpa, ph.count);
+    uint32_t dlen = ph.encoding == VFMIG_ENC_RAW ? (uint32_t)bytes : 0;
+    if (h->len != sizeof(ph) + dlen)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES length %u does not match %u pages", c, h->len,
+                          ph.count);
+    if (dlen && (rc = vfmig_read_all(ch->fd, host, dlen)) < 0)
+        return io_fail(ch, c, rc);
+    struct vfmig_rec_hdr z = *h;
+    z.crc = 0;
+    uint32_t crc = vfmig_crc32c(vfmig_crc32c(vfmig_crc32c(0, &z, sizeof(z)), &ph, sizeof(ph)), host, dlen);
+    if (crc != h->crc)
+        return vfmig_fail(&ch->err, EBADMSG, "channel %u: record %llu (pages at 0x%llx): CRC mismatch, stream corrupted",
+                          c, (unsigned long long)ch->records, (unsigned long long)ph.gpa);
+    uint64_t first = (uint64_t)vfmig_vm_gpa_to_page(vm, ph.gpa);
+    for (uint32_t i = 0; i < ph.count; i++) {
+        uint64_t p = first + i;
+        uint64_t bit = 1ull << (p % 64);
+        if (ph.encoding == VFMIG_ENC_RAW) {
+            atomic_fetch_or_explicit(&r->written[p / 64], bit, memory_order_relaxed);
+        } else if (atomic_fetch_and_explicit(&r->written[p / 64], ~bit, memory_order_relaxed) & bit) {
+            memset(host + (size_t)i * VFMIG_PAGE_SIZE, 0, VFMIG_PAGE_SIZE); /* untouched pages are zero */
+        }
+        if (r->page_crc)
+            r->page_crc[p] = ph.encoding == VFMIG_ENC_RAW
+                                 ? vfmig_crc32c(0, host + (size_t)i * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE)
+                                 : vfmig_zero_page_crc();
+    }
+    ch->pages += ph.count;
+    ch->zero_pages += ph.encoding == VFMIG_ENC_ZERO ? ph.count : 0;
+    return 0;
+}
+
+static int small_payload(struct vfmig_chan_rx *ch, uint32_t c, const struct vfmig_rec_hdr *h, void *buf,
+                         uint32_t want)
+{
+    if (h->len != want)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: %s record of %u bytes, expected %u", c,
+                          vfmig_rec_name(h->type), h->len, want);
+    int rc = vfmig_read_all(ch->fd, buf, want);
+    if (rc < 0)
+        return io_fail(ch, c, rc);
+    return vfmig_rec_check_crc(h, buf, &ch->err);
+}
+
+static int recv_channel(struct vfmig_receiver *r, uint32_t c)
+{
+    struct vfmig_chan_rx *ch = &r->ch[c];
+    for (;;) {
+        if (atomic_load(&r->cancel))
+            return vfmig_fail(&ch->err, ECANCELED, "channel %u: cancelled", c);
+        struct vfmig_rec_hdr h;
+        int rc = vfmig_read_all(ch->fd, &h, sizeof(h));
+        if (rc < 0)
+            return io_fail(ch, c, rc);
+        if ((rc = vfmig_rec_check_hdr(&h, PAGES_MAX_LEN, &ch->err)) < 0)
+            return rc;
+        if (h.type == VFMIG_REC_PAGES) {
+            if ((rc = load_pages(r, c, &h)) < 0)
+                return rc;
+        } else if (h.type == VFMIG_REC_ITER) {
+            struct vfmig_iter it;
+            if ((rc = small_payload(ch, c, &h, &it, sizeof(it))) < 0)
+                return rc;
+            ch->iterations++;
+        } else if (h.type == VFMIG_REC_EOS) {
+            struct vfmig_eos e;
+            if ((rc = small_payload(ch, c, &h, &e, sizeof(e))) < 0)
+                return rc;
+            if (e.records != ch->digest.records || e.bytes != ch->digest.bytes || e.chain != ch->digest.chain)
+                return vfmig_fail(&ch->err, EBADMSG,
+                                  "channel %u: end-of-stream digest mismatch (sent %llu records, got %llu)", c,
+                                  (unsigned long long)e.records, (unsigned long long)ch->digest.records);
+            ch->done = 1;
+            return 0;
+        } else {
+            return vfmig_fail(&ch->err, EPROTO, "channel %u: unexpected %s record on a page channel", c,
+                              vfmig_rec_name(h.type));
+        }
+        vfmig_digest_add(&ch->digest, &h);
+        ch->records++;
+        ch->bytes += sizeof(h) + h.len;
+    }
+}
+
+struct rjob {
+    struct vfmig_receiver *r;
+    uint32_t c;
+};
+
+static void *rx_thread(void *arg)
+{
+    struct rjob *j = arg;
+    int rc = recv_channel(j->r, j->c);
+    j->r->ch[j->c].rc = rc;
+    if (rc < 0) /* one bad channel dooms the migration: stop the others promptly */
+        atomic_store(&j->r->cancel, 1);
+    return NULL;
+}
+
+int vfmig_receiver_run(struct vfmig_receiver *r)
+{
+    pthread_t th[VFMIG_MAX_CHANNELS];
+    struct rjob jobs[VFMIG_MAX_CHANNELS];
+    int live[VFMIG_MAX_CHANNELS] = {0};
+    for (uint32_t c = 0; c < r->nchan; c++) {
+        jobs[c] = (struct rjob){r, c};
+        if (c > 0)
+            live[c] = pthread_create(&th[c], NULL, rx_thread, &jobs[c]) == 0;
+    }
+    rx_thread(&jobs[0]);
+    for (uint32_t c = 1; c < r->nchan; c++) {
+        if (live[c])
+            pthread_join(th[c], NULL);
+        else
+            r->ch[c].rc = vfmig_fail(&r->ch[c].err, EAGAIN, "cannot start the thread of channel %u", c);
+    }
+    /* Report the root cause, not a channel that merely saw the cancel. */
+    int rc = 0;
+    for (uint32_t c = 0; c < r->nchan; c++) {
+        if (r->ch[c].rc < 0 && (rc == 0 || rc == -ECANCELED)) {
+            rc = r->ch[c].rc;
+            r->err = r->ch[c].err;
+        }
+    }
+    return rc;
+}
+
+uint32_t vfmig_zero_page_crc(void)
+{
+    static const uint8_t zero[VFMIG_PAGE_SIZE];
+    static uint32_t crc;
+    if (!crc)
+        crc = vfmig_crc32c(0, zero, sizeof(zero));
+    return crc;
+}
+
+void vfmig_ram_page_crcs(const struct vfmig_vm *vm, uint32_t *out)
+{
+    for (uint64_t p = 0; p < vm->npages; p++)
+        out[p] = vfmig_crc32c(0, vm->ram + p * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE);
+}
