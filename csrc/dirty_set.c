@@ -32,13 +32,13 @@ void vfmig_dirty_set_or(struct vfmig_dirty_set *s, const uint64_t *bits, uint64_
             vfmig_dirty_set_mark(s, first_page + i);
 }
 
-uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out)
+uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out, int accumulate)
 {
     uint64_t words = (s->npages + 63) / 64, n = 0;
     int all = atomic_exchange(&s->all, 0);
     for (uint64_t w = 0; w < words; w++) {
         uint64_t v = atomic_exchange_explicit(&s->bits[w], 0, memory_order_acq_rel);
-        out[w] = all ? ~0ull : v;
+        out[w] = all ? ~0ull : (accumulate ? out[w] | v : v);
     }
     if (s->npages % 64)
         out[words - 1] &= (1ull << (s->npages % 64)) - 1;
@@ -55,6 +55,11 @@ int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct v
         return vfmig_fail(err, ENOMEM, "out of memory for the dirty set");
     }
     t->vm = vm;
+    t->scratch = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
+    if (!t->scratch) {
+        vfmig_tracker_close(t);
+        return vfmig_fail(err, ENOMEM, "out of memory for the dirty set");
+    }
     t->ops = vm->ring_entries ? &vfmig_tracker_ring : &vfmig_tracker_bitmap;
     int r = t->ops->start(t);
     if (r < 0) {
@@ -64,33 +69,31 @@ int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct v
     }
     atomic_store(&t->set.all, 1); /* the first round sends everything */
     /* Drain DMA logs from before tracking: the first round covers those pages anyway. */
-    uint64_t *scratch = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
-    for (uint32_t i = 0; scratch && i < vm->ndevices; i++)
+    for (uint32_t i = 0; i < vm->ndevices; i++)
         if (vm->devices[i]->dirty_log)
-            vm->devices[i]->dirty_log(vm->devices[i], scratch, vm->npages);
-    free(scratch);
+            vm->devices[i]->dirty_log(vm->devices[i], t->scratch, vm->npages);
     *out = t;
     return 0;
 }
 
-int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out)
+int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out, int accumulate)
 {
     int r = t->ops->sync(t);
     if (r < 0)
         return r;
     t->syncs++;
-    /* Device logs go through out as scratch, then atomically into the set: a ring harvester
-     * may be OR-ing into the set at the same time. */
+    /* Device logs go through scratch, then atomically into the set: a ring harvester may be
+     * OR-ing into the set at the same time. */
     struct vfmig_vm *vm = t->vm;
     uint64_t words = (vm->npages + 63) / 64;
     for (uint32_t i = 0; i < vm->ndevices; i++) {
         if (!vm->devices[i]->dirty_log)
             continue;
-        memset(out, 0, words * 8);
-        vm->devices[i]->dirty_log(vm->devices[i], out, vm->npages);
-        vfmig_dirty_set_or(&t->set, out, 0, vm->npages);
+        memset(t->scratch, 0, words * 8);
+        vm->devices[i]->dirty_log(vm->devices[i], t->scratch, vm->npages);
+        vfmig_dirty_set_or(&t->set, t->scratch, 0, vm->npages);
     }
-    return (int64_t)vfmig_dirty_set_take(&t->set, out);
+    return (int64_t)vfmig_dirty_set_take(&t->set, out, accumulate);
 }
 
 void vfmig_tracker_close(struct vfmig_tracker *t)
@@ -100,5 +103,6 @@ void vfmig_tracker_close(struct vfmig_tracker *t)
     if (t->ops)
         t->ops->stop(t);
     vfmig_dirty_set_free(&t->set);
+    free(t->scratch);
     free(t);
 }

@@ -165,6 +165,10 @@ static void *vcpu_thread(void *arg)
         if (wait_if_paused(cpu))
             break;
         throttle(cpu);
+        if (!atomic_load_explicit(&cpu->vm->first_run_ns, memory_order_relaxed)) {
+            uint64_t zero = 0;
+            atomic_compare_exchange_strong(&cpu->vm->first_run_ns, &zero, vfmig_checkpoint("vcpu-first-run"));
+        }
         if (ioctl(cpu->fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_INTR], 1, memory_order_relaxed);

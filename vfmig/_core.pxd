@@ -1,5 +1,5 @@
 # C declarations of the vfmig core, for _core.pyx.
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "vfmig/util.h":
@@ -43,6 +43,7 @@ cdef extern from "vfmig/vm.h":
         vfmig_vcpu vcpus[8]
         uint64_t last_pause_ns
         uint64_t last_resume_ns
+        uint64_t first_run_ns
         int failed
         vfmig_err err
         int started
@@ -73,3 +74,79 @@ cdef extern from "vfmig/refbench.h":
     double vfmig_ref_memcpy(uint64_t bytes, int reps) nogil
     double vfmig_ref_eventfd_rtt(int rounds) nogil
     double vfmig_ref_tcp_loopback(uint64_t bytes) nogil
+
+cdef extern from "vfmig/crc32c.h":
+    uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len) nogil
+
+cdef extern from "vfmig/stream.h":
+    enum:
+        VFMIG_STREAM_VERSION
+        VFMIG_REC__COUNT
+        VFMIG_TOKEN_LEN
+        VFMIG_CTRL_MAX
+    struct vfmig_rec_hdr:
+        uint32_t magic
+        uint16_t type
+        uint16_t flags
+        uint32_t len
+        uint32_t crc
+    void vfmig_rec_seal(vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, const void *p2, uint32_t l2)
+    int vfmig_rec_check_hdr(const vfmig_rec_hdr *h, uint32_t max_len, vfmig_err *err)
+    int vfmig_rec_check_crc(const vfmig_rec_hdr *h, const void *payload, vfmig_err *err)
+    const char *vfmig_rec_name(uint32_t type)
+
+cdef extern from "vfmig/dirty.h":
+    struct vfmig_tracker_ops:
+        const char *name
+    struct vfmig_tracker:
+        const vfmig_tracker_ops *ops
+        uint64_t harvested
+        uint64_t overruns
+        uint64_t syncs
+        vfmig_err err
+    int vfmig_tracker_open(vfmig_vm *vm, vfmig_tracker **out, vfmig_err *err) nogil
+    int64_t vfmig_tracker_collect(vfmig_tracker *t, uint64_t *out, int accumulate) nogil
+    void vfmig_tracker_close(vfmig_tracker *t) nogil
+
+cdef extern from "vfmig/channels.h":
+    enum:
+        VFMIG_MAX_CHANNELS
+    struct vfmig_round_stats:
+        uint64_t pages
+        uint64_t zero_pages
+        uint64_t bytes
+        uint64_t records
+        uint64_t ns
+    struct vfmig_chan_tx:
+        pass
+    struct vfmig_sender:
+        uint64_t bandwidth
+        int cancel
+        vfmig_err err
+    int vfmig_sender_init(vfmig_sender *s, vfmig_vm *vm, const int *fds, uint32_t nchan, vfmig_err *err) nogil
+    void vfmig_sender_free(vfmig_sender *s) nogil
+    int vfmig_send_round(vfmig_sender *s, const uint64_t *bits, int zero_copy, vfmig_round_stats *out) nogil
+    int vfmig_send_marker(vfmig_sender *s, uint32_t iteration, uint64_t dirty) nogil
+    int vfmig_send_eos(vfmig_sender *s) nogil
+    struct vfmig_chan_rx:
+        uint64_t pages
+        uint64_t zero_pages
+        uint64_t bytes
+        uint64_t records
+        uint64_t iterations
+        int done
+    struct vfmig_receiver:
+        uint32_t nchan
+        vfmig_chan_rx ch[16]
+        uint32_t *page_crc
+        int cancel
+        vfmig_err err
+    int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan, int verify,
+                            vfmig_err *err) nogil
+    void vfmig_receiver_free(vfmig_receiver *r) nogil
+    int vfmig_receiver_run(vfmig_receiver *r) nogil
+    void vfmig_ram_page_crcs(const vfmig_vm *vm, uint32_t *out) nogil
+
+cdef extern from "vfmig/devices.h":
+    vfmig_device *vfmig_dma_engine_new(vfmig_vm *vm, const char *name)
+    int vfmig_dma_fill(vfmig_device *d, uint64_t gpa, uint8_t value, uint64_t len) nogil

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Bindings to the vfmig C core. Every call that loops over pages or waits releases the GIL."""
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -252,6 +252,37 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
+    @property
+    def first_run_ns(self):
+        """CLOCK_MONOTONIC ns when a vCPU first entered the guest (0 before that)."""
+        return self._vm().first_run_ns
+
+    def add_dma_engine(self, str name):
+        """Add a DMA engine device whose writes are logged for dirty tracking."""
+        cdef bytes b = name.encode()
+        self._add(vfmig_dma_engine_new(self._vm(), b))
+
+    def dma_fill(self, str name, uint64_t gpa, uint8_t value, uint64_t length):
+        """A device DMA write: fill guest RAM from the host side and log the pages."""
+        cdef bytes b = name.encode()
+        cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b)
+        cdef int rc
+        if d == NULL:
+            raise KeyError(name)
+        with nogil:
+            rc = vfmig_dma_fill(d, gpa, value, length)
+        if rc < 0:
+            raise ValueError(f"DMA to {gpa:#x}+{length} is outside RAM")
+
+    def page_crcs(self):
+        """CRC32C of every RAM page (4 bytes each): the verification digest."""
+        cdef vfmig_vm *vm = self._vm()
+        cdef bytearray out = bytearray(vm.npages * 4)
+        cdef unsigned char[::1] view = out
+        with nogil:
+            vfmig_ram_page_crcs(vm, <uint32_t *>&view[0])
+        return bytes(out)
+
     def wrap_edges(self, uint64_t gpa, uint64_t pages, uint32_t width=1):
         """Steps in the per-page counter over a range: a sequential dirtier leaves at most one."""
         cdef vfmig_vm *vm = self._vm()
@@ -286,3 +317,240 @@ def ref_tcp_loopback(uint64_t nbytes=2 << 30):
     with nogil:
         r = vfmig_ref_tcp_loopback(nbytes)
     return r
+
+
+# The stream: record framing for the control channel ------------------------------------------
+STREAM_VERSION = VFMIG_STREAM_VERSION
+TOKEN_LEN = VFMIG_TOKEN_LEN
+CTRL_MAX = VFMIG_CTRL_MAX
+MAX_CHANNELS = VFMIG_MAX_CHANNELS
+REC = {vfmig_rec_name(i).decode(): i for i in range(1, VFMIG_REC__COUNT)}
+REC_HEADER_LEN = sizeof(vfmig_rec_hdr)
+
+
+class StreamError(CoreError):
+    """A malformed, corrupt or truncated stream, or a peer that went away."""
+
+
+def crc32c(const uint8_t[::1] data, uint32_t crc=0):
+    cdef uint32_t r
+    with nogil:
+        r = vfmig_crc32c(crc, &data[0] if data.shape[0] else NULL, data.shape[0])
+    return r
+
+
+def rec_name(uint32_t rtype):
+    return vfmig_rec_name(rtype).decode()
+
+
+def encode_record(uint16_t rtype, const uint8_t[::1] payload):
+    """Header + payload, sealed with its CRC32C."""
+    cdef vfmig_rec_hdr h
+    cdef size_t n = payload.shape[0]
+    vfmig_rec_seal(&h, rtype, &payload[0] if n else NULL, n, NULL, 0)
+    return (<char *>&h)[:sizeof(h)] + bytes(payload)
+
+
+def check_header(const uint8_t[::1] raw, uint32_t max_len):
+    """Validate a received 16-byte header; returns (type, payload_len)."""
+    cdef vfmig_rec_hdr h
+    cdef vfmig_err err
+    if raw.shape[0] != sizeof(h):
+        raise StreamError(71, "short record header")
+    memcpy(&h, &raw[0], sizeof(h))
+    cdef int rc = vfmig_rec_check_hdr(&h, max_len, &err)
+    if rc < 0:
+        raise StreamError(-rc, err.msg.decode())
+    return h.type, h.len
+
+
+def check_crc(const uint8_t[::1] raw_hdr, const uint8_t[::1] payload):
+    cdef vfmig_rec_hdr h
+    cdef vfmig_err err
+    memcpy(&h, &raw_hdr[0], sizeof(h))
+    cdef int rc = vfmig_rec_check_crc(&h, &payload[0] if payload.shape[0] else NULL, &err)
+    if rc < 0:
+        raise StreamError(-rc, err.msg.decode())
+
+
+def count_mismatches(const uint8_t[::1] a, const uint8_t[::1] b):
+    """Pages whose CRCs differ between two page_crcs() digests."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError("digests of different RAM sizes")
+    cdef const uint32_t *x = <const uint32_t *>&a[0]
+    cdef const uint32_t *y = <const uint32_t *>&b[0]
+    cdef size_t i, n = a.shape[0] // 4, bad = 0
+    with nogil:
+        for i in range(n):
+            if x[i] != y[i]:
+                bad += 1
+    return bad
+
+
+cdef list _fd_list(fds):
+    fds = list(fds)
+    if not 1 <= len(fds) <= VFMIG_MAX_CHANNELS:
+        raise ValueError(f"channels must be 1..{VFMIG_MAX_CHANNELS}")
+    return fds
+
+
+cdef class PageSender:
+    """Source side: the dirty tracker, its bitmap, and the page channels."""
+    cdef vfmig_sender s
+    cdef vfmig_tracker *t
+    cdef uint64_t *bits
+    cdef VM vm
+    cdef int ready
+    cdef readonly uint64_t last_dirty
+
+    def __cinit__(self, VM vm, fds, uint64_t bandwidth=0):
+        cdef int cfds[16]
+        cdef vfmig_err err
+        fds = _fd_list(fds)
+        for i, fd in enumerate(fds):
+            cfds[i] = fd
+        self.vm = vm
+        cdef int rc = vfmig_sender_init(&self.s, vm._vm(), cfds, len(fds), &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+        self.ready = 1
+        self.s.bandwidth = bandwidth
+        self.bits = <uint64_t *>malloc(((vm._vm().npages + 63) // 64) * 8)
+        if self.bits == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self.close()
+
+    def close(self):
+        if self.t != NULL:
+            with nogil:
+                vfmig_tracker_close(self.t)
+            self.t = NULL
+        if self.ready:
+            vfmig_sender_free(&self.s)
+            self.ready = 0
+        free(self.bits)
+        self.bits = NULL
+
+    def start_tracking(self):
+        """Turn on the VM's dirty tracker; the first collect() returns every page."""
+        cdef vfmig_err err
+        cdef int rc
+        cdef vfmig_vm *vm = self.vm._vm()
+        with nogil:
+            rc = vfmig_tracker_open(vm, &self.t, &err)
+        if rc < 0:
+            self.t = NULL
+            raise_err(rc, err.msg)
+
+    def stop_tracking(self):
+        if self.t != NULL:
+            with nogil:
+                vfmig_tracker_close(self.t)
+            self.t = NULL
+
+    @property
+    def tracker(self):
+        return self.t.ops.name.decode() if self.t != NULL else None
+
+    def tracker_stats(self):
+        if self.t == NULL:
+            return {}
+        return {"harvested": self.t.harvested, "overruns": self.t.overruns, "syncs": self.t.syncs}
+
+    def collect(self, bint accumulate=False):
+        """Sync the tracker into this round's bitmap (OR-ing into the unsent one with
+        accumulate); returns the number of pages the next send_round() will send."""
+        cdef int64_t n
+        if self.t == NULL:
+            raise ValueError("tracking is off")
+        with nogil:
+            n = vfmig_tracker_collect(self.t, self.bits, accumulate)
+        if n < 0:
+            raise_err(n, self.t.err.msg)
+        self.last_dirty = n
+        return n
+
+    def send_round(self, bint zero_copy=False):
+        """Send every page of the last collect(). Returns the round's counters."""
+        cdef vfmig_round_stats st
+        cdef int rc
+        with nogil:
+            rc = vfmig_send_round(&self.s, self.bits, zero_copy, &st)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
+        return {"pages": st.pages, "zero_pages": st.zero_pages, "bytes": st.bytes, "records": st.records,
+                "ns": st.ns}
+
+    def send_marker(self, uint32_t iteration, uint64_t dirty):
+        cdef int rc
+        with nogil:
+            rc = vfmig_send_marker(&self.s, iteration, dirty)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
+
+    def send_eos(self):
+        cdef int rc
+        with nogil:
+            rc = vfmig_send_eos(&self.s)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
+
+    def set_bandwidth(self, uint64_t bytes_per_s):
+        self.s.bandwidth = bytes_per_s
+
+    def cancel(self):
+        """Any thread: the send loops stop at the next record."""
+        self.s.cancel = 1
+
+
+cdef class PageReceiver:
+    """Destination side: decodes the page channels into the VM's RAM."""
+    cdef vfmig_receiver r
+    cdef VM vm
+    cdef int ready
+
+    def __cinit__(self, VM vm, fds, bint verify=False):
+        cdef int cfds[16]
+        cdef vfmig_err err
+        fds = _fd_list(fds)
+        for i, fd in enumerate(fds):
+            cfds[i] = fd
+        self.vm = vm
+        cdef int rc = vfmig_receiver_init(&self.r, vm._vm(), cfds, len(fds), verify, &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+        self.ready = 1
+
+    def __dealloc__(self):
+        if self.ready:
+            vfmig_receiver_free(&self.r)
+            self.ready = 0
+
+    def run(self):
+        """Decode every channel to its end-of-stream. Blocks without the GIL."""
+        cdef int rc
+        with nogil:
+            rc = vfmig_receiver_run(&self.r)
+        if rc < 0:
+            raise StreamError(-rc, self.r.err.msg.decode())
+
+    def cancel(self):
+        self.r.cancel = 1
+
+    def stats(self):
+        out = {"pages": 0, "zero_pages": 0, "bytes": 0, "records": 0, "iterations": 0}
+        for c in range(self.r.nchan):
+            out["pages"] += self.r.ch[c].pages
+            out["zero_pages"] += self.r.ch[c].zero_pages
+            out["bytes"] += self.r.ch[c].bytes
+            out["records"] += self.r.ch[c].records
+            out["iterations"] = max(out["iterations"], self.r.ch[c].iterations)
+        return out
+
+    def page_crcs(self):
+        """CRC32C of every page as loaded (verify mode), 4 bytes a page."""
+        if self.r.page_crc == NULL:
+            return None
+        return (<char *>self.r.page_crc)[:self.vm._vm().npages * 4]

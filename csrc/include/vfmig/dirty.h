@@ -22,8 +22,9 @@ static inline void vfmig_dirty_set_mark(struct vfmig_dirty_set *s, uint64_t page
     atomic_fetch_or_explicit(&s->bits[page / 64], 1ull << (page % 64), memory_order_relaxed);
 }
 void vfmig_dirty_set_or(struct vfmig_dirty_set *s, const uint64_t *bits, uint64_t first_page, uint64_t npages);
-/* Move the set into out (npages bits) and empty it; returns the number of dirty pages. */
-uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out);
+/* Move the set into out (npages bits) and empty it; with accumulate, OR into what out already
+ * holds (pages collected but not yet sent). Returns the number of pages set in out. */
+uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out, int accumulate);
 
 struct vfmig_tracker;
 
@@ -46,6 +47,7 @@ struct vfmig_tracker {
     _Atomic uint64_t harvested;      /* entries/bits taken from KVM */
     _Atomic uint64_t overruns;       /* rounds that fell back to "all dirty" */
     uint64_t syncs;
+    uint64_t *scratch;               /* device logs land here before entering the set */
     void *priv;
     struct vfmig_err err;
 };
@@ -56,9 +58,9 @@ extern const struct vfmig_tracker_ops vfmig_tracker_ring;
 /* Open the tracker the VM was built for (ring if it has a dirty ring, else bitmap), start it
  * and mark all RAM dirty for the first round. 0 or -errno (err). */
 int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct vfmig_err *err);
-/* Sync the tracker, OR in every device's DMA log, and move the set into out. Returns the dirty
- * page count, or -errno (t->err). Caller's thread. */
-int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out);
+/* Sync the tracker, OR in every device's DMA log, and move the set into out (OR into it with
+ * accumulate). Returns the page count in out, or -errno (t->err). Caller's thread. */
+int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out, int accumulate);
 void vfmig_tracker_close(struct vfmig_tracker *t);
 
 #endif

@@ -69,6 +69,7 @@ struct vfmig_vm {
     int quit, started;
     uint64_t last_pause_ns, last_resume_ns;
 
+    _Atomic uint64_t first_run_ns; /* when the first vCPU first entered KVM_RUN: a downtime end */
     _Atomic int failed;    /* a vCPU stopped on an error; err says why */
     struct vfmig_err err;
 

@@ -1,0 +1,285 @@
+"""The source side of a live migration: the phases in order, with the policy deciding when to stop.
+
+    setup -> precopy iterations -> stop -> final dirty pages -> device state -> vCPU state
+          -> destination resumes -> completion (verification, guest-observed downtime)
+
+Python owns the order and the policy; every loop over pages or bytes runs in C without the GIL.
+Any failure before the destination says it resumed leaves the source VM running and unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfmig import _core
+from vfmig.errors import ConfigError, MigrationError, VfmigError
+from vfmig.policy import Policy
+from vfmig.report import Checkpoint, Iteration, Report, Verification
+from vfmig.transport import (
+    ControlChannel,
+    Hello,
+    PeerError,
+    connect,
+    encode_channel,
+    encode_device,
+    encode_vcpu,
+    parse_uri,
+)
+from vfmig.vm import MicroVM
+
+VERSION = _core.STREAM_VERSION
+
+
+@dataclass
+class MigrationOptions:
+    """How to migrate. Defaults follow QEMU where it has one (300 ms downtime limit)."""
+
+    channels: int = 1
+    tracker: str | None = None  # must match what the VM was built with; None: the VM's
+    bandwidth: int = 0  # bytes/s over all channels, 0: unlimited
+    verify: bool = False
+    policy: Policy = field(default_factory=Policy)
+    connect_timeout_s: float = 10.0
+    resume_timeout_s: float = 30.0  # from end of stream until the destination says it runs
+    guest_report_timeout_s: float = 30.0
+
+    def validate(self, vm: MicroVM) -> None:
+        if not 1 <= self.channels <= _core.MAX_CHANNELS:
+            raise ConfigError(f"channels must be 1..{_core.MAX_CHANNELS}, got {self.channels}")
+        if self.bandwidth < 0:
+            raise ConfigError("bandwidth must be >= 0")
+        if self.bandwidth and self.bandwidth < 1 << 20:
+            raise ConfigError("bandwidth below 1 MiB/s is not supported")
+        if self.tracker is not None and self.tracker != vm.config.tracker:
+            raise ConfigError(
+                f"the VM was built for the {vm.config.tracker} tracker; start it with --tracker {self.tracker}"
+            )
+        self.policy.validate()
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class Migration:
+    """One outgoing migration of a running MicroVM. run() returns the Report or raises."""
+
+    def __init__(self, vm: MicroVM, to: str, options: MigrationOptions | None = None,
+                 progress: Progress | None = None) -> None:
+        self.vm = vm
+        self.to = to
+        self.opts = options or MigrationOptions()
+        self.progress = progress or (lambda event, data: None)
+        self._cancel = threading.Event()
+        self._sender: _core.PageSender | None = None
+        self._ctrl: ControlChannel | None = None
+        self._chans: list[socket.socket] = []
+        self._paused_by_us = False
+        self.report = Report(status="running")
+
+    def cancel(self) -> None:
+        """Any thread: stop at the next record or phase boundary; the source keeps running."""
+        self._cancel.set()
+        if self._sender is not None:
+            self._sender.cancel()
+
+    # -------------------------------------------------------------------------------------------
+    def run(self) -> Report:
+        host, port = parse_uri(self.to)
+        self.opts.validate(self.vm)
+        if not self.vm.started or self.vm.paused:
+            raise MigrationError("the VM must be running to be live-migrated")
+        r = self.report
+        cfg = self.vm.config
+        r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, cfg.guest, cfg.tracker
+        r.channels, r.max_downtime_ms = self.opts.channels, self.opts.policy.max_downtime_ms
+        r.bandwidth_limit_Bps = self.opts.bandwidth
+        t0 = time.monotonic_ns()
+        try:
+            self._setup(host, port)
+            r.setup_ms = (time.monotonic_ns() - t0) / 1e6
+            self._precopy(t0)
+            self._stop_and_copy()
+            self._wait_resumed()
+            r.status = "completed"
+            r.total_time_ms = (time.monotonic_ns() - t0) / 1e6
+            r.throughput_Bps = r.bytes_sent / (r.total_time_ms / 1e3) if r.total_time_ms else 0.0
+            r.finish_timings()
+            self._complete()
+        except BaseException as e:
+            self._abort()
+            r.status = "cancelled" if self._cancel.is_set() else "failed"
+            r.error = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            if isinstance(e, MigrationError):
+                raise
+            raise MigrationError(r.error) from e
+        finally:
+            self._close()
+        return r
+
+    # phases ------------------------------------------------------------------------------------
+    def _setup(self, host: str, port: int) -> None:
+        self.progress("setup", {"to": self.to})
+        token = os.urandom(_core.TOKEN_LEN)
+        sock = connect(host, port, self.opts.connect_timeout_s)
+        self._ctrl = ControlChannel(sock, f"destination {self.to}")
+        cfg = self.vm.config
+        hello = Hello(VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict())
+        self._ctrl.send("HELLO", hello.encode())
+        self._ctrl.expect("HELLO_ACK", self.opts.connect_timeout_s + 30)  # the destination builds its VM
+        for i in range(self.opts.channels):
+            s = connect(host, port, self.opts.connect_timeout_s)
+            s.sendall(_core.encode_record(_core.REC["CHANNEL"], encode_channel(token, i)))
+            s.settimeout(None)  # the C sender sets its own send timeout
+            self._chans.append(s)
+        self._sender = _core.PageSender(self.vm.core, [s.fileno() for s in self._chans], self.opts.bandwidth)
+        self._sender.start_tracking()
+        self.report.tracker = self._sender.tracker or self.report.tracker
+
+    def _precopy(self, t0: int) -> None:
+        policy, sender, r = self.opts.policy, self._sender, self.report
+        assert sender is not None
+        throttle = 0
+        last_collect = time.monotonic_ns()
+        bytes_per_page, bandwidth = 4096.0, 0.0
+        index = 0
+        while True:
+            self._check_cancel()
+            index += 1
+            dirty = sender.collect(accumulate=False)
+            now = time.monotonic_ns()
+            dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
+            last_collect = now
+            predicted = policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
+            if index > 1:
+                reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted)
+                if reason:
+                    r.stop_reason = reason
+                    return  # the collected pages go with the final round
+                throttle = policy.throttle(throttle, dirty_rate * bytes_per_page, bandwidth)
+                if throttle:
+                    self.vm.core.set_throttle(throttle)
+            st = sender.send_round(zero_copy=False)
+            sender.send_marker(index, dirty)
+            secs = st["ns"] / 1e9
+            bandwidth = st["bytes"] / secs if secs > 0 else bandwidth
+            raw = st["pages"] - st["zero_pages"]
+            bytes_per_page = st["bytes"] / raw if raw else 64.0
+            it = Iteration(index, dirty, st["pages"], st["zero_pages"], st["bytes"], st["ns"] / 1e6, dirty_rate,
+                           bandwidth, predicted, throttle)
+            r.iterations.append(it)
+            r.bytes_sent += st["bytes"]
+            self.progress("iteration", {"index": index, "dirty_pages": dirty, "bytes": st["bytes"],
+                                        "duration_ms": it.duration_ms, "predicted_downtime_ms": predicted})
+
+    def _stop_and_copy(self) -> None:
+        sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
+        assert sender is not None and ctrl is not None
+        self._check_cancel()
+        cps = r.checkpoints
+        cps.append(Checkpoint("src-downtime-start", _core.checkpoint("src-downtime-start")))
+        vm.pause()
+        self._paused_by_us = True
+        cps.append(Checkpoint("src-vm-stopped", _core.checkpoint("src-vm-stopped")))
+        vm.core.set_throttle(0)
+        dirty = sender.collect(accumulate=True)
+        st = sender.send_round(zero_copy=True)  # vCPUs stopped: send straight from guest RAM
+        cps.append(Checkpoint("src-ram-saved", _core.checkpoint("src-ram-saved")))
+        state = vm.save_state()
+        for name, blob in state.devices.items():
+            ctrl.send("DEVICE", encode_device(name, blob))
+        cps.append(Checkpoint("src-device-saved", _core.checkpoint("src-device-saved")))
+        for i, blob in enumerate(state.vcpus):
+            ctrl.send("VCPU", encode_vcpu(i, blob))
+        sender.send_eos()
+        ctrl.send("EOS", ctrl.tx.eos())
+        it = Iteration(len(r.iterations) + 1, dirty, st["pages"], st["zero_pages"], st["bytes"], st["ns"] / 1e6,
+                       0.0, st["bytes"] / (st["ns"] / 1e9) if st["ns"] else 0.0, 0.0, final=True)
+        r.iterations.append(it)
+        r.bytes_sent += st["bytes"]
+        self.progress("stopped", {"final_pages": dirty})
+
+    def _wait_resumed(self) -> None:
+        ctrl = self._ctrl
+        assert ctrl is not None
+        doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
+        # Past this point the guest runs on the destination: the source must not resume.
+        self._paused_by_us = False
+        for name in ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started"):
+            self.report.checkpoints.append(Checkpoint(name, int(doc["checkpoints"][name])))
+        self.report.destination = {k: v for k, v in doc.items() if k != "checkpoints"}
+        self.progress("resumed", {"on": self.to})
+
+    def _complete(self) -> None:
+        """After the destination runs: verification and the guest's view, outside the downtime."""
+        ctrl, r = self._ctrl, self.report
+        assert ctrl is not None and self._sender is not None
+        r.tracker_stats = self._sender.tracker_stats()
+        self._sender.stop_tracking()
+        if self.opts.verify:
+            t = time.monotonic_ns()
+            remote = ctrl.expect("PAGE_HASHES", self.opts.guest_report_timeout_s,
+                                 max_len=self.vm.core.npages * 4 + 64)
+            local = self.vm.core.page_crcs()  # the source is stopped: this is its memory at stop
+            bad = _core.count_mismatches(local, remote)
+            r.verification = Verification(bad == 0, "CRC32C of every page: source RAM at stop vs destination RAM "
+                                          "as loaded", bad, (time.monotonic_ns() - t) / 1e6)
+        guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
+        r.destination.update(guest)
+        start, end = r.checkpoint("src-downtime-start"), r.checkpoint("dst-vm-started")
+        gaps = [g for g in guest.get("gaps", []) if g[0] <= end and g[0] + g[1] >= start]
+        r.guest_observed_downtime_ms = max(g[1] for g in gaps) / 1e6 if gaps else None
+
+    # failure handling -------------------------------------------------------------------------
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationError("migration cancelled")
+
+    def _abort(self) -> None:
+        """Leave the source exactly as it was: tracking off, throttle off, vCPUs running."""
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._ctrl is not None:
+            try:
+                self._ctrl.send("ERROR", b"source aborted the migration")
+            except VfmigError:
+                pass
+        for s in self._chans:  # unblocks the peer's receivers
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._sender is not None:
+            self._sender.stop_tracking()
+        try:
+            self.vm.core.set_throttle(0)
+        except _core.CoreError:
+            pass
+        if self._paused_by_us:
+            self.vm.resume()
+            self._paused_by_us = False
+
+    def _close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        for s in self._chans:
+            s.close()
+        self._chans.clear()
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
+
+
+def migrate(vm: MicroVM, to: str, options: MigrationOptions | None = None,
+            progress: Progress | None = None) -> Report:
+    """Live-migrate a running MicroVM to a destination listening at `to` (tcp://HOST:PORT)."""
+    return Migration(vm, to, options, progress).run()

@@ -1,0 +1,56 @@
+"""When to stop iterating: estimate the dirty rate and bandwidth, predict the downtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vfmig.errors import ConfigError
+
+PAGE_SIZE = 4096
+# Fixed cost of the stop phase beyond the final pages (pausing, device and vCPU state, load,
+# start), measured on this micro-VM at ~1-2 ms; used so tiny limits still predict honestly.
+STOP_OVERHEAD_MS = 2.0
+
+
+@dataclass
+class Policy:
+    max_downtime_ms: float = 300.0  # QEMU's default downtime-limit
+    max_iterations: int = 30
+    time_limit_s: float = 120.0
+    auto_converge: bool = False
+    throttle_initial: int = 20  # QEMU's cpu-throttle-initial
+    throttle_increment: int = 10  # QEMU's cpu-throttle-increment
+    throttle_max: int = 99
+
+    def validate(self) -> None:
+        if not 0 < self.max_downtime_ms <= 600_000:
+            raise ConfigError(f"max downtime must be in (0, 600000] ms, got {self.max_downtime_ms:g}")
+        if not 1 <= self.max_iterations <= 10_000:
+            raise ConfigError(f"max iterations must be 1..10000, got {self.max_iterations}")
+        if not 0 < self.time_limit_s <= 86_400:
+            raise ConfigError(f"time limit must be in (0, 86400] s, got {self.time_limit_s:g}")
+
+    @staticmethod
+    def predict_downtime_ms(dirty_pages: int, bytes_per_page: float, bandwidth_Bps: float) -> float:
+        """Time to send what is dirty now at the measured bandwidth, plus the fixed stop cost."""
+        if bandwidth_Bps <= 0:
+            return float("inf")
+        return dirty_pages * bytes_per_page / bandwidth_Bps * 1e3 + STOP_OVERHEAD_MS
+
+    def should_stop(self, iteration: int, elapsed_s: float, predicted_ms: float) -> str | None:
+        """The reason to go to stop-and-copy now, or None to iterate again."""
+        if predicted_ms <= self.max_downtime_ms:
+            return f"predicted downtime {predicted_ms:.1f} ms <= {self.max_downtime_ms:g} ms"
+        if iteration >= self.max_iterations:
+            return f"reached {self.max_iterations} iterations"
+        if elapsed_s >= self.time_limit_s:
+            return f"reached the {self.time_limit_s:g} s time limit"
+        return None
+
+    def throttle(self, current: int, dirty_Bps: float, bandwidth_Bps: float) -> int:
+        """Auto-converge: throttle the vCPUs harder while they dirty faster than the link drains."""
+        if not self.auto_converge or dirty_Bps <= bandwidth_Bps * 0.5:
+            return current
+        if current == 0:
+            return self.throttle_initial
+        return min(current + self.throttle_increment, self.throttle_max)

@@ -1,0 +1,162 @@
+"""The migration report: one typed record per migration, as JSON and as a readable summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vfmig.units import human_bytes
+
+# Checkpoint names follow QEMU's (see shared/DESIGN.md, Measurement).
+CHECKPOINTS = (
+    "src-downtime-start",
+    "src-vm-stopped",
+    "src-ram-saved",
+    "src-device-saved",
+    "dst-ram-loaded",
+    "dst-device-loaded",
+    "dst-vm-started",
+)
+
+
+@dataclass
+class Iteration:
+    index: int
+    dirty_pages: int  # pages found dirty at the start of this round (all of RAM in round 1)
+    pages_sent: int
+    zero_pages: int
+    bytes: int
+    duration_ms: float
+    dirty_rate_pps: float  # dirtied since the previous round, per second
+    bandwidth_Bps: float
+    predicted_downtime_ms: float
+    throttle_pct: int = 0
+    final: bool = False  # the stop-and-copy round, with vCPUs stopped
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    t_ns: int
+
+
+@dataclass
+class Verification:
+    memory_match: bool | None
+    method: str
+    mismatched_pages: int = 0
+    digest_ms: float = 0.0  # computed after the destination resumed: outside the downtime
+
+
+@dataclass
+class DowntimeBreakdown:
+    """Where the downtime went, from the checkpoints (ms)."""
+
+    stop_vcpus_ms: float = 0.0
+    final_ram_ms: float = 0.0
+    device_state_ms: float = 0.0
+    to_destination_ms: float = 0.0  # vCPU state, end of stream, loading RAM at the destination
+    dst_device_load_ms: float = 0.0
+    dst_start_ms: float = 0.0
+
+
+@dataclass
+class Report:
+    status: str  # "completed", "failed" or "cancelled"
+    error: str | None = None
+    memory: int = 0
+    vcpus: int = 0
+    guest: str = ""
+    tracker: str = ""
+    channels: int = 1
+    max_downtime_ms: float = 0.0
+    bandwidth_limit_Bps: int = 0
+    stop_reason: str = ""
+    total_time_ms: float = 0.0
+    setup_ms: float = 0.0
+    downtime_ms: float | None = None
+    guest_observed_downtime_ms: float | None = None
+    bytes_sent: int = 0
+    throughput_Bps: float = 0.0
+    iterations: list[Iteration] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    downtime_breakdown: DowntimeBreakdown = field(default_factory=DowntimeBreakdown)
+    verification: Verification = field(default_factory=lambda: Verification(None, "not requested"))
+    tracker_stats: dict[str, int] = field(default_factory=dict)
+    destination: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint(self, name: str) -> int | None:
+        for c in self.checkpoints:
+            if c.name == name:
+                return c.t_ns
+        return None
+
+    def finish_timings(self) -> None:
+        """Derive downtime and its breakdown from the checkpoints."""
+        t = {c.name: c.t_ns for c in self.checkpoints}
+
+        def span(a: str, b: str) -> float:
+            return (t[b] - t[a]) / 1e6 if a in t and b in t else 0.0
+
+        if "src-downtime-start" in t and "dst-vm-started" in t:
+            self.downtime_ms = span("src-downtime-start", "dst-vm-started")
+        self.downtime_breakdown = DowntimeBreakdown(
+            stop_vcpus_ms=span("src-downtime-start", "src-vm-stopped"),
+            final_ram_ms=span("src-vm-stopped", "src-ram-saved"),
+            device_state_ms=span("src-ram-saved", "src-device-saved"),
+            to_destination_ms=span("src-device-saved", "dst-ram-loaded"),
+            dst_device_load_ms=span("dst-ram-loaded", "dst-device-loaded"),
+            dst_start_ms=span("dst-device-loaded", "dst-vm-started"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        lines = [f"migration {self.status}" + (f": {self.error}" if self.error else "")]
+        lines.append(
+            f"  VM            {self.guest}, {self.memory >> 20} MiB, {self.vcpus} vCPU(s); tracker {self.tracker}, "
+            f"{self.channels} channel(s)"
+        )
+        if self.status != "completed":
+            return "\n".join(lines)
+        lines += [
+            f"  total         {self.total_time_ms:.1f} ms (setup {self.setup_ms:.1f} ms), stop: {self.stop_reason}",
+            f"  downtime      {self.downtime_ms:.2f} ms (limit {self.max_downtime_ms:g} ms)"
+            + (
+                f"; guest saw {self.guest_observed_downtime_ms:.2f} ms"
+                if self.guest_observed_downtime_ms is not None
+                else ""
+            ),
+            f"  sent          {human_bytes(self.bytes_sent)} at {human_bytes(self.throughput_Bps)}/s",
+            "  iterations    #   dirty      sent      zero     bytes       ms   dirty/s     B/s",
+        ]
+        for it in self.iterations:
+            lines.append(
+                f"              {it.index:>3}{'*' if it.final else ' '}{it.dirty_pages:>8}{it.pages_sent:>10}"
+                f"{it.zero_pages:>10}{human_bytes(it.bytes):>11}{it.duration_ms:>8.1f}"
+                f"{it.dirty_rate_pps:>10.0f}  {human_bytes(it.bandwidth_Bps)}/s"
+            )
+        b = self.downtime_breakdown
+        lines.append(
+            f"  downtime by   stop {b.stop_vcpus_ms:.2f} | final RAM {b.final_ram_ms:.2f} | devices "
+            f"{b.device_state_ms:.2f} | to dst {b.to_destination_ms:.2f} | dst devices {b.dst_device_load_ms:.2f}"
+            f" | start {b.dst_start_ms:.2f} ms"
+        )
+        v = self.verification
+        if v.memory_match is not None:
+            lines.append(
+                f"  verify        memory {'matches' if v.memory_match else 'DIFFERS'} "
+                f"({v.mismatched_pages} pages differ; {v.method}; {v.digest_ms:.0f} ms, outside downtime)"
+            )
+        d = self.destination
+        if "touches_after" in d:
+            lines.append(
+                f"  destination   guest counter {d['touches_at_resume']:,} -> {d['touches_after']:,} "
+                f"after {d['ran_s']:.1f} s; wrap edges per vCPU {d['wrap_edges']}"
+            )
+        return "\n".join(lines)
