@@ -5,7 +5,12 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; the system headers may be older */
+#endif
 
 #include "vfmig/channels.h"
 
@@ -83,6 +88,11 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     if (h->len != sizeof(ph) + dlen)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES length %u does not match %u pages", c, h->len,
                           ph.count);
+    uint64_t first = (uint64_t)vfmig_vm_gpa_to_page(vm, ph.gpa);
+    /* First data for these pages: populate them in one call rather than one fault a page
+     * inside recv (~3x cheaper here), and only where data actually lands. */
+    if (dlen && !(atomic_load_explicit(&r->written[first / 64], memory_order_relaxed) & (1ull << (first % 64))))
+        madvise(host, dlen, MADV_POPULATE_WRITE);
     if (dlen && (rc = vfmig_read_all(ch->fd, host, dlen)) < 0)
         return io_fail(ch, c, rc);
     struct vfmig_rec_hdr z = *h;
@@ -91,7 +101,6 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     if (crc != h->crc)
         return vfmig_fail(&ch->err, EBADMSG, "channel %u: record %llu (pages at 0x%llx): CRC mismatch, stream corrupted",
                           c, (unsigned long long)ch->records, (unsigned long long)ph.gpa);
-    uint64_t first = (uint64_t)vfmig_vm_gpa_to_page(vm, ph.gpa);
     for (uint32_t i = 0; i < ph.count; i++) {
         uint64_t p = first + i;
         uint64_t bit = 1ull << (p % 64);
@@ -162,37 +171,37 @@ static int recv_channel(struct vfmig_receiver *r, uint32_t c)
     }
 }
 
-struct rjob {
-    struct vfmig_receiver *r;
-    uint32_t c;
-};
-
 static void *rx_thread(void *arg)
 {
-    struct rjob *j = arg;
-    int rc = recv_channel(j->r, j->c);
-    j->r->ch[j->c].rc = rc;
+    struct vfmig_chan_rx *ch = arg;
+    struct vfmig_receiver *r = ch->owner;
+    int rc = recv_channel(r, (uint32_t)(ch - r->ch));
+    ch->rc = rc;
     if (rc < 0) /* one bad channel dooms the migration: stop the others promptly */
-        atomic_store(&j->r->cancel, 1);
+        atomic_store(&r->cancel, 1);
     return NULL;
 }
 
-int vfmig_receiver_run(struct vfmig_receiver *r)
+int vfmig_receiver_start(struct vfmig_receiver *r)
 {
-    pthread_t th[VFMIG_MAX_CHANNELS];
-    struct rjob jobs[VFMIG_MAX_CHANNELS];
-    int live[VFMIG_MAX_CHANNELS] = {0};
     for (uint32_t c = 0; c < r->nchan; c++) {
-        jobs[c] = (struct rjob){r, c};
-        if (c > 0)
-            live[c] = pthread_create(&th[c], NULL, rx_thread, &jobs[c]) == 0;
+        r->ch[c].owner = r;
+        if (pthread_create(&r->ch[c].thread, NULL, rx_thread, &r->ch[c]) != 0) {
+            atomic_store(&r->cancel, 1);
+            vfmig_receiver_join(r);
+            return vfmig_fail(&r->err, EAGAIN, "cannot start the thread of channel %u", c);
+        }
+        r->ch[c].thread_live = 1;
     }
-    rx_thread(&jobs[0]);
-    for (uint32_t c = 1; c < r->nchan; c++) {
-        if (live[c])
-            pthread_join(th[c], NULL);
-        else
-            r->ch[c].rc = vfmig_fail(&r->ch[c].err, EAGAIN, "cannot start the thread of channel %u", c);
+    return 0;
+}
+
+int vfmig_receiver_join(struct vfmig_receiver *r)
+{
+    for (uint32_t c = 0; c < r->nchan; c++) {
+        if (r->ch[c].thread_live)
+            pthread_join(r->ch[c].thread, NULL);
+        r->ch[c].thread_live = 0;
     }
     /* Report the root cause, not a channel that merely saw the cancel. */
     int rc = 0;
@@ -203,6 +212,12 @@ int vfmig_receiver_run(struct vfmig_receiver *r)
         }
     }
     return rc;
+}
+
+int vfmig_receiver_run(struct vfmig_receiver *r)
+{
+    int rc = vfmig_receiver_start(r);
+    return rc < 0 ? rc : vfmig_receiver_join(r);
 }
 
 uint32_t vfmig_zero_page_crc(void)

@@ -97,7 +97,7 @@ def test_cold_migration_to_a_new_process(tmp_path: Path) -> None:
         state = vm.save_state()
         vm.save_ram(str(tmp_path / "ram.img"))
     assert counter > 0
-    assert set(state.devices) == {"platform"}
+    assert set(state.devices) == {"clock", "platform"}
     (tmp_path / "state.bin").write_bytes(state.to_bytes())
     out = subprocess.run(
         [sys.executable, "-c", _RESTORE, str(tmp_path / "state.bin"), str(tmp_path / "ram.img")],

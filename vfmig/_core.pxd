@@ -144,6 +144,8 @@ cdef extern from "vfmig/channels.h":
     int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan, int verify,
                             vfmig_err *err) nogil
     void vfmig_receiver_free(vfmig_receiver *r) nogil
+    int vfmig_receiver_start(vfmig_receiver *r) nogil
+    int vfmig_receiver_join(vfmig_receiver *r) nogil
     int vfmig_receiver_run(vfmig_receiver *r) nogil
     void vfmig_ram_page_crcs(const vfmig_vm *vm, uint32_t *out) nogil
 

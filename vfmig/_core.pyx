@@ -510,6 +510,7 @@ cdef class PageReceiver:
     cdef vfmig_receiver r
     cdef VM vm
     cdef int ready
+    cdef int started
 
     def __cinit__(self, VM vm, fds, bint verify=False):
         cdef int cfds[16]
@@ -524,15 +525,26 @@ cdef class PageReceiver:
         self.ready = 1
 
     def __dealloc__(self):
+        if self.started:
+            self.r.cancel = 1
+            with nogil:
+                vfmig_receiver_join(&self.r)
         if self.ready:
             vfmig_receiver_free(&self.r)
             self.ready = 0
 
-    def run(self):
-        """Decode every channel to its end-of-stream. Blocks without the GIL."""
+    def start(self):
+        """Start decoding every channel (C threads) to its end-of-stream."""
+        cdef int rc = vfmig_receiver_start(&self.r)
+        if rc < 0:
+            raise StreamError(-rc, self.r.err.msg.decode())
+        self.started = 1
+
+    def join(self):
+        """Wait for every channel, without the GIL. Raises the first channel's error."""
         cdef int rc
         with nogil:
-            rc = vfmig_receiver_run(&self.r)
+            rc = vfmig_receiver_join(&self.r)
         if rc < 0:
             raise StreamError(-rc, self.r.err.msg.decode())
 

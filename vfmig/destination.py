@@ -7,9 +7,9 @@ destroyed unstarted and the source is told why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,16 +125,7 @@ class Listener:
     def _load(self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket],
               run_seconds: float) -> Incoming:
         rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans], hello.verify)
-        failure: list[BaseException] = []
-
-        def pages() -> None:
-            try:
-                rx.run()
-            except BaseException as e:  # noqa: BLE001 - reported on the control path
-                failure.append(e)
-
-        th = threading.Thread(target=pages, name="vfmig-pages", daemon=True)
-        th.start()
+        rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
         vcpus: dict[int, bytes] = {}
         try:
@@ -157,12 +148,13 @@ class Listener:
             rx.cancel()
             for s in chans:
                 s.shutdown(socket.SHUT_RDWR)
-            th.join()
+            with contextlib.suppress(_core.StreamError):
+                rx.join()
             raise
-        th.join()
-        if failure:
-            e = failure[0]
-            raise MigrationError(str(e.strerror) if isinstance(e, _core.StreamError) else str(e))
+        try:
+            rx.join()
+        except _core.StreamError as e:
+            raise MigrationError(str(e.strerror)) from None
         cps = {"dst-ram-loaded": _core.checkpoint("dst-ram-loaded")}
         if len(vcpus) != vm.config.vcpus:
             raise MigrationError(f"stream carried state for {len(vcpus)} of {vm.config.vcpus} vCPUs")

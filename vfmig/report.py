@@ -113,6 +113,16 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Report:
+        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification")
+        r = cls(**{k: v for k, v in doc.items() if k not in nested})
+        r.iterations = [Iteration(**i) for i in doc.get("iterations", [])]
+        r.checkpoints = [Checkpoint(**c) for c in doc.get("checkpoints", [])]
+        r.downtime_breakdown = DowntimeBreakdown(**doc.get("downtime_breakdown", {}))
+        r.verification = Verification(**doc.get("verification", {"memory_match": None, "method": "not requested"}))
+        return r
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 

@@ -1,5 +1,6 @@
 /* Clock port: reading the low half samples CLOCK_MONOTONIC and latches the high half for that
  * vCPU, so a 32-bit guest reads a consistent 64-bit value with two inl. */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,6 +33,26 @@ static int clock_access(struct vfmig_device *d, struct vfmig_vcpu *cpu, uint64_t
     return 0;
 }
 
+/* The latches are guest-visible state: a vCPU stopped between its two reads must find its
+ * high half on the destination. All vCPUs paused. */
+static long clock_save(struct vfmig_device *d, uint8_t *buf, size_t cap)
+{
+    struct clockdev *c = d->opaque;
+    if (cap < sizeof(c->latch))
+        return -ENOSPC;
+    memcpy(buf, c->latch, sizeof(c->latch));
+    return (long)sizeof(c->latch);
+}
+
+static int clock_load(struct vfmig_device *d, const uint8_t *buf, size_t len)
+{
+    struct clockdev *c = d->opaque;
+    if (len != sizeof(c->latch))
+        return -EINVAL;
+    memcpy(c->latch, buf, len);
+    return 0;
+}
+
 static void clock_destroy(struct vfmig_device *d) { free(d->opaque); }
 
 struct vfmig_device *vfmig_clock_new(void)
@@ -40,6 +61,7 @@ struct vfmig_device *vfmig_clock_new(void)
     if (!c)
         return NULL;
     c->dev = (struct vfmig_device){.name = "clock", .space = VFMIG_SPACE_PIO, .base = VFMIG_PORT_CLOCK_LO,
-                                   .len = 8, .opaque = c, .access = clock_access, .destroy = clock_destroy};
+                                   .len = 8, .opaque = c, .access = clock_access, .save = clock_save,
+                                   .load = clock_load, .destroy = clock_destroy};
     return &c->dev;
 }

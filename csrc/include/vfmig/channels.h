@@ -3,6 +3,7 @@
  * the receiver decodes each channel straight into destination RAM. */
 #ifndef VFMIG_CHANNELS_H
 #define VFMIG_CHANNELS_H
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -48,8 +49,13 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
 int vfmig_send_marker(struct vfmig_sender *s, uint32_t iteration, uint64_t dirty);
 int vfmig_send_eos(struct vfmig_sender *s);
 
+struct vfmig_receiver;
+
 struct vfmig_chan_rx {
     int fd;
+    struct vfmig_receiver *owner;
+    pthread_t thread;
+    int thread_live;
     struct vfmig_digest digest;
     uint64_t pages, zero_pages, bytes, records, iterations;
     int done, rc;
@@ -69,8 +75,12 @@ struct vfmig_receiver {
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
                         int verify, struct vfmig_err *err);
 void vfmig_receiver_free(struct vfmig_receiver *r);
-/* Decode every channel to its EOS, one thread each. Blocks the caller; cancel (and shutting
- * the sockets) stops it. 0, or the first channel's -errno with r->err naming the channel. */
+/* Start one decoding thread per channel; each runs to its EOS. 0 or -errno. */
+int vfmig_receiver_start(struct vfmig_receiver *r);
+/* Wait for every channel thread. Cancel (and shutting the sockets) makes them stop early.
+ * Returns 0, or the root-cause channel's -errno with r->err naming the channel. */
+int vfmig_receiver_join(struct vfmig_receiver *r);
+/* start + join. */
 int vfmig_receiver_run(struct vfmig_receiver *r);
 
 /* CRC32C of every RAM page into out[npages] (verification, outside the downtime). */
