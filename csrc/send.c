@@ -33,7 +33,8 @@ int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fd
         s->ch[i].fd = fds[i];
         /* A peer that stops reading must not hang us: time out and fail the migration. */
         setsockopt(fds[i], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-        s->ch[i].staging = aligned_alloc(4096, HDRS + 4096 + (size_t)VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE);
+        /* Headers fill the end of the first page, so pages start page-aligned right after. */
+        s->ch[i].staging = aligned_alloc(4096, 4096 + (size_t)VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE);
         if (!s->ch[i].staging) {
             vfmig_sender_free(s);
             return vfmig_fail(err, ENOMEM, "out of memory for staging buffers");
@@ -92,6 +93,16 @@ static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct 
     return 0;
 }
 
+static int send_fail(struct vfmig_chan_tx *ch, uint32_t c, int rc)
+{
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK)
+        return vfmig_fail(&ch->err, ETIMEDOUT, "channel %u: the destination stopped reading for %d s", c,
+                          SEND_TIMEOUT_S);
+    if (rc == -EPIPE || rc == -ECONNRESET)
+        return vfmig_fail(&ch->err, -rc, "channel %u: the destination closed the connection", c);
+    return vfmig_fail(&ch->err, -rc, "channel %u: send failed: %s", c, strerror(-rc));
+}
+
 static int send_stripes(struct vfmig_sender *s, uint32_t c)
 {
     struct vfmig_chan_tx *ch = &s->ch[c];
@@ -118,7 +129,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                         return vfmig_fail(&ch->err, ECANCELED, "migration cancelled");
                     int rc = flush(s, ch, &r);
                     if (rc < 0)
-                        return vfmig_fail(&ch->err, -rc, "channel %u: send failed: %s", c, strerror(-rc));
+                        return send_fail(ch, c, rc);
                     pace(s, ch, t0);
                     r.count = 0;
                 }
@@ -135,7 +146,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
         if (r.count) {
             int rc = flush(s, ch, &r);
             if (rc < 0)
-                return vfmig_fail(&ch->err, -rc, "channel %u: send failed: %s", c, strerror(-rc));
+                return send_fail(ch, c, rc);
             pace(s, ch, t0);
             r.count = 0;
         }

@@ -228,7 +228,14 @@ int vfmig_vm_start(struct vfmig_vm *vm)
     return 0;
 }
 
-/* Returns once every vCPU is out of KVM_RUN and parked; records the latency. */
+static void set_devices_running(struct vfmig_vm *vm, int running)
+{
+    for (uint32_t i = 0; i < vm->ndevices; i++)
+        if (vm->devices[i]->set_running)
+            vm->devices[i]->set_running(vm->devices[i], running);
+}
+
+/* Returns once every vCPU is out of KVM_RUN and parked and every device is stopped. */
 int vfmig_vm_pause(struct vfmig_vm *vm)
 {
     uint64_t t0 = vfmig_now_ns();
@@ -251,6 +258,7 @@ int vfmig_vm_pause(struct vfmig_vm *vm)
         pthread_mutex_lock(&vm->lock);
     }
     pthread_mutex_unlock(&vm->lock);
+    set_devices_running(vm, 0);
     vm->last_pause_ns = vfmig_now_ns() - t0;
     return 0;
 }
@@ -260,6 +268,7 @@ int vfmig_vm_resume(struct vfmig_vm *vm)
     uint64_t t0 = vfmig_now_ns();
     if (atomic_load(&vm->failed))
         return -EIO;
+    set_devices_running(vm, 1);
     pthread_mutex_lock(&vm->lock);
     atomic_store(&vm->pause_req, 0);
     pthread_cond_broadcast(&vm->cond);

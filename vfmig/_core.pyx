@@ -263,7 +263,8 @@ cdef class VM:
         self._add(vfmig_dma_engine_new(self._vm(), b))
 
     def dma_fill(self, str name, uint64_t gpa, uint8_t value, uint64_t length):
-        """A device DMA write: fill guest RAM from the host side and log the pages."""
+        """A device DMA write: fill guest RAM from the host side and log the pages. False while
+        the VM is stopped (a stopped device does no DMA)."""
         cdef bytes b = name.encode()
         cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b)
         cdef int rc
@@ -271,8 +272,11 @@ cdef class VM:
             raise KeyError(name)
         with nogil:
             rc = vfmig_dma_fill(d, gpa, value, length)
+        if rc == -16:  # EBUSY
+            return False
         if rc < 0:
             raise ValueError(f"DMA to {gpa:#x}+{length} is outside RAM")
+        return True
 
     def page_crcs(self):
         """CRC32C of every RAM page (4 bytes each): the verification digest."""
@@ -550,6 +554,11 @@ cdef class PageReceiver:
 
     def cancel(self):
         self.r.cancel = 1
+
+    @property
+    def failed(self):
+        """A channel failed (or cancel was called): join() will raise."""
+        return bool(self.r.cancel)
 
     def stats(self):
         out = {"pages": 0, "zero_pages": 0, "bytes": 0, "records": 0, "iterations": 0}

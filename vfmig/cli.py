@@ -101,15 +101,27 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracker", choices=("bitmap", "ring"), default=None,
-                   help="dirty tracker (default: bitmap; the VM is built for it)")
+    p.add_argument(
+        "--tracker",
+        choices=("bitmap", "ring"),
+        default=None,
+        help="dirty tracker (default: bitmap; the VM is built for it)",
+    )
     p.add_argument("--channels", type=int, default=1, help="parallel page channels (1..16)")
-    p.add_argument("--max-downtime", type=float, default=300.0, metavar="MS", help="downtime limit (default 300)")
-    p.add_argument("--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)")
+    p.add_argument(
+        "--max-downtime", type=float, default=300.0, metavar="MS", help="downtime limit (default 300)"
+    )
+    p.add_argument(
+        "--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)"
+    )
     p.add_argument("--max-iterations", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=120.0, metavar="S")
-    p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
-    p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link"
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="check destination RAM against the source's, per page"
+    )
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
 
 
@@ -123,8 +135,12 @@ def migration_options(args: argparse.Namespace) -> Any:
         tracker=args.tracker,
         bandwidth=parse_rate(args.bandwidth),
         verify=args.verify,
-        policy=Policy(max_downtime_ms=args.max_downtime, max_iterations=args.max_iterations,
-                      time_limit_s=args.time_limit, auto_converge=args.auto_converge),
+        policy=Policy(
+            max_downtime_ms=args.max_downtime,
+            max_iterations=args.max_iterations,
+            time_limit_s=args.time_limit,
+            auto_converge=args.auto_converge,
+        ),
     )
 
 
@@ -141,8 +157,11 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
 
 def _progress(event: str, data: dict[str, Any]) -> None:
     if event == "iteration":
-        print(f"  iteration {data['index']}: {data['dirty_pages']:,} dirty pages, "
-              f"{data['bytes'] / 2**20:.1f} MiB in {data['duration_ms']:.1f} ms", file=sys.stderr)
+        print(
+            f"  iteration {data['index']}: {data['dirty_pages']:,} dirty pages, "
+            f"{data['bytes'] / 2**20:.1f} MiB in {data['duration_ms']:.1f} ms",
+            file=sys.stderr,
+        )
     elif event == "stopped":
         print(f"  stop-and-copy: {data['final_pages']:,} pages with the guest stopped", file=sys.stderr)
     elif event == "resumed":
@@ -154,8 +173,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from vfmig.report import Report
 
     opts = migration_options(args)
-    answer = control.request(args.control or control.DEFAULT_PATH,
-                             {"cmd": "migrate", "to": args.to, "options": control.options_to_dict(opts)})
+    answer = control.request(
+        args.control or control.DEFAULT_PATH,
+        {"cmd": "migrate", "to": args.to, "options": control.options_to_dict(opts)},
+    )
     if not answer.get("ok"):
         raise VfmigError(f"migration failed: {answer.get('error')} (the VM keeps running)")
     doc = answer["report"]
@@ -173,8 +194,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
         inc = lst.receive(args.timeout, run_seconds=args.run_seconds)
     with inc.vm:
         g = inc.guest
-        print(f"vfmig: guest running here; counter {g['touches_after']:,}, wrap edges {g['wrap_edges']}",
-              flush=True)
+        print(
+            f"vfmig: guest running here; counter {g['touches_after']:,}, wrap edges {g['wrap_edges']}",
+            flush=True,
+        )
         _write_json(args.json, describe(inc))
         if args.keep_running:
             while True:
@@ -220,10 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     vmsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_Parser)
     run = vmsub.add_parser("run", help="run a micro-VM and report its dirty rate, exits and pause latency")
     add_guest_options(run)
-    run.add_argument("--seconds", type=float, default=5.0, help="how long to run (with --control, 0: until migrated)")
+    run.add_argument(
+        "--seconds", type=float, default=5.0, help="how long to run (with --control, 0: until migrated)"
+    )
     run.add_argument("--json", action="store_true", help="print JSON")
-    run.add_argument("--control", nargs="?", const="", default=None, metavar="PATH",
-                     help="serve a control socket so `vfmig migrate` can move this VM (runs until migrated)")
+    run.add_argument(
+        "--control",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="serve a control socket so `vfmig migrate` can move this VM (runs until migrated)",
+    )
     run.set_defaults(func=cmd_vm_run)
 
     doc = sub.add_parser("doctor", help="report what this host supports")
@@ -238,18 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     rcv = sub.add_parser("receive", help="wait for one incoming migration, then run the guest")
     rcv.add_argument("--listen", required=True, help="tcp://HOST:PORT (port 0: any free port)")
-    rcv.add_argument("--run-seconds", type=float, default=1.0, help="run the migrated guest this long (default 1)")
+    rcv.add_argument(
+        "--run-seconds", type=float, default=1.0, help="run the migrated guest this long (default 1)"
+    )
     rcv.add_argument("--keep-running", action="store_true", help="run the guest until interrupted")
     rcv.add_argument("--timeout", type=float, default=None, help="give up if no source connects in time")
     rcv.add_argument("--json", metavar="PATH", help="write the destination's record as JSON ('-': stdout)")
     rcv.set_defaults(func=cmd_receive)
 
-    demo = sub.add_parser("demo", help="the main job: live-migrate the built-in micro-VM between two processes")
+    demo = sub.add_parser(
+        "demo", help="the main job: live-migrate the built-in micro-VM between two processes"
+    )
     add_migration_options(demo)
     demo.add_argument("--memory", default="512M")
     demo.add_argument("--vcpus", type=int, default=1)
     demo.add_argument("--guest", default="dirtier")
-    demo.add_argument("--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)")
+    demo.add_argument(
+        "--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)"
+    )
     demo.add_argument("--pattern", default="sequential")
     demo.set_defaults(func=cmd_demo)
 

@@ -21,9 +21,21 @@ DESTINATION_START_TIMEOUT_S = 30
 def start_destination(run_seconds: float) -> tuple[subprocess.Popen[str], str]:
     """A `vfmig receive` process on a free loopback port; returns it and its address."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "receive", "--listen", "tcp://127.0.0.1:0", "--run-seconds",
-         str(run_seconds), "--timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "vfmig",
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--run-seconds",
+            str(run_seconds),
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + DESTINATION_START_TIMEOUT_S
@@ -35,20 +47,36 @@ def start_destination(run_seconds: float) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-def run_demo(args: argparse.Namespace, opts: MigrationOptions, progress: Callable[[str, dict[str, Any]], None],
-             write_json: Callable[[str | None, dict[str, Any]], None]) -> int:
+def run_demo(
+    args: argparse.Namespace,
+    opts: MigrationOptions,
+    progress: Callable[[str, dict[str, Any]], None],
+    write_json: Callable[[str | None, dict[str, Any]], None],
+) -> int:
     memory = parse_size(args.memory)
     tracker = opts.tracker or "bitmap"
-    print(f"vfmig demo: {args.guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
-          f"{args.rate:,} pages/s; tracker {tracker}, {opts.channels} channel(s)", file=sys.stderr)
-    with MicroVM(memory=memory, vcpus=args.vcpus, guest=args.guest, tracker=tracker, rate_pps=args.rate,
-                 pattern=args.pattern) as vm:
+    print(
+        f"vfmig demo: {args.guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
+        f"{args.rate:,} pages/s; tracker {tracker}, {opts.channels} channel(s)",
+        file=sys.stderr,
+    )
+    with MicroVM(
+        memory=memory,
+        vcpus=args.vcpus,
+        guest=args.guest,
+        tracker=tracker,
+        rate_pps=args.rate,
+        pattern=args.pattern,
+    ) as vm:
         dst, address = start_destination(run_seconds=1.0)
         try:
             vm.start()
             time.sleep(1.0)  # let the guest populate its memory and reach its rate
-            print(f"  source guest running, counter {vm.touches():,}; migrating to {address} "
-                  f"(destination pid {dst.pid})", file=sys.stderr)
+            print(
+                f"  source guest running, counter {vm.touches():,}; migrating to {address} "
+                f"(destination pid {dst.pid})",
+                file=sys.stderr,
+            )
             report = Migration(vm, address, opts, progress).run()
         except BaseException:
             dst.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class Listener:
         except BaseException as e:
             msg = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
             try:
-                ctrl.send("ERROR", f"destination: {msg}".encode())
+                ctrl.send("ERROR", msg.encode())
             except VfmigError:
                 pass
             if vm is not None:
@@ -106,14 +107,15 @@ class Listener:
         try:
             while len(socks) < hello.channels:
                 s = self._accept(ACCEPT_TIMEOUT_S)
-                chan = ControlChannel(s, "page channel")
-                token, index = decode_channel(chan.expect("CHANNEL", 10))
-                if token != hello.token:
+                try:
+                    token, index = decode_channel(ControlChannel(s, "page channel").expect("CHANNEL", 10))
+                    if token != hello.token:
+                        raise MigrationError("a page channel presented the wrong session token")
+                    if index >= hello.channels or index in socks:
+                        raise MigrationError(f"bad page channel index {index}")
+                except BaseException:
                     s.close()
-                    raise MigrationError("a page channel presented the wrong session token")
-                if index >= hello.channels or index in socks:
-                    s.close()
-                    raise MigrationError(f"bad page channel index {index}")
+                    raise
                 s.settimeout(None)  # the C receiver sets its own timeout
                 socks[index] = s
         except BaseException:
@@ -122,14 +124,30 @@ class Listener:
             raise
         return [socks[i] for i in range(hello.channels)]
 
-    def _load(self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket],
-              run_seconds: float) -> Incoming:
+    @staticmethod
+    def _wait_control(ctrl: ControlChannel, rx: _core.PageReceiver) -> None:
+        """Wait for the next control record, but give up at once if a page channel failed:
+        the source must hear why promptly, not block on a channel nobody reads."""
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while not select.select([ctrl.sock], [], [], 0.05)[0]:
+            if rx.failed:
+                try:
+                    rx.join()
+                except _core.StreamError as e:
+                    raise MigrationError(str(e.strerror)) from None
+            if time.monotonic() > deadline:
+                raise MigrationError(f"the source sent nothing for {STREAM_TIMEOUT_S:g} s")
+
+    def _load(
+        self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket], run_seconds: float
+    ) -> Incoming:
         rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans], hello.verify)
         rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
         vcpus: dict[int, bytes] = {}
         try:
             while True:
+                self._wait_control(ctrl, rx)
                 name, payload = ctrl.recv(STREAM_TIMEOUT_S)
                 if name == "DEVICE":
                     dname, blob = decode_device(payload)
@@ -166,8 +184,10 @@ class Listener:
             time.sleep(0)
         cps["dst-vm-started"] = vm.core.first_run_ns
         pages = rx.stats()
-        ctrl.send_json("RESUMED", {"checkpoints": cps, "pages_received": pages["pages"],
-                                   "touches_at_resume": touches_at_resume})
+        ctrl.send_json(
+            "RESUMED",
+            {"checkpoints": cps, "pages_received": pages["pages"], "touches_at_resume": touches_at_resume},
+        )
         if hello.verify:
             ctrl.send("PAGE_HASHES", rx.page_crcs() or b"")
         guest = observe_guest(vm, cps["dst-vm-started"], touches_at_resume, run_seconds)
@@ -184,6 +204,8 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
         if all(s.last_clock_ns > started_ns for s in vm.vcpu_stats()):
             break
         time.sleep(0.001)
+    # Read the gap log now: it holds the last 16 gaps, and host noise adds more as time passes.
+    gaps = [list(g) for s in vm.vcpu_stats() for g in s.gaps]
     time.sleep(max(0.0, run_seconds - (time.monotonic() - t0)))
     vm.pause()
     stats = vm.vcpu_stats()
@@ -191,7 +213,7 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
     touches = sum(s.touches for s in stats)
     vm.resume()
     return {
-        "gaps": [list(g) for s in stats for g in s.gaps],
+        "gaps": gaps,
         "touches_after": touches,
         "ran_s": time.monotonic() - t0,
         "wrap_edges": edges,
@@ -206,8 +228,12 @@ def receive(listen: str, accept_timeout: float | None = None, run_seconds: float
 
 
 def describe(inc: Incoming) -> dict[str, Any]:
-    return {"checkpoints": inc.checkpoints, "pages": inc.pages, "guest": inc.guest,
-            "config": inc.vm.config.to_dict()}
+    return {
+        "checkpoints": inc.checkpoints,
+        "pages": inc.pages,
+        "guest": inc.guest,
+        "config": inc.vm.config.to_dict(),
+    }
 
 
 def dumps(inc: Incoming) -> str:

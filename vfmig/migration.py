@@ -9,12 +9,14 @@ Any failure before the destination says it resumed leaves the source VM running 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,7 @@ class MigrationOptions:
     verify: bool = False
     policy: Policy = field(default_factory=Policy)
     connect_timeout_s: float = 10.0
+    handshake_timeout_s: float = 60.0  # the destination builds its VM before it answers HELLO
     resume_timeout_s: float = 30.0  # from end of stream until the destination says it runs
     guest_report_timeout_s: float = 30.0
 
@@ -70,8 +73,9 @@ Progress = Callable[[str, dict[str, Any]], None]
 class Migration:
     """One outgoing migration of a running MicroVM. run() returns the Report or raises."""
 
-    def __init__(self, vm: MicroVM, to: str, options: MigrationOptions | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self, vm: MicroVM, to: str, options: MigrationOptions | None = None, progress: Progress | None = None
+    ) -> None:
         self.vm = vm
         self.to = to
         self.opts = options or MigrationOptions()
@@ -104,23 +108,28 @@ class Migration:
         try:
             self._setup(host, port)
             r.setup_ms = (time.monotonic_ns() - t0) / 1e6
-            self._precopy(t0)
-            self._stop_and_copy()
+            with self._watch_destination():
+                self._precopy(t0)
+                self._stop_and_copy()
             self._wait_resumed()
-            r.status = "completed"
-            r.total_time_ms = (time.monotonic_ns() - t0) / 1e6
-            r.throughput_Bps = r.bytes_sent / (r.total_time_ms / 1e3) if r.total_time_ms else 0.0
-            r.finish_timings()
-            self._complete()
         except BaseException as e:
+            reason = self._peer_reason(e)
             self._abort()
+            self._close()
             r.status = "cancelled" if self._cancel.is_set() else "failed"
-            r.error = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
+            r.error = reason or (str(e) if isinstance(e, VfmigError) else _describe(e))
             if isinstance(e, KeyboardInterrupt):
                 raise
-            if isinstance(e, MigrationError):
-                raise
             raise MigrationError(r.error) from e
+        # The guest runs on the destination now: nothing below can fail the migration.
+        r.status = "completed"
+        r.total_time_ms = (time.monotonic_ns() - t0) / 1e6
+        r.throughput_Bps = r.bytes_sent / (r.total_time_ms / 1e3) if r.total_time_ms else 0.0
+        r.finish_timings()
+        try:
+            self._complete()
+        except VfmigError as e:
+            r.verification.method += f" (incomplete: {e})"
         finally:
             self._close()
         return r
@@ -132,9 +141,11 @@ class Migration:
         sock = connect(host, port, self.opts.connect_timeout_s)
         self._ctrl = ControlChannel(sock, f"destination {self.to}")
         cfg = self.vm.config
-        hello = Hello(VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict())
+        hello = Hello(
+            VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict()
+        )
         self._ctrl.send("HELLO", hello.encode())
-        self._ctrl.expect("HELLO_ACK", self.opts.connect_timeout_s + 30)  # the destination builds its VM
+        self._ctrl.expect("HELLO_ACK", self.opts.handshake_timeout_s)
         for i in range(self.opts.channels):
             s = connect(host, port, self.opts.connect_timeout_s)
             s.sendall(_core.encode_record(_core.REC["CHANNEL"], encode_channel(token, i)))
@@ -158,7 +169,9 @@ class Migration:
             now = time.monotonic_ns()
             dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
             last_collect = now
-            predicted = policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
+            predicted = (
+                policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
+            )
             if index > 1:
                 reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted)
                 if reason:
@@ -173,12 +186,30 @@ class Migration:
             bandwidth = st["bytes"] / secs if secs > 0 else bandwidth
             raw = st["pages"] - st["zero_pages"]
             bytes_per_page = st["bytes"] / raw if raw else 64.0
-            it = Iteration(index, dirty, st["pages"], st["zero_pages"], st["bytes"], st["ns"] / 1e6, dirty_rate,
-                           bandwidth, predicted, throttle)
+            it = Iteration(
+                index,
+                dirty,
+                st["pages"],
+                st["zero_pages"],
+                st["bytes"],
+                st["ns"] / 1e6,
+                dirty_rate,
+                bandwidth,
+                predicted,
+                throttle,
+            )
             r.iterations.append(it)
             r.bytes_sent += st["bytes"]
-            self.progress("iteration", {"index": index, "dirty_pages": dirty, "bytes": st["bytes"],
-                                        "duration_ms": it.duration_ms, "predicted_downtime_ms": predicted})
+            self.progress(
+                "iteration",
+                {
+                    "index": index,
+                    "dirty_pages": dirty,
+                    "bytes": st["bytes"],
+                    "duration_ms": it.duration_ms,
+                    "predicted_downtime_ms": predicted,
+                },
+            )
 
     def _stop_and_copy(self) -> None:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
@@ -201,8 +232,18 @@ class Migration:
             ctrl.send("VCPU", encode_vcpu(i, blob))
         sender.send_eos()
         ctrl.send("EOS", ctrl.tx.eos())
-        it = Iteration(len(r.iterations) + 1, dirty, st["pages"], st["zero_pages"], st["bytes"], st["ns"] / 1e6,
-                       0.0, st["bytes"] / (st["ns"] / 1e9) if st["ns"] else 0.0, 0.0, final=True)
+        it = Iteration(
+            len(r.iterations) + 1,
+            dirty,
+            st["pages"],
+            st["zero_pages"],
+            st["bytes"],
+            st["ns"] / 1e6,
+            0.0,
+            st["bytes"] / (st["ns"] / 1e9) if st["ns"] else 0.0,
+            0.0,
+            final=True,
+        )
         r.iterations.append(it)
         r.bytes_sent += st["bytes"]
         self.progress("stopped", {"final_pages": dirty})
@@ -226,12 +267,17 @@ class Migration:
         self._sender.stop_tracking()
         if self.opts.verify:
             t = time.monotonic_ns()
-            remote = ctrl.expect("PAGE_HASHES", self.opts.guest_report_timeout_s,
-                                 max_len=self.vm.core.npages * 4 + 64)
+            remote = ctrl.expect(
+                "PAGE_HASHES", self.opts.guest_report_timeout_s, max_len=self.vm.core.npages * 4 + 64
+            )
             local = self.vm.core.page_crcs()  # the source is stopped: this is its memory at stop
             bad = _core.count_mismatches(local, remote)
-            r.verification = Verification(bad == 0, "CRC32C of every page: source RAM at stop vs destination RAM "
-                                          "as loaded", bad, (time.monotonic_ns() - t) / 1e6)
+            r.verification = Verification(
+                bad == 0,
+                "CRC32C of every page: source RAM at stop vs destination RAM as loaded",
+                bad,
+                (time.monotonic_ns() - t) / 1e6,
+            )
         guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
         r.destination.update(guest)
         start, end = r.checkpoint("src-downtime-start"), r.checkpoint("dst-vm-started")
@@ -239,9 +285,49 @@ class Migration:
         r.guest_observed_downtime_ms = max(g[1] for g in gaps) / 1e6 if gaps else None
 
     # failure handling -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _watch_destination(self) -> Iterator[None]:
+        """While pages flow the destination has nothing to say; if it speaks (an ERROR) or
+        hangs up, stop sending at once instead of filling a channel nobody reads."""
+        ctrl = self._ctrl
+        assert ctrl is not None
+        wake_r, wake_w = os.pipe()
+
+        def watch() -> None:
+            ready = select.select([ctrl.sock, wake_r], [], [])[0]
+            if ctrl.sock in ready and self._sender is not None:
+                self._sender.cancel()
+                for s in self._chans:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        th = threading.Thread(target=watch, name="vfmig-watch", daemon=True)
+        th.start()
+        try:
+            yield
+        finally:
+            os.write(wake_w, b"x")
+            th.join()
+            os.close(wake_r)
+            os.close(wake_w)
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise MigrationError("migration cancelled")
+
+    def _peer_reason(self, e: BaseException) -> str | None:
+        """When sending failed, the destination usually said why on the control channel."""
+        if self._ctrl is None or isinstance(e, PeerError) or self._cancel.is_set():
+            return None
+        if not isinstance(e, (_core.StreamError, OSError, MigrationError)):
+            return None
+        try:
+            self._ctrl.recv(timeout=2.0)
+        except PeerError as pe:
+            return str(pe)
+        except VfmigError:
+            return None
+        return None
 
     def _abort(self) -> None:
         """Leave the source exactly as it was: tracking off, throttle off, vCPUs running."""
@@ -279,7 +365,14 @@ class Migration:
             self._ctrl = None
 
 
-def migrate(vm: MicroVM, to: str, options: MigrationOptions | None = None,
-            progress: Progress | None = None) -> Report:
+def _describe(e: BaseException) -> str:
+    if isinstance(e, _core.StreamError):
+        return str(e.strerror)
+    return f"{type(e).__name__}: {e}"
+
+
+def migrate(
+    vm: MicroVM, to: str, options: MigrationOptions | None = None, progress: Progress | None = None
+) -> Report:
     """Live-migrate a running MicroVM to a destination listening at `to` (tcp://HOST:PORT)."""
     return Migration(vm, to, options, progress).run()

@@ -59,8 +59,16 @@ class Hello:
         cfg = json.dumps(self.config).encode()
         return (
             _HELLO.pack(
-                STREAM_MAGIC, self.version, self.channels, 4096, self.mem_bytes, self.vcpus,
-                HELLO_VERIFY if self.verify else 0, self.token, len(cfg), 0,
+                STREAM_MAGIC,
+                self.version,
+                self.channels,
+                4096,
+                self.mem_bytes,
+                self.vcpus,
+                HELLO_VERIFY if self.verify else 0,
+                self.token,
+                len(cfg),
+                0,
             )
             + cfg
         )
@@ -73,7 +81,9 @@ class Hello:
         if magic != STREAM_MAGIC:
             raise MigrationError("not a vfmig stream (bad stream magic)")
         if version != VERSION:
-            raise MigrationError(f"unsupported stream version {version} (this vfmig speaks version {VERSION})")
+            raise MigrationError(
+                f"unsupported stream version {version} (this vfmig speaks version {VERSION})"
+            )
         if page != 4096 or flags & ~HELLO_VERIFY:
             raise MigrationError("stream header has an unsupported page size or flags")
         if not 1 <= channels <= _core.MAX_CHANNELS:
@@ -203,7 +213,7 @@ class ControlChannel:
             raise MigrationError(f"control channel from {self.peer}: {e.strerror}") from None
         name = _core.rec_name(rtype)
         if name == "ERROR":
-            raise PeerError(f"{self.peer}: {payload.decode(errors='replace')}")
+            raise PeerError(f"{self.peer} reports: {payload.decode(errors='replace')}")
         if name != "EOS":
             self.rx.add(hdr)
         return name, payload

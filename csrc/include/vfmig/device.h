@@ -33,6 +33,11 @@ struct vfmig_device {
      * page index) and clear its log. Any thread; the device serialises internally. NULL: no DMA. */
     void (*dirty_log)(struct vfmig_device *d, uint64_t *bits, uint64_t npages);
 
+    /* The VM stops (running = 0) after its vCPUs park, and starts (1) before they run again,
+     * like VFIO's RUNNING <-> STOP. When it returns 0, the device issues no more DMA and raises
+     * no interrupts. The pausing thread calls it; no VM lock held. NULL: nothing to quiesce. */
+    void (*set_running)(struct vfmig_device *d, int running);
+
     void (*destroy)(struct vfmig_device *d);
 };
 

@@ -22,6 +22,7 @@ struct vfmig_device *vfmig_platform_new(int vm_fd);
  * emulated VF's DMA plugs into the same mechanism. */
 struct vfmig_vm;
 struct vfmig_device *vfmig_dma_engine_new(struct vfmig_vm *vm, const char *name);
-/* Fill [gpa, gpa+len) with value and log the pages. Any thread, lock-free. 0 or -EFAULT. */
+/* Fill [gpa, gpa+len) with value and log the pages. Any thread, lock-free. 0, -EFAULT outside
+ * RAM, or -EBUSY while the VM is stopped. */
 int vfmig_dma_fill(struct vfmig_device *d, uint64_t gpa, uint8_t value, uint64_t len);
 #endif
