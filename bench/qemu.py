@@ -72,9 +72,7 @@ class Qemu:
             except OSError:
                 self.sock.close()
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"QEMU did not start: {self.proc.stderr.read().decode()[-500:]}"
-                    ) from None
+                    raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode()[-500:]}") from None
                 time.sleep(0.05)
         self.f = self.sock.makefile("rw")
         self.f.readline()

@@ -50,6 +50,4 @@ def free_port() -> int:
 
 def run_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run `python -m vfmig ARGS` as a user would, capturing output."""
-    return subprocess.run(
-        [sys.executable, "-m", "vfmig", *args], capture_output=True, text=True, timeout=timeout, **kw
-    )
+    return subprocess.run([sys.executable, "-m", "vfmig", *args], capture_output=True, text=True, timeout=timeout, **kw)

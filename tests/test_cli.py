@@ -69,3 +69,110 @@ def test_missing_dev_kvm() -> None:
         timeout=60,
     )
     _assert_one_line_error(r, "/dev/kvm is missing")
+
+
+def _receiver(*extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfmig", "receive", "--listen", "tcp://127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert "listening on" in line, line + proc.stderr.read()
+    return proc, line.split()[-1]
+
+
+@pytest.mark.usefixtures("kvm")
+def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
+    """vm run --control in one process, receive in a second, migrate from a third."""
+    sock = str(tmp_path / "vm.sock")
+    vm = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vfmig",
+            "vm",
+            "run",
+            "--memory",
+            "128M",
+            "--rate",
+            "50000",
+            "--control",
+            sock,
+            "--seconds",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert "control socket" in vm.stdout.readline()
+    dst, addr = _receiver("--run-seconds", "0.3")
+    out = tmp_path / "report.json"
+    r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "migration completed" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
+    assert doc["channels"] == 2
+    assert vm.wait(30) == 0 and "VM migrated" in vm.stdout.read()
+    assert dst.wait(30) == 0
+
+
+@pytest.mark.usefixtures("kvm")
+def test_migrate_to_nowhere_keeps_the_vm(tmp_path) -> None:
+    sock = str(tmp_path / "vm.sock")
+    vm = subprocess.Popen(
+        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", "64M", "--control", sock, "--seconds", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert "control socket" in vm.stdout.readline()
+    try:
+        r = run_cli("migrate", "--control", sock, "--to", "tcp://127.0.0.1:9")
+        _assert_one_line_error(r, "the VM keeps running")
+        from vfmig import control
+
+        stats = control.request(sock, {"cmd": "stats"})
+        assert stats["ok"] and stats["stats"]["touches"] > 0
+    finally:
+        vm.terminate()
+        vm.wait(10)
+
+
+def test_migrate_without_a_vm() -> None:
+    _assert_one_line_error(
+        run_cli("migrate", "--control", "/nonexistent.sock", "--to", "tcp://127.0.0.1:1"), "no VM control socket"
+    )
+
+
+def test_receive_bad_address() -> None:
+    _assert_one_line_error(run_cli("receive", "--listen", "http://x"), "tcp://HOST:PORT")
+
+
+@pytest.mark.usefixtures("kvm")
+def test_demo_runs_a_real_migration(tmp_path) -> None:
+    out = tmp_path / "demo.json"
+    r = run_cli(
+        "demo", "--memory", "128M", "--verify", "--channels", "2", "--tracker", "ring", "--json", str(out), timeout=180
+    )
+    assert r.returncode == 0, r.stderr
+    assert "migration completed" in r.stdout and "downtime" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["verification"]["memory_match"] is True
+    assert doc["tracker"] == "ring" and doc["channels"] == 2
+    assert doc["destination"]["touches_after"] > doc["destination"]["touches_at_resume"]
+    assert [c["name"] for c in doc["checkpoints"]][0] == "src-downtime-start"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--channels", "0"], "channels"),
+        (["--max-downtime", "-5"], "max downtime"),
+        (["--bandwidth", "fast"], "cannot parse size"),
+        (["--memory", "1000"], "multiple of the page size"),
+    ],
+)
+def test_demo_bad_options(args: list[str], needle: str) -> None:
+    _assert_one_line_error(run_cli("demo", *args), needle)

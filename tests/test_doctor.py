@@ -179,9 +179,7 @@ def test_vfio_and_sriov_with_fake_sysfs(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert data["vfio"]["groups"] == ["12", "13"]
     assert data["vfio"]["devices"] == ["0000:3b:02.0", "0000:3b:02.1"]
     assert data["sriov"]["ok"] is True
-    assert data["sriov"]["pfs"] == [
-        {"address": "0000:3b:00.0", "total_vfs": 64, "num_vfs": 2, "driver": "ice"}
-    ]
+    assert data["sriov"]["pfs"] == [{"address": "0000:3b:00.0", "total_vfs": 64, "num_vfs": 2, "driver": "ice"}]
 
 
 def test_vfio_empty_is_ok(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -33,9 +33,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M; 64M..16G and more)")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--guest", default="dirtier", help="dirtier or idle")
-    p.add_argument(
-        "--rate", type=int, default=0, help="dirtier pages/s over all vCPUs (0: as fast as it can)"
-    )
+    p.add_argument("--rate", type=int, default=0, help="dirtier pages/s over all vCPUs (0: as fast as it can)")
     p.add_argument("--pattern", default="sequential", help="sequential, random or hotcold")
     p.add_argument("--wss", default="0", help="working-set size (default: all RAM above 4 MiB)")
     p.add_argument("--tracker", default="bitmap", help="dirty tracker the VM is built for: bitmap or ring")
@@ -108,20 +106,12 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         help="dirty tracker (default: bitmap; the VM is built for it)",
     )
     p.add_argument("--channels", type=int, default=1, help="parallel page channels (1..16)")
-    p.add_argument(
-        "--max-downtime", type=float, default=300.0, metavar="MS", help="downtime limit (default 300)"
-    )
-    p.add_argument(
-        "--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)"
-    )
+    p.add_argument("--max-downtime", type=float, default=300.0, metavar="MS", help="downtime limit (default 300)")
+    p.add_argument("--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)")
     p.add_argument("--max-iterations", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=120.0, metavar="S")
-    p.add_argument(
-        "--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link"
-    )
-    p.add_argument(
-        "--verify", action="store_true", help="check destination RAM against the source's, per page"
-    )
+    p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
+    p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
 
 
@@ -234,18 +224,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vfmig", description="Live migration of VMs with assigned PCI devices, with measured cost."
-    )
+    p = _Parser(prog="vfmig", description="Live migration of VMs with assigned PCI devices, with measured cost.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     vm = sub.add_parser("vm", help="run a micro-VM")
     vmsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_Parser)
     run = vmsub.add_parser("run", help="run a micro-VM and report its dirty rate, exits and pause latency")
     add_guest_options(run)
-    run.add_argument(
-        "--seconds", type=float, default=5.0, help="how long to run (with --control, 0: until migrated)"
-    )
+    run.add_argument("--seconds", type=float, default=5.0, help="how long to run (with --control, 0: until migrated)")
     run.add_argument("--json", action="store_true", help="print JSON")
     run.add_argument(
         "--control",
@@ -269,24 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rcv = sub.add_parser("receive", help="wait for one incoming migration, then run the guest")
     rcv.add_argument("--listen", required=True, help="tcp://HOST:PORT (port 0: any free port)")
-    rcv.add_argument(
-        "--run-seconds", type=float, default=1.0, help="run the migrated guest this long (default 1)"
-    )
+    rcv.add_argument("--run-seconds", type=float, default=1.0, help="run the migrated guest this long (default 1)")
     rcv.add_argument("--keep-running", action="store_true", help="run the guest until interrupted")
     rcv.add_argument("--timeout", type=float, default=None, help="give up if no source connects in time")
     rcv.add_argument("--json", metavar="PATH", help="write the destination's record as JSON ('-': stdout)")
     rcv.set_defaults(func=cmd_receive)
 
-    demo = sub.add_parser(
-        "demo", help="the main job: live-migrate the built-in micro-VM between two processes"
-    )
+    demo = sub.add_parser("demo", help="the main job: live-migrate the built-in micro-VM between two processes")
     add_migration_options(demo)
     demo.add_argument("--memory", default="512M")
     demo.add_argument("--vcpus", type=int, default=1)
     demo.add_argument("--guest", default="dirtier")
-    demo.add_argument(
-        "--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)"
-    )
+    demo.add_argument("--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)")
     demo.add_argument("--pattern", default="sequential")
     demo.set_defaults(func=cmd_demo)
 

@@ -55,26 +55,20 @@ def run_demo(
 ) -> int:
     memory = parse_size(args.memory)
     tracker = opts.tracker or "bitmap"
-    print(
-        f"vfmig demo: {args.guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
-        f"{args.rate:,} pages/s; tracker {tracker}, {opts.channels} channel(s)",
-        file=sys.stderr,
-    )
-    with MicroVM(
-        memory=memory,
-        vcpus=args.vcpus,
-        guest=args.guest,
-        tracker=tracker,
-        rate_pps=args.rate,
-        pattern=args.pattern,
-    ) as vm:
+    kw = {"vcpus": args.vcpus, "guest": args.guest, "tracker": tracker, "rate_pps": args.rate, "pattern": args.pattern}
+    with MicroVM(memory=memory, **kw) as vm:
+        opts.validate(vm)  # bad options fail before any process starts
+        print(
+            f"vfmig demo: {args.guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
+            f"{args.rate:,} pages/s; tracker {tracker}, {opts.channels} channel(s)",
+            file=sys.stderr,
+        )
         dst, address = start_destination(run_seconds=1.0)
         try:
             vm.start()
             time.sleep(1.0)  # let the guest populate its memory and reach its rate
             print(
-                f"  source guest running, counter {vm.touches():,}; migrating to {address} "
-                f"(destination pid {dst.pid})",
+                f"  source guest running, counter {vm.touches():,}; migrating to {address} (destination pid {dst.pid})",
                 file=sys.stderr,
             )
             report = Migration(vm, address, opts, progress).run()

@@ -86,10 +86,8 @@ class Listener:
             return self._load(ctrl, hello, vm, chans, run_seconds)
         except BaseException as e:
             msg = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
-            try:
+            with contextlib.suppress(VfmigError):
                 ctrl.send("ERROR", msg.encode())
-            except VfmigError:
-                pass
             if vm is not None:
                 vm.close()  # never started: nothing half-loaded ever runs
             if isinstance(e, MigrationError):

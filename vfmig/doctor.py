@@ -265,9 +265,7 @@ def _check_kernel_headers(probe: _Probe) -> _Result:
     data["target"] = target
     # Distro split layouts (e.g. Debian's -amd64/-common) keep include/linux under the "source" tree.
     source = os.path.join(MODULES_DIR, release, "source")
-    include_root = next(
-        (d for d in (build, source) if os.path.isdir(os.path.join(d, "include", "linux"))), None
-    )
+    include_root = next((d for d in (build, source) if os.path.isdir(os.path.join(d, "include", "linux"))), None)
     if include_root is None:
         return False, f"{build} -> {target} has no include/linux", data
     data["include_root"] = os.path.realpath(include_root)
@@ -343,9 +341,7 @@ def _check_sriov(probe: _Probe) -> _Result:
         )
     if not pfs:
         return True, "no SR-IOV capable PFs", {"pfs": pfs}
-    parts = [
-        f"{p['address']} ({p['driver'] or 'no driver'}, {p['num_vfs']}/{p['total_vfs']} VFs)" for p in pfs
-    ]
+    parts = [f"{p['address']} ({p['driver'] or 'no driver'}, {p['num_vfs']}/{p['total_vfs']} VFs)" for p in pfs]
     return True, f"{len(pfs)} PF(s): {', '.join(parts)}", {"pfs": pfs}
 
 

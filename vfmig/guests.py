@@ -69,9 +69,7 @@ class GuestParams:
             raise ConfigError(f"unknown pattern {self.pattern!r}: choose one of {', '.join(PATTERNS)}")
         avail = min(mem_bytes, LOW_RAM_MAX) - DATA_GPA
         if self.wss_bytes < 0 or self.wss_bytes > avail:
-            raise ConfigError(
-                f"working set of {self.wss_bytes} bytes does not fit in {avail} bytes of guest RAM"
-            )
+            raise ConfigError(f"working set of {self.wss_bytes} bytes does not fit in {avail} bytes of guest RAM")
         if self.wss_bytes and self.wss_bytes < PAGE_SIZE * self.vcpus:
             raise ConfigError("working set must hold at least one page per vCPU")
         if self.rate_pps < 0 or (self.rate_pps and self.rate_pps < 1000 * self.vcpus):

@@ -141,9 +141,7 @@ class Migration:
         sock = connect(host, port, self.opts.connect_timeout_s)
         self._ctrl = ControlChannel(sock, f"destination {self.to}")
         cfg = self.vm.config
-        hello = Hello(
-            VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict()
-        )
+        hello = Hello(VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict())
         self._ctrl.send("HELLO", hello.encode())
         self._ctrl.expect("HELLO_ACK", self.opts.handshake_timeout_s)
         for i in range(self.opts.channels):
@@ -169,9 +167,7 @@ class Migration:
             now = time.monotonic_ns()
             dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
             last_collect = now
-            predicted = (
-                policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
-            )
+            predicted = policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
             if index > 1:
                 reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted)
                 if reason:
@@ -267,9 +263,7 @@ class Migration:
         self._sender.stop_tracking()
         if self.opts.verify:
             t = time.monotonic_ns()
-            remote = ctrl.expect(
-                "PAGE_HASHES", self.opts.guest_report_timeout_s, max_len=self.vm.core.npages * 4 + 64
-            )
+            remote = ctrl.expect("PAGE_HASHES", self.opts.guest_report_timeout_s, max_len=self.vm.core.npages * 4 + 64)
             local = self.vm.core.page_crcs()  # the source is stopped: this is its memory at stop
             bad = _core.count_mismatches(local, remote)
             r.verification = Verification(
@@ -334,21 +328,15 @@ class Migration:
         if self._sender is not None:
             self._sender.cancel()
         if self._ctrl is not None:
-            try:
+            with contextlib.suppress(VfmigError):
                 self._ctrl.send("ERROR", b"source aborted the migration")
-            except VfmigError:
-                pass
         for s in self._chans:  # unblocks the peer's receivers
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._sender is not None:
             self._sender.stop_tracking()
-        try:
+        with contextlib.suppress(_core.CoreError):
             self.vm.core.set_throttle(0)
-        except _core.CoreError:
-            pass
         if self._paused_by_us:
             self.vm.resume()
             self._paused_by_us = False
@@ -371,8 +359,6 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def migrate(
-    vm: MicroVM, to: str, options: MigrationOptions | None = None, progress: Progress | None = None
-) -> Report:
+def migrate(vm: MicroVM, to: str, options: MigrationOptions | None = None, progress: Progress | None = None) -> Report:
     """Live-migrate a running MicroVM to a destination listening at `to` (tcp://HOST:PORT)."""
     return Migration(vm, to, options, progress).run()

@@ -120,9 +120,7 @@ class Report:
         r.iterations = [Iteration(**i) for i in doc.get("iterations", [])]
         r.checkpoints = [Checkpoint(**c) for c in doc.get("checkpoints", [])]
         r.downtime_breakdown = DowntimeBreakdown(**doc.get("downtime_breakdown", {}))
-        r.verification = Verification(
-            **doc.get("verification", {"memory_match": None, "method": "not requested"})
-        )
+        r.verification = Verification(**doc.get("verification", {"memory_match": None, "method": "not requested"}))
         return r
 
     def to_json(self) -> str:

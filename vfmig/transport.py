@@ -81,9 +81,7 @@ class Hello:
         if magic != STREAM_MAGIC:
             raise MigrationError("not a vfmig stream (bad stream magic)")
         if version != VERSION:
-            raise MigrationError(
-                f"unsupported stream version {version} (this vfmig speaks version {VERSION})"
-            )
+            raise MigrationError(f"unsupported stream version {version} (this vfmig speaks version {VERSION})")
         if page != 4096 or flags & ~HELLO_VERIFY:
             raise MigrationError("stream header has an unsupported page size or flags")
         if not 1 <= channels <= _core.MAX_CHANNELS:

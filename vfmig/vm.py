@@ -64,9 +64,7 @@ class VMConfig:
             raise ConfigError(f"memory size {self.memory >> 20} MiB is below the minimum of 64 MiB")
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         if self.memory > host:
-            raise HostError(
-                f"memory size {self.memory >> 20} MiB is too large for this host ({host >> 20} MiB of RAM)"
-            )
+            raise HostError(f"memory size {self.memory >> 20} MiB is too large for this host ({host >> 20} MiB of RAM)")
         if not 1 <= self.vcpus <= 8:
             raise ConfigError(f"vcpus must be 1..8, got {self.vcpus}")
         if self.memory < DATA_GPA + PAGE_SIZE * self.vcpus:
@@ -92,9 +90,7 @@ class VMState:
                 "devices": {k: len(v) for k, v in self.devices.items()},
             }
         ).encode()
-        return b"".join(
-            [self._MAGIC, struct.pack("<I", len(head)), head, *self.vcpus, *self.devices.values()]
-        )
+        return b"".join([self._MAGIC, struct.pack("<I", len(head)), head, *self.vcpus, *self.devices.values()])
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> VMState:
@@ -157,9 +153,7 @@ class MicroVM:
     def _open(self, config: VMConfig) -> None:
         config.validate()
         if not os.path.exists(KVM_PATH):
-            raise HostError(
-                f"{KVM_PATH} is missing: this host has no KVM (load kvm, or enable nested virtualization)"
-            )
+            raise HostError(f"{KVM_PATH} is missing: this host has no KVM (load kvm, or enable nested virtualization)")
         try:
             ring = config.ring_entries if config.tracker == "ring" else 0
             self.core = _core.VM(config.memory, config.vcpus, ring)
@@ -231,10 +225,7 @@ class MicroVM:
         """Per vCPU slice: places where the per-page counter steps (a sequential dirtier: <= 1)."""
         p = self.config.params
         per = p.wss(self.config.memory) // PAGE_SIZE // self.config.vcpus
-        return [
-            self.core.wrap_edges(DATA_GPA + i * per * PAGE_SIZE, per, p.width)
-            for i in range(self.config.vcpus)
-        ]
+        return [self.core.wrap_edges(DATA_GPA + i * per * PAGE_SIZE, per, p.width) for i in range(self.config.vcpus)]
 
     def stats(self) -> dict[str, Any]:
         vs = self.vcpu_stats()
