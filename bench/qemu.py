@@ -30,7 +30,7 @@ def available() -> str | None:
 class Qemu:
     """One qemu-system-x86_64 process running our guest (or waiting for an incoming migration)."""
 
-    def __init__(self, memory_mib: int, guest: str = "dirtier", incoming: str | None = None) -> None:
+    def __init__(self, memory_mib: int, guest: str = "dirtier", incoming: str | None = None, append: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="vfmig-qemu-"))
         self.qmp_path = self.dir / "qmp.sock"
         self.console = self.dir / "console.txt"
@@ -57,6 +57,8 @@ class Qemu:
         ]
         if os.path.exists(QBOOT):
             cmd += ["-bios", QBOOT]
+        if append:
+            cmd += ["-append", append]
         if incoming:
             cmd += ["-incoming", incoming]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

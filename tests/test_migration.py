@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -315,3 +316,26 @@ def test_bad_address() -> None:
         with pytest.raises(MigrationError, match="cannot connect"):
             migrate(vm, "tcp://127.0.0.1:9", MigrationOptions(connect_timeout_s=1))
         assert _running(vm)
+
+
+def test_lost_go_never_runs_the_guest_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the commit (GO) is lost, the destination discards the guest and the source does not
+    resume it either: stopped on both sides beats running on two."""
+    from vfmig import transport
+
+    real = transport.ControlChannel.send
+
+    def send(self: transport.ControlChannel, rtype: str, payload: bytes = b"") -> None:
+        if rtype == "GO":
+            self.sock.shutdown(socket.SHUT_RDWR)
+            raise transport.PeerError("connection lost")
+        real(self, rtype, payload)
+
+    monkeypatch.setattr(transport.ControlChannel, "send", send)
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination() as dst:
+        vm.start()
+        time.sleep(0.1)
+        with pytest.raises(MigrationError, match="stays paused"):
+            migrate(vm, dst.address)
+        assert vm.paused
+        assert isinstance(dst.wait(), MigrationError)

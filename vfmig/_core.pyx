@@ -200,6 +200,11 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
+    def stateful_devices(self):
+        """Devices with state to migrate (a save hook)."""
+        cdef vfmig_vm *vm = self._vm()
+        return [vm.devices[i].name.decode() for i in range(vm.ndevices) if vm.devices[i].save != NULL]
+
     def device_names(self):
         cdef vfmig_vm *vm = self._vm()
         return [vm.devices[i].name.decode() for i in range(vm.ndevices)]

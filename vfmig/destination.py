@@ -28,6 +28,7 @@ from vfmig.transport import (
 from vfmig.vm import MicroVM, VMConfig, VMState
 
 ACCEPT_TIMEOUT_S = 30.0
+GO_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 120.0  # longest silence on the control channel while pages flow
 
 
@@ -127,12 +128,16 @@ class Listener:
         """Wait for the next control record, but give up at once if a page channel failed:
         the source must hear why promptly, not block on a channel nobody reads."""
         deadline = time.monotonic() + STREAM_TIMEOUT_S
+        seen = -1
         while not select.select([ctrl.sock], [], [], 0.05)[0]:
             if rx.failed:
                 try:
                     rx.join()
                 except _core.StreamError as e:
                     raise MigrationError(str(e.strerror)) from None
+            records = rx.stats()["records"]
+            if records != seen:  # pages flowing count as a live source: precopy can be long
+                seen, deadline = records, time.monotonic() + STREAM_TIMEOUT_S
             if time.monotonic() > deadline:
                 raise MigrationError(f"the source sent nothing for {STREAM_TIMEOUT_S:g} s")
 
@@ -149,6 +154,8 @@ class Listener:
                 name, payload = ctrl.recv(STREAM_TIMEOUT_S)
                 if name == "DEVICE":
                     dname, blob = decode_device(payload)
+                    if dname in devices:
+                        raise MigrationError(f"repeated state for device {dname!r}")
                     devices[dname] = blob
                 elif name == "VCPU":
                     index, blob = decode_vcpu(payload)
@@ -174,8 +181,15 @@ class Listener:
         cps = {"dst-ram-loaded": _core.checkpoint("dst-ram-loaded")}
         if len(vcpus) != vm.config.vcpus:
             raise MigrationError(f"stream carried state for {len(vcpus)} of {vm.config.vcpus} vCPUs")
+        missing = set(vm.core.stateful_devices()) - set(devices)
+        if missing:
+            raise MigrationError(f"stream carried no state for device(s) {', '.join(sorted(missing))}")
         vm.load_state(VMState(vm.config, [vcpus[i] for i in range(vm.config.vcpus)], devices))
         cps["dst-device-loaded"] = _core.checkpoint("dst-device-loaded")
+        # Two-phase commit: the guest may run here only once the source has promised never to
+        # resume it there. No GO (the source failed, or gave up): discard, never run it.
+        ctrl.send("READY")
+        ctrl.expect("GO", GO_TIMEOUT_S)
         touches_at_resume = vm.touches()
         vm.start_loaded()
         while not vm.core.first_run_ns:

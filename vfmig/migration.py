@@ -247,9 +247,19 @@ class Migration:
     def _wait_resumed(self) -> None:
         ctrl = self._ctrl
         assert ctrl is not None
-        doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
-        # Past this point the guest runs on the destination: the source must not resume.
+        ctrl.expect("READY", self.opts.resume_timeout_s)
+        # The commit point. From here the source never resumes: if GO is lost the destination
+        # discards the guest, and the migration fails with the guest stopped on both sides
+        # rather than running on two.
         self._paused_by_us = False
+        try:
+            ctrl.send("GO")
+            doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
+        except VfmigError as e:
+            raise MigrationError(
+                f"{e}; after the commit point, so the source VM stays paused (resume it by hand only if "
+                "the destination is known not to run it)"
+            ) from None
         for name in ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started"):
             self.report.checkpoints.append(Checkpoint(name, int(doc["checkpoints"][name])))
         self.report.destination = {k: v for k, v in doc.items() if k != "checkpoints"}
@@ -265,6 +275,8 @@ class Migration:
             t = time.monotonic_ns()
             remote = ctrl.expect("PAGE_HASHES", self.opts.guest_report_timeout_s, max_len=self.vm.core.npages * 4 + 64)
             local = self.vm.core.page_crcs()  # the source is stopped: this is its memory at stop
+            if len(remote) != len(local):
+                raise MigrationError(f"PAGE_HASHES has {len(remote)} bytes, expected {len(local)}")
             bad = _core.count_mismatches(local, remote)
             r.verification = Verification(
                 bad == 0,

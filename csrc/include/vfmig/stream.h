@@ -28,6 +28,8 @@ enum vfmig_rec_type {
     VFMIG_REC_ERROR = 10,      /* control, either way: why the peer gave up (UTF-8) */
     VFMIG_REC_PAGE_HASHES = 11,/* control, dst->src: CRC32C of every page as loaded (--verify) */
     VFMIG_REC_GUEST = 12,      /* control, dst->src: what the guest saw (JSON) */
+    VFMIG_REC_READY = 13,      /* control, dst->src: everything loaded and checked; waiting for GO */
+    VFMIG_REC_GO = 14,         /* control, src->dst: the commit point; the source never resumes after */
     VFMIG_REC__COUNT
 };
 
