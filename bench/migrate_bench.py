@@ -12,7 +12,6 @@ and memcpy. Each figure is the median of REPS runs. Writes bench/results/migrate
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path

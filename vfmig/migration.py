@@ -67,6 +67,10 @@ class MigrationOptions:
         self.policy.validate()
 
 
+class CommitError(MigrationError):
+    """Failed after the commit point: the guest is stopped here and may or may not run there."""
+
+
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -256,7 +260,7 @@ class Migration:
             ctrl.send("GO")
             doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
         except VfmigError as e:
-            raise MigrationError(
+            raise CommitError(
                 f"{e}; after the commit point, so the source VM stays paused (resume it by hand only if "
                 "the destination is known not to run it)"
             ) from None
@@ -323,7 +327,7 @@ class Migration:
 
     def _peer_reason(self, e: BaseException) -> str | None:
         """When sending failed, the destination usually said why on the control channel."""
-        if self._ctrl is None or isinstance(e, PeerError) or self._cancel.is_set():
+        if self._ctrl is None or isinstance(e, (PeerError, CommitError)) or self._cancel.is_set():
             return None
         if not isinstance(e, (_core.StreamError, OSError, MigrationError)):
             return None
