@@ -44,7 +44,9 @@ static int create_ram(struct vfmig_vm *vm, uint64_t bytes, struct vfmig_err *err
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, vm->mem_fd, 0);
     if (p == MAP_FAILED)
         return vfmig_fail(err, errno, "mmap guest RAM: %s", strerror(errno));
-    madvise(p, bytes, MADV_NOHUGEPAGE); /* 4 KiB granularity keeps dirty logging exact */
+    /* Huge pages where the host allows them for shmem (shmem_enabled=advise): populating RAM
+     * costs a tenth. KVM still logs dirty pages at 4 KiB: it maps small pages while logging. */
+    madvise(p, bytes, MADV_HUGEPAGE);
     vm->ram = p;
     vm->ram_bytes = bytes;
     vm->npages = bytes / VFMIG_PAGE_SIZE;

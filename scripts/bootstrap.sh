@@ -33,6 +33,12 @@ if [ "$(id -u)" = 0 ] && [ ! -e "$kdir/build" ]; then
         say "linked $kdir/build -> $hdr"
     fi
 fi
+# Shared-memory THP on request only ("advise"): vfmig asks for huge pages on guest RAM, which
+# makes populating a destination's RAM ~10x cheaper; nothing that does not ask is affected.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ "$(id -u)" = 0 ] && [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
+    echo advise > "$thp" && say "shmem THP: never -> advise"
+fi
 if [ "$(id -u)" = 0 ] && [ ! -d /sys/kernel/tracing/events ]; then
     mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
 fi

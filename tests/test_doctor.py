@@ -37,6 +37,7 @@ NAMES = [
     "bcc",
     "kernel_headers",
     "sdt",
+    "shmem_thp",
     "vfio",
     "sriov",
     "qemu",

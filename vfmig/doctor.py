@@ -26,6 +26,7 @@ TRACEFS_EVENT_DIRS = ("/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/e
 BCC_DIST_DIR = "/usr/lib/python3/dist-packages/bcc"
 MODULES_DIR = "/lib/modules"
 SDT_HEADER = "/usr/include/sys/sdt.h"
+SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 VFIO_DEV_DIR = "/dev/vfio"
 VFIO_PCI_DRIVER_DIR = "/sys/bus/pci/drivers/vfio-pci"
 PCI_DEVICES_DIR = "/sys/bus/pci/devices"
@@ -283,6 +284,17 @@ def _check_sdt(probe: _Probe) -> _Result:
     return False, f"{SDT_HEADER} missing (install systemtap-sdt-dev); USDT probes disabled", {"path": None}
 
 
+def _check_shmem_thp(probe: _Probe) -> _Result:
+    try:
+        with open(SHMEM_THP) as f:
+            mode = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return False, f"{SHMEM_THP} unreadable", {"mode": None}
+    ok = mode in ("advise", "always", "within_size", "force")
+    hint = "" if ok else " (guest RAM populates ~10x slower; `make bootstrap` as root sets advise)"
+    return ok, f"shared-memory THP: {mode}{hint}", {"mode": mode}
+
+
 # --- devices -----------------------------------------------------------------
 
 
@@ -397,6 +409,7 @@ def _check_table() -> list[tuple[str, Callable[[_Probe], _Result]]]:
         ("bcc", _check_bcc),
         ("kernel_headers", _check_kernel_headers),
         ("sdt", _check_sdt),
+        ("shmem_thp", _check_shmem_thp),
         ("vfio", _check_vfio),
         ("sriov", _check_sriov),
         ("qemu", _check_qemu),

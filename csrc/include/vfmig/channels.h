@@ -67,6 +67,7 @@ struct vfmig_receiver {
     uint32_t nchan;
     struct vfmig_chan_rx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
+    _Atomic uint64_t *populated; /* stripes already populated */
     uint32_t *page_crc;         /* --verify: CRC32C of each page as loaded; NULL otherwise */
     _Atomic int cancel;
     struct vfmig_err err;
