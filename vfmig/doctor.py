@@ -279,8 +279,9 @@ def _check_kernel_headers(probe: _Probe) -> _Result:
 
 
 def _check_sdt(probe: _Probe) -> _Result:
-    if os.path.isfile(SDT_HEADER):
-        return True, f"{SDT_HEADER} present (USDT probes compiled in)", {"path": SDT_HEADER}
+    for path in (SDT_HEADER, SDT_HEADER.replace("/usr/include/", "/usr/include/x86_64-linux-gnu/")):
+        if os.path.isfile(path):
+            return True, f"{path} present (USDT probes compiled in)", {"path": path}
     return False, f"{SDT_HEADER} missing (install systemtap-sdt-dev); USDT probes disabled", {"path": None}
 
 
