@@ -80,8 +80,10 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     if (rc < 0)
         return io_fail(ch, c, rc);
     /* Every bound before any byte lands in RAM. */
-    if (ph.count == 0 || ph.count > VFMIG_RUN_MAX_PAGES || ph.reserved[0] | ph.reserved[1] | ph.reserved[2])
+    if (ph.count == 0 || ph.count > VFMIG_RUN_MAX_PAGES)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record with bad count %u", c, ph.count);
+    if (ph.reserved[0] | ph.reserved[1] | ph.reserved[2])
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record with reserved bytes set", c);
     if (ph.encoding != VFMIG_ENC_RAW && ph.encoding != VFMIG_ENC_ZERO)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: unknown page encoding %u", c, ph.encoding);
     uint64_t bytes = (uint64_t)ph.count * VFMIG_PAGE_SIZE;
@@ -162,12 +164,15 @@ static int recv_channel(struct vfmig_receiver *r, uint32_t c)
             struct vfmig_iter it;
             if ((rc = small_payload(ch, c, &h, &it, sizeof(it))) < 0)
                 return rc;
+            if (it.reserved || it.iteration != ch->iterations + 1)
+                return vfmig_fail(&ch->err, EPROTO, "channel %u: ITER %u out of sequence (expected %llu)", c,
+                                  it.iteration, (unsigned long long)ch->iterations + 1);
             ch->iterations++;
         } else if (h.type == VFMIG_REC_EOS) {
             struct vfmig_eos e;
             if ((rc = small_payload(ch, c, &h, &e, sizeof(e))) < 0)
                 return rc;
-            if (e.records != ch->digest.records || e.bytes != ch->digest.bytes || e.chain != ch->digest.chain)
+            if (e.reserved || e.records != ch->digest.records || e.bytes != ch->digest.bytes || e.chain != ch->digest.chain)
                 return vfmig_fail(&ch->err, EBADMSG,
                                   "channel %u: end-of-stream digest mismatch (sent %llu records, got %llu)", c,
                                   (unsigned long long)e.records, (unsigned long long)ch->digest.records);

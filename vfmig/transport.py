@@ -77,12 +77,12 @@ class Hello:
     def decode(cls, raw: bytes) -> Hello:
         if len(raw) < _HELLO.size:
             raise MigrationError("stream header too short")
-        magic, version, channels, page, mem, vcpus, flags, token, cfg_len, _ = _HELLO.unpack_from(raw)
+        magic, version, channels, page, mem, vcpus, flags, token, cfg_len, reserved = _HELLO.unpack_from(raw)
         if magic != STREAM_MAGIC:
             raise MigrationError("not a vfmig stream (bad stream magic)")
         if version != VERSION:
             raise MigrationError(f"unsupported stream version {version} (this vfmig speaks version {VERSION})")
-        if page != 4096 or flags & ~HELLO_VERIFY:
+        if page != 4096 or flags & ~HELLO_VERIFY or reserved:
             raise MigrationError("stream header has an unsupported page size or flags")
         if not 1 <= channels <= _core.MAX_CHANNELS:
             raise MigrationError(f"stream asks for {channels} channels (1..{_core.MAX_CHANNELS})")
@@ -102,7 +102,9 @@ def encode_channel(token: bytes, index: int) -> bytes:
 def decode_channel(raw: bytes) -> tuple[bytes, int]:
     if len(raw) != _CHANNEL.size:
         raise MigrationError("bad channel opener")
-    token, index, version, _ = _CHANNEL.unpack(raw)
+    token, index, version, reserved = _CHANNEL.unpack(raw)
+    if reserved:
+        raise MigrationError("bad channel opener (reserved field set)")
     if version != VERSION:
         raise MigrationError(f"page channel speaks stream version {version}, not {VERSION}")
     return token, index
@@ -116,8 +118,8 @@ def encode_device(name: str, blob: bytes) -> bytes:
 def decode_device(raw: bytes) -> tuple[str, bytes]:
     if len(raw) < _DEVICE.size:
         raise MigrationError("DEVICE record too short")
-    n, _ = _DEVICE.unpack_from(raw)
-    if n == 0 or _DEVICE.size + n > len(raw):
+    n, reserved = _DEVICE.unpack_from(raw)
+    if n == 0 or reserved or _DEVICE.size + n > len(raw):
         raise MigrationError("DEVICE record has a bad name length")
     return raw[_DEVICE.size : _DEVICE.size + n].decode(errors="replace"), raw[_DEVICE.size + n :]
 
@@ -129,7 +131,9 @@ def encode_vcpu(index: int, blob: bytes) -> bytes:
 def decode_vcpu(raw: bytes) -> tuple[int, bytes]:
     if len(raw) < _VCPU.size:
         raise MigrationError("VCPU record too short")
-    index, _ = _VCPU.unpack_from(raw)
+    index, reserved = _VCPU.unpack_from(raw)
+    if reserved:
+        raise MigrationError("VCPU record has a reserved field set")
     return index, raw[_VCPU.size :]
 
 
@@ -153,8 +157,8 @@ class Digest:
     def check_eos(self, raw: bytes) -> None:
         if len(raw) != _EOS.size:
             raise MigrationError("EOS record has a bad length")
-        records, nbytes, chain, _ = _EOS.unpack(raw)
-        if (records, nbytes, chain) != (self.records, self.bytes, self.chain):
+        records, nbytes, chain, reserved = _EOS.unpack(raw)
+        if reserved or (records, nbytes, chain) != (self.records, self.bytes, self.chain):
             raise MigrationError(
                 f"control channel: end-of-stream digest mismatch (sent {records} records, got {self.records})"
             )
