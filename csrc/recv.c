@@ -3,6 +3,7 @@
  * record fails the whole migration: nothing loaded is ever run. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -133,6 +134,14 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     return 0;
 }
 
+/* Errors from the shared record checks (stream.c) don't know the channel: add it. */
+static int on_channel(struct vfmig_chan_rx *ch, uint32_t c, int rc)
+{
+    char msg[VFMIG_ERR_LEN];
+    snprintf(msg, sizeof(msg), "%s", ch->err.msg);
+    return vfmig_fail(&ch->err, -rc, "channel %u: %s", c, msg);
+}
+
 static int small_payload(struct vfmig_chan_rx *ch, uint32_t c, const struct vfmig_rec_hdr *h, void *buf,
                          uint32_t want)
 {
@@ -142,7 +151,8 @@ static int small_payload(struct vfmig_chan_rx *ch, uint32_t c, const struct vfmi
     int rc = vfmig_read_all(ch->fd, buf, want);
     if (rc < 0)
         return io_fail(ch, c, rc);
-    return vfmig_rec_check_crc(h, buf, &ch->err);
+    rc = vfmig_rec_check_crc(h, buf, &ch->err);
+    return rc < 0 ? on_channel(ch, c, rc) : 0;
 }
 
 static int recv_channel(struct vfmig_receiver *r, uint32_t c)
@@ -156,7 +166,7 @@ static int recv_channel(struct vfmig_receiver *r, uint32_t c)
         if (rc < 0)
             return io_fail(ch, c, rc);
         if ((rc = vfmig_rec_check_hdr(&h, PAGES_MAX_LEN, &ch->err)) < 0)
-            return rc;
+            return on_channel(ch, c, rc);
         if (h.type == VFMIG_REC_PAGES) {
             if ((rc = load_pages(r, c, &h)) < 0)
                 return rc;
