@@ -24,6 +24,7 @@ sanitize: bootstrap
 bench: bootstrap
 	$(PY) bench/vm_bench.py
 	$(PY) bench/migrate_bench.py
+	$(PY) bench/table.py
 
 clean:
 	rm -rf build build-asan .venv

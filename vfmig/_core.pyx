@@ -58,10 +58,7 @@ cdef class VM:
             raise_err(rc, self.vm.err.msg)
 
     def __dealloc__(self):
-        if self.vm != NULL:
-            with nogil:
-                vfmig_vm_destroy(self.vm)
-            self.vm = NULL
+        self.close()
 
     cdef vfmig_vm *_vm(self) except NULL:
         if self.vm == NULL:

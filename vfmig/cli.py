@@ -270,13 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pattern", default="sequential")
     demo.set_defaults(func=cmd_demo)
 
-    for register in _EXTRA:
-        register(sub)
     return p
-
-
-# Later subcommands (migrate, receive, demo) register themselves here.
-_EXTRA: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

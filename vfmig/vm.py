@@ -7,7 +7,7 @@ import json
 import os
 import struct
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vfmig import _core
@@ -283,6 +283,3 @@ class MicroVM:
             raise VfmigError(str(e.strerror)) from None
         finally:
             os.close(fd)
-
-    def with_params(self, **kw: Any) -> VMConfig:
-        return replace(self.config, params=replace(self.config.params, **kw))

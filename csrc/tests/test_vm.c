@@ -6,17 +6,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "vfmig/devices.h"
 #include "vfmig/vcpu_state.h"
 #include "vfmig/vm.h"
 
-#define CHECK(c)                                                              \
-    do {                                                                      \
-        if (!(c)) {                                                           \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
 
 static uint64_t touches(struct vfmig_vm *vm)
 {
