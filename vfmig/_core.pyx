@@ -429,10 +429,7 @@ cdef class PageSender:
         self.close()
 
     def close(self):
-        if self.t != NULL:
-            with nogil:
-                vfmig_tracker_close(self.t)
-            self.t = NULL
+        self.stop_tracking()
         if self.ready:
             vfmig_sender_free(&self.s)
             self.ready = 0
