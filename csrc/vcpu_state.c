@@ -144,6 +144,8 @@ int vfmig_vcpu_load(struct vfmig_vcpu *cpu, const uint8_t *buf, size_t len, stru
         seclen[sh.tag] = sh.len;
         off += pad8(sh.len);
     }
+    if (off != len)
+        return vfmig_fail(err, EINVAL, "vCPU state: %zu trailing bytes after the last section", len - off);
     for (size_t i = 0; i < NFIXED; i++)
         if (!sec[fixed[i].tag] || seclen[fixed[i].tag] != fixed[i].size)
             return vfmig_fail(err, EINVAL, "vCPU state: section %s missing or of wrong size", fixed[i].name);
@@ -152,7 +154,8 @@ int vfmig_vcpu_load(struct vfmig_vcpu *cpu, const uint8_t *buf, size_t len, stru
         return vfmig_fail(err, EINVAL, "vCPU state: MSR section missing or too large");
     memset(&msrs, 0, sizeof(msrs));
     memcpy(&msrs, sec[SEC_MSRS], ml);
-    if (msrs.m.nmsrs != (ml - sizeof(struct kvm_msrs)) / sizeof(struct kvm_msr_entry))
+    if ((ml - sizeof(struct kvm_msrs)) % sizeof(struct kvm_msr_entry) ||
+        msrs.m.nmsrs != (ml - sizeof(struct kvm_msrs)) / sizeof(struct kvm_msr_entry))
         return vfmig_fail(err, EINVAL, "vCPU state: MSR count does not match its section");
 
     /* Pass 2: apply. The fixed table is already in a safe order. */

@@ -74,6 +74,7 @@ int main(int argc, char **argv)
     corrupt[20] ^= 0x7f; /* first section's length */
     CHECK(vfmig_vcpu_load(&b->vcpus[0], corrupt, (size_t)len, &err) < 0);
     CHECK(vfmig_vcpu_load(&b->vcpus[0], blob, (size_t)len - 3, &err) < 0);
+    CHECK(vfmig_vcpu_load(&b->vcpus[0], blob, (size_t)len + 8, &err) < 0 && strstr(err.msg, "trailing"));
     struct vfmig_device *pb = vfmig_vm_find_device(b, "platform");
     CHECK(pb->load(pb, plat, (size_t)plen - 1) < 0);
     CHECK(pb->load(pb, plat, (size_t)plen) == 0);
