@@ -44,24 +44,14 @@ uint32_t vfmig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     return multmodp(xpow8n(len_b), crc_a) ^ crc_b;
 }
 
-static uint64_t hw_run(uint64_t c, const uint8_t *p, size_t len)
-{
-    for (; len >= 8; p += 8, len -= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        c = _mm_crc32_u64(c, w);
-    }
-    for (; len; p++, len--)
-        c = _mm_crc32_u8((uint32_t)c, *p);
-    return c;
-}
-
-uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len)
+/* The one loop behind both entry points. With dst it also copies src to dst as it goes: one
+ * pass over the data instead of a memcpy and a CRC. static inline with dst == NULL constant
+ * folds the stores away. */
+static inline uint32_t crc_lanes(uint32_t crc, uint8_t *dst, const uint8_t *p, size_t len)
 {
     static uint32_t lane_op; /* x^(8*LANE), computed once; benign race: same value */
     if (!lane_op)
         lane_op = xpow8n(LANE);
-    const uint8_t *p = buf;
     uint64_t a = ~crc & 0xffffffffu;
     while (len >= 3 * LANE) {
         uint64_t b = 0xffffffffu, c = 0xffffffffu;
@@ -73,6 +63,11 @@ uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len)
             a = _mm_crc32_u64(a, wa);
             b = _mm_crc32_u64(b, wb);
             c = _mm_crc32_u64(c, wc);
+            if (dst) {
+                memcpy(dst + i, &wa, 8);
+                memcpy(dst + LANE + i, &wb, 8);
+                memcpy(dst + 2 * LANE + i, &wc, 8);
+            }
         }
         /* Join the lanes as standard CRCs: crc(A||B||C) = shift(shift(A) ^ B) ^ C. */
         uint32_t ca = ~(uint32_t)a, cb = ~(uint32_t)b, cc = ~(uint32_t)c;
@@ -80,8 +75,31 @@ uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len)
         a = ~joined & 0xffffffffu;
         p += 3 * LANE;
         len -= 3 * LANE;
+        if (dst)
+            dst += 3 * LANE;
     }
-    return ~(uint32_t)hw_run(a, p, len);
+    for (; len >= 8; p += 8, len -= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        a = _mm_crc32_u64(a, w);
+        if (dst) {
+            memcpy(dst, &w, 8);
+            dst += 8;
+        }
+    }
+    for (; len; p++, len--) {
+        a = _mm_crc32_u8((uint32_t)a, *p);
+        if (dst)
+            *dst++ = *p;
+    }
+    return ~(uint32_t)a;
+}
+
+uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len) { return crc_lanes(crc, NULL, buf, len); }
+
+uint32_t vfmig_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t len)
+{
+    return crc_lanes(crc, dst, src, len);
 }
 
 uint32_t vfmig_crc32c_sw(uint32_t crc, const void *buf, size_t len)

@@ -65,7 +65,7 @@ static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t t0)
     }
 }
 
-/* Write one run as a PAGES record. Staging already holds the copied pages for a live raw run. */
+/* Write one run as a PAGES record. */
 static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct run *r)
 {
     struct vfmig_vm *vm = s->vm;
@@ -73,8 +73,15 @@ static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct 
     struct vfmig_pages_hdr *ph = (struct vfmig_pages_hdr *)(h + 1);
     *ph = (struct vfmig_pages_hdr){.gpa = vfmig_vm_page_to_gpa(vm, r->first), .count = r->count, .encoding = r->enc};
     uint32_t dlen = r->enc == VFMIG_ENC_RAW ? r->count * VFMIG_PAGE_SIZE : 0;
-    const uint8_t *data = s->zero_copy ? vm->ram + r->first * VFMIG_PAGE_SIZE : ch->staging + 4096;
-    vfmig_rec_seal(h, VFMIG_REC_PAGES, ph, sizeof(*ph), data, dlen);
+    const uint8_t *data = vm->ram + r->first * VFMIG_PAGE_SIZE;
+    if (s->zero_copy || !dlen) {
+        vfmig_rec_seal(h, VFMIG_REC_PAGES, ph, sizeof(*ph), data, dlen);
+    } else {
+        /* Live pages: snapshot them into staging in the CRC's own pass, so the record is
+         * consistent however the guest writes meanwhile (it is dirty then, and goes again). */
+        vfmig_rec_seal_copy(h, VFMIG_REC_PAGES, ph, sizeof(*ph), ch->staging + 4096, data, dlen);
+        data = ch->staging + 4096;
+    }
     int rc;
     if (dlen && s->zero_copy) {
         struct iovec iov[2] = {{h, HDRS}, {(void *)data, dlen}};
@@ -137,8 +144,6 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                     r.first = p;
                     r.enc = enc;
                 }
-                if (enc == VFMIG_ENC_RAW && !s->zero_copy) /* snapshot the live page now */
-                    memcpy(ch->staging + 4096 + (size_t)r.count * VFMIG_PAGE_SIZE, src, VFMIG_PAGE_SIZE);
                 r.count++;
             }
         }

@@ -14,8 +14,8 @@ static const char *const names[VFMIG_REC__COUNT] = {
 
 const char *vfmig_rec_name(uint32_t type) { return type < VFMIG_REC__COUNT ? names[type] : "UNKNOWN"; }
 
-void vfmig_rec_seal(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, const void *p2,
-                    uint32_t l2)
+/* Header fields, and the CRC over the header (crc = 0) and the first payload piece. */
+static uint32_t seal_start(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, uint32_t l2)
 {
     h->magic = VFMIG_REC_MAGIC;
     h->type = type;
@@ -23,11 +23,21 @@ void vfmig_rec_seal(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint
     h->len = l1 + l2;
     h->crc = 0;
     uint32_t c = vfmig_crc32c(0, h, sizeof(*h));
-    if (l1)
-        c = vfmig_crc32c(c, p1, l1);
-    if (l2)
-        c = vfmig_crc32c(c, p2, l2);
-    h->crc = c;
+    return l1 ? vfmig_crc32c(c, p1, l1) : c;
+}
+
+void vfmig_rec_seal(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, const void *p2,
+                    uint32_t l2)
+{
+    uint32_t c = seal_start(h, type, p1, l1, l2);
+    h->crc = l2 ? vfmig_crc32c(c, p2, l2) : c;
+}
+
+void vfmig_rec_seal_copy(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, void *dst,
+                         const void *src, uint32_t l2)
+{
+    uint32_t c = seal_start(h, type, p1, l1, l2);
+    h->crc = vfmig_crc32c_copy(c, dst, src, l2);
 }
 
 int vfmig_rec_check_hdr(const struct vfmig_rec_hdr *h, uint32_t max_len, struct vfmig_err *err)

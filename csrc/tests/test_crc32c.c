@@ -20,6 +20,13 @@ int main(void)
     for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
         CHECK(vfmig_crc32c(0, buf, lens[i]) == vfmig_crc32c_sw(0, buf, lens[i]));
     uint32_t whole = vfmig_crc32c(0, buf, n);
+    uint8_t *copy = malloc(n);
+    for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
+        memset(copy, 0, n);
+        CHECK(vfmig_crc32c_copy(0, copy, buf, lens[i]) == vfmig_crc32c_sw(0, buf, lens[i]));
+        CHECK(memcmp(copy, buf, lens[i]) == 0);
+    }
+    free(copy);
     CHECK(vfmig_crc32c(vfmig_crc32c(0, buf, 1000), buf + 1000, n - 1000) == whole);
     CHECK(vfmig_crc32c_combine(vfmig_crc32c(0, buf, 1000), vfmig_crc32c(0, buf + 1000, n - 1000), n - 1000) ==
           whole);

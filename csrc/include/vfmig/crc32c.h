@@ -6,6 +6,8 @@
 
 /* Standard CRC32C continued from crc (0 to start), like zlib's crc32(). Pure; any thread. */
 uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len);
+/* The same, copying src to dst (non-overlapping) in the same pass. Pure; any thread. */
+uint32_t vfmig_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t len);
 /* Bit-at-a-time reference, for tests. */
 uint32_t vfmig_crc32c_sw(uint32_t crc, const void *buf, size_t len);
 /* CRC of A||B from crc(A), crc(B) and len(B). */

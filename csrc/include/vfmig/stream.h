@@ -97,6 +97,11 @@ static inline void vfmig_digest_add(struct vfmig_digest *d, const struct vfmig_r
 void vfmig_rec_seal(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, const void *p2,
                     uint32_t l2);
 
+/* The same, with the second piece copied from src to dst in the CRC's pass: the record's bytes
+ * are then exactly the ones it was sealed over, even if src changes meanwhile. */
+void vfmig_rec_seal_copy(struct vfmig_rec_hdr *h, uint16_t type, const void *p1, uint32_t l1, void *dst,
+                         const void *src, uint32_t l2);
+
 /* Validate a received header before reading its payload: magic, type, flags, and len against
  * max_len. Returns 0 or -EPROTO/-EMSGSIZE with err filled. */
 int vfmig_rec_check_hdr(const struct vfmig_rec_hdr *h, uint32_t max_len, struct vfmig_err *err);
