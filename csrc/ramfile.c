@@ -11,10 +11,13 @@ int vfmig_ram_save(struct vfmig_vm *vm, int fd, struct vfmig_err *err)
 {
     if (ftruncate(fd, (off_t)vm->ram_bytes) < 0)
         return vfmig_fail(err, errno, "truncate RAM image: %s", strerror(errno));
+    uint64_t data[8];
     for (uint64_t p = 0; p < vm->npages; p++) {
+        if (p % 512 == 0)
+            vfmig_vm_data_map(vm, p, vm->npages - p < 512 ? (uint32_t)(vm->npages - p) : 512, data);
         const uint8_t *src = vm->ram + p * VFMIG_PAGE_SIZE;
-        if (vfmig_page_is_zero(src))
-            continue;
+        if (!(data[(p % 512) / 64] & (1ull << (p % 64))) || vfmig_page_is_zero(src))
+            continue; /* holes are never read: a read would allocate them */
         off_t off = (off_t)(p * VFMIG_PAGE_SIZE);
         for (size_t done = 0; done < VFMIG_PAGE_SIZE;) {
             ssize_t w = pwrite(fd, src + done, VFMIG_PAGE_SIZE - done, off + (off_t)done);

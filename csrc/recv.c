@@ -258,6 +258,13 @@ uint32_t vfmig_zero_page_crc(void)
 
 void vfmig_ram_page_crcs(const struct vfmig_vm *vm, uint32_t *out)
 {
-    for (uint64_t p = 0; p < vm->npages; p++)
-        out[p] = vfmig_crc32c(0, vm->ram + p * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE);
+    uint64_t data[8];
+    for (uint64_t first = 0; first < vm->npages; first += VFMIG_STRIPE_PAGES) {
+        uint32_t n = vm->npages - first < VFMIG_STRIPE_PAGES ? (uint32_t)(vm->npages - first) : VFMIG_STRIPE_PAGES;
+        vfmig_vm_data_map(vm, first, n, data);
+        for (uint32_t i = 0; i < n; i++)
+            out[first + i] = data[i / 64] & (1ull << (i % 64))
+                                 ? vfmig_crc32c(0, vm->ram + (first + i) * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE)
+                                 : vfmig_zero_page_crc();
+    }
 }

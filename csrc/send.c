@@ -119,6 +119,14 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
     for (uint64_t stripe = c * (uint64_t)VFMIG_STRIPE_PAGES; stripe < vm->npages;
          stripe += (uint64_t)s->nchan * VFMIG_STRIPE_PAGES) {
         uint64_t end = stripe + VFMIG_STRIPE_PAGES < vm->npages ? stripe + VFMIG_STRIPE_PAGES : vm->npages;
+        uint64_t any = 0, data[8];
+        for (uint64_t w = stripe / 64; w < (end + 63) / 64; w++)
+            any |= s->bits[w];
+        if (!any)
+            continue;
+        /* Pages the guest never wrote are memfd holes: zero, and not to be read (a read would
+         * allocate them). */
+        vfmig_vm_data_map(vm, stripe, (uint32_t)(end - stripe), data);
         for (uint64_t w = stripe / 64; w < (end + 63) / 64; w++) {
             uint64_t word = s->bits[w];
             while (word) {
@@ -126,8 +134,9 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                 word &= word - 1;
                 if (p >= end)
                     break;
-                const uint8_t *src = vm->ram + p * VFMIG_PAGE_SIZE;
-                uint8_t enc = vfmig_page_is_zero(src) ? VFMIG_ENC_ZERO : VFMIG_ENC_RAW;
+                int hole = !(data[(p - stripe) / 64] & (1ull << ((p - stripe) % 64)));
+                uint8_t enc = hole || vfmig_page_is_zero(vm->ram + p * VFMIG_PAGE_SIZE) ? VFMIG_ENC_ZERO
+                                                                                           : VFMIG_ENC_RAW;
                 int contiguous = r.count && p == r.first + r.count &&
                                  vfmig_vm_page_to_gpa(vm, p) == vfmig_vm_page_to_gpa(vm, r.first) +
                                                                     (uint64_t)r.count * VFMIG_PAGE_SIZE;

@@ -274,6 +274,36 @@ uint8_t *vfmig_vm_host(const struct vfmig_vm *vm, uint64_t gpa, uint64_t len)
     return NULL;
 }
 
+static uint32_t mark_pages(uint64_t map[8], uint64_t from, uint64_t to)
+{
+    for (uint64_t i = from; i < to; i++)
+        map[i / 64] |= 1ull << (i % 64);
+    return (uint32_t)(to - from);
+}
+
+uint32_t vfmig_vm_data_map(const struct vfmig_vm *vm, uint64_t first, uint32_t n, uint64_t map[8])
+{
+    memset(map, 0, 8 * sizeof(uint64_t));
+    const off_t base = (off_t)(first * VFMIG_PAGE_SIZE), end = (off_t)((first + n) * VFMIG_PAGE_SIZE);
+    uint32_t count = 0;
+    for (off_t pos = base; pos < end;) {
+        off_t data = lseek(vm->mem_fd, pos, SEEK_DATA);
+        if (data < 0 && errno == ENXIO)
+            break; /* nothing but hole from pos on */
+        if (data < 0) /* no SEEK_DATA here: everything may hold data */
+            return count + mark_pages(map, (uint64_t)(pos - base) / VFMIG_PAGE_SIZE, n);
+        if (data >= end)
+            break;
+        off_t hole = lseek(vm->mem_fd, data, SEEK_HOLE);
+        if (hole < 0 || hole > end)
+            hole = end;
+        count += mark_pages(map, (uint64_t)(data - base) / VFMIG_PAGE_SIZE,
+                            ((uint64_t)(hole - base) + VFMIG_PAGE_SIZE - 1) / VFMIG_PAGE_SIZE);
+        pos = hole;
+    }
+    return count;
+}
+
 void vfmig_vcpus_stop(struct vfmig_vm *vm); /* vcpu.c */
 
 void vfmig_vm_destroy(struct vfmig_vm *vm)

@@ -21,6 +21,7 @@ static struct vfmig_vm *fake_vm(void)
     vm->npages = NPAGES;
     vm->ram = aligned_alloc(4096, vm->ram_bytes);
     memset(vm->ram, 0, vm->ram_bytes);
+    vm->mem_fd = -1; /* plain RAM, no memfd: every page counts as data */
     vm->nslots = 1;
     vm->slots[0] = (struct vfmig_slot){.id = 0, .gpa = 0, .size = vm->ram_bytes, .first_page = 0};
     return vm;

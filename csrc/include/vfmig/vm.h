@@ -100,6 +100,12 @@ int64_t vfmig_vm_gpa_to_page(const struct vfmig_vm *vm, uint64_t gpa);
 uint64_t vfmig_vm_page_to_gpa(const struct vfmig_vm *vm, uint64_t page);
 uint8_t *vfmig_vm_host(const struct vfmig_vm *vm, uint64_t gpa, uint64_t len);
 
+/* Which of the RAM pages [first, first + n) hold data, as bits in map (n <= 512): the rest are
+ * holes of the memfd and read as zero. Reading a hole would allocate it, so the loops over RAM
+ * ask first. Any thread; a page written meanwhile is dirty and handled by the next round.
+ * Returns the number of data pages. */
+uint32_t vfmig_vm_data_map(const struct vfmig_vm *vm, uint64_t first, uint32_t n, uint64_t map[8]);
+
 /* Kick one vCPU out of KVM_RUN. Any thread, lock-free. */
 void vfmig_vcpu_kick(struct vfmig_vcpu *cpu);
 
