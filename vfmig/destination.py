@@ -192,9 +192,10 @@ class Listener:
         ctrl.expect("GO", GO_TIMEOUT_S)
         touches_at_resume = vm.touches()
         vm.start_loaded()
-        while not vm.core.first_run_ns:
-            time.sleep(0)
-        cps["dst-vm-started"] = vm.core.first_run_ns
+        deadline = time.monotonic() + 10
+        while not vm.core.first_run_ns and time.monotonic() < deadline:
+            time.sleep(0)  # the first vCPU is about to enter KVM_RUN: a few microseconds
+        cps["dst-vm-started"] = vm.core.first_run_ns or _core.checkpoint("dst-vm-started")
         pages = rx.stats()
         ctrl.send_json(
             "RESUMED",
