@@ -218,7 +218,7 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
             break
         time.sleep(0.001)
     # Read the gap log now: it holds the last 16 gaps, and host noise adds more as time passes.
-    gaps = [list(g) for s in vm.vcpu_stats() for g in s.gaps]
+    gaps = [[list(g) for g in s.gaps] for s in vm.vcpu_stats()]  # per vCPU
     time.sleep(max(0.0, run_seconds - (time.monotonic() - t0)))
     vm.pause()
     stats = vm.vcpu_stats()

@@ -291,8 +291,17 @@ class Migration:
         guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
         r.destination.update(guest)
         start, end = r.checkpoint("src-downtime-start"), r.checkpoint("dst-vm-started")
-        gaps = [g for g in guest.get("gaps", []) if g[0] <= end and g[0] + g[1] >= start]
-        r.guest_observed_downtime_ms = max(g[1] for g in gaps) / 1e6 if gaps else None
+        # Per vCPU, the logged clock gap that spans the downtime window. Downtime ends when the
+        # first vCPU runs again, so the guest's figure is the shortest; the longest says how long
+        # the last vCPU waited to be scheduled.
+        seen = []
+        for vcpu_gaps in guest.get("gaps", []):
+            spans = [g[1] for g in vcpu_gaps if g[0] <= end and g[0] + g[1] >= start]
+            if spans:
+                seen.append(max(spans))
+        if seen:
+            r.guest_observed_downtime_ms = min(seen) / 1e6
+            r.guest_observed_downtime_max_ms = max(seen) / 1e6
 
     # failure handling -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -76,7 +76,8 @@ class Report:
     total_time_ms: float = 0.0
     setup_ms: float = 0.0
     downtime_ms: float | None = None
-    guest_observed_downtime_ms: float | None = None
+    guest_observed_downtime_ms: float | None = None  # the first vCPU to run again
+    guest_observed_downtime_max_ms: float | None = None  # the last one
     bytes_sent: int = 0
     throughput_Bps: float = 0.0
     iterations: list[Iteration] = field(default_factory=list)
