@@ -24,6 +24,11 @@ static inline volatile struct vfmig_vcpu_stats *vcpu_stats(uint32_t id)
 
 static inline uint64_t clock_ns(void)
 {
+    if (boot_params()->clock_mmio) {
+        volatile uint32_t *mmio = (volatile uint32_t *)VFMIG_MMIO_CLOCK;
+        uint32_t lo = mmio[0]; /* latches the high half for this vCPU */
+        return ((uint64_t)mmio[1] << 32) | lo;
+    }
     uint32_t lo = inl(VFMIG_PORT_CLOCK_LO); /* latches the high half for this vCPU */
     uint32_t hi = inl(VFMIG_PORT_CLOCK_HI);
     return ((uint64_t)hi << 32) | lo;

@@ -8,7 +8,15 @@ cdef extern from "vfmig/util.h":
     uint64_t vfmig_now_ns() nogil
     uint64_t vfmig_checkpoint(const char *name) nogil
 
+cdef extern from "vfmig/guest_abi.h":
+    enum:
+        VFMIG_PORT_CLOCK_LO
+        VFMIG_MMIO_CLOCK
+
 cdef extern from "vfmig/device.h":
+    enum:
+        VFMIG_SPACE_PIO
+        VFMIG_SPACE_MMIO
     struct vfmig_device:
         const char *name
         long (*save)(vfmig_device *d, uint8_t *buf, size_t cap) nogil
@@ -17,7 +25,7 @@ cdef extern from "vfmig/device.h":
 cdef extern from "vfmig/devices.h":
     vfmig_device *vfmig_console_new()
     size_t vfmig_console_read(vfmig_device *d, char *buf, size_t cap)
-    vfmig_device *vfmig_clock_new()
+    vfmig_device *vfmig_clock_new(const char *name, int space, uint64_t base)
     vfmig_device *vfmig_platform_new(int vm_fd)
 
 cdef extern from "vfmig/vm.h":

@@ -47,7 +47,8 @@ cdef class VM:
             self.vm = NULL
             raise_err(rc, err.msg)
         self._add(vfmig_console_new())
-        self._add(vfmig_clock_new())
+        self._add(vfmig_clock_new("clock", VFMIG_SPACE_PIO, VFMIG_PORT_CLOCK_LO))
+        self._add(vfmig_clock_new("clock-mmio", VFMIG_SPACE_MMIO, VFMIG_MMIO_CLOCK))
         self._add(vfmig_platform_new(self.vm.vm_fd))
 
     cdef _add(self, vfmig_device *dev):

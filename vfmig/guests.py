@@ -25,7 +25,7 @@ BOOT_VERSION = 1
 GAP_RING = 16
 
 # struct vfmig_boot_params
-_BOOT = struct.Struct("<IIIIQQIIIIIII12x")
+_BOOT = struct.Struct("<IIIIQQIIIIIIII8x")
 # struct vfmig_vcpu_stats (head) and its gap ring
 _STATS = struct.Struct("<QQQQQQII")
 _GAP = struct.Struct("<QQ")
@@ -56,6 +56,7 @@ class GuestParams:
     hot_size_pct: int = 10
     width: int = 1
     seed: int = 1
+    clock_mmio: bool = False  # read the clock through MMIO (0xFEB00000) instead of ports
 
     def wss(self, mem_bytes: int) -> int:
         low = min(mem_bytes, LOW_RAM_MAX)
@@ -98,6 +99,7 @@ class GuestParams:
             self.hot_size_pct,
             self.width,
             self.seed,
+            int(self.clock_mmio),
         )
 
 

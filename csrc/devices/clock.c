@@ -21,7 +21,7 @@ static int clock_access(struct vfmig_device *d, struct vfmig_vcpu *cpu, uint64_t
     if (is_write)
         return 0;
     uint32_t v;
-    if (addr == VFMIG_PORT_CLOCK_LO) {
+    if (addr == d->base) { /* the low half, at the start of either window */
         uint64_t now = vfmig_now_ns();
         c->latch[cpu->id] = (uint32_t)(now >> 32);
         v = (uint32_t)now;
@@ -55,13 +55,13 @@ static int clock_load(struct vfmig_device *d, const uint8_t *buf, size_t len)
 
 static void clock_destroy(struct vfmig_device *d) { free(d->opaque); }
 
-struct vfmig_device *vfmig_clock_new(void)
+struct vfmig_device *vfmig_clock_new(const char *name, enum vfmig_space space, uint64_t base)
 {
     struct clockdev *c = calloc(1, sizeof(*c));
     if (!c)
         return NULL;
-    c->dev = (struct vfmig_device){.name = "clock", .space = VFMIG_SPACE_PIO, .base = VFMIG_PORT_CLOCK_LO,
-                                   .len = 8, .opaque = c, .access = clock_access, .save = clock_save,
-                                   .load = clock_load, .destroy = clock_destroy};
+    c->dev = (struct vfmig_device){.name = name, .space = space, .base = base, .len = 8, .opaque = c,
+                                   .access = clock_access, .save = clock_save, .load = clock_load,
+                                   .destroy = clock_destroy};
     return &c->dev;
 }

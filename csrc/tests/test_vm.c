@@ -28,7 +28,7 @@ static struct vfmig_vm *make_vm(void)
         exit(1);
     }
     CHECK(vfmig_vm_add_device(vm, vfmig_console_new()) == 0);
-    CHECK(vfmig_vm_add_device(vm, vfmig_clock_new()) == 0);
+    CHECK(vfmig_vm_add_device(vm, vfmig_clock_new("clock", VFMIG_SPACE_PIO, VFMIG_PORT_CLOCK_LO)) == 0);
     CHECK(vfmig_vm_add_device(vm, vfmig_platform_new(vm->vm_fd)) == 0);
     return vm;
 }

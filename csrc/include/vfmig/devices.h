@@ -9,8 +9,9 @@ struct vfmig_device *vfmig_console_new(void);
 /* Copies up to cap bytes of console output (oldest first); returns the length. */
 size_t vfmig_console_read(struct vfmig_device *d, char *buf, size_t cap);
 
-/* Clock on VFMIG_PORT_CLOCK_LO/HI: host CLOCK_MONOTONIC in ns, latched per vCPU. */
-struct vfmig_device *vfmig_clock_new(void);
+/* Host CLOCK_MONOTONIC in ns: reading base returns the low half and latches the high half
+ * (per vCPU) for base + 4. Built in twice: ports VFMIG_PORT_CLOCK_LO and MMIO VFMIG_MMIO_CLOCK. */
+struct vfmig_device *vfmig_clock_new(const char *name, enum vfmig_space space, uint64_t base);
 
 /* The in-kernel platform: PIC, IOAPIC and the KVM clock. No I/O of its own; it carries their
  * state through save/load. */

@@ -30,6 +30,7 @@ typedef unsigned long long uint64_t;
 #define VFMIG_PORT_CONSOLE   0xE9      /* outb: one character */
 #define VFMIG_PORT_CLOCK_LO  0x5F0     /* inl: CLOCK_MONOTONIC ns, low half; latches the high half (0x510 is QEMU fw_cfg) */
 #define VFMIG_PORT_CLOCK_HI  0x5F4     /* inl: the latched high half */
+#define VFMIG_MMIO_CLOCK     0xFEB00000u /* the same clock as MMIO: low half at +0, high at +4 */
 
 #define VFMIG_BOOT_MAGIC     0x544F4256u /* "VBOT" */
 #define VFMIG_BOOT_VERSION   1u
@@ -50,7 +51,8 @@ struct vfmig_boot_params {
     uint32_t hot_size_pct;     /* hot/cold: size of the hot set, % of the slice */
     uint32_t width;            /* bytes incremented per page: 1 or 4 */
     uint32_t seed;
-    uint32_t reserved[3];
+    uint32_t clock_mmio;       /* read the clock through MMIO instead of ports */
+    uint32_t reserved[2];
 };
 
 struct vfmig_gap {
