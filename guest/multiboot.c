@@ -42,4 +42,5 @@ void multiboot_setup(uint32_t mbi)
     bp->gap_threshold_ns = 500000;
     bp->width = 1;
     bp->seed = 1;
+    bp->clock_mmio = 0;
 }
