@@ -40,7 +40,7 @@ def render() -> str:
             v, q = r["vfmig"], r.get("qemu")
             rows.append(
                 f"| migrate {mib} MiB {name}: throughput | {_gb(v['throughput_Bps'])} | "
-                f"loopback TCP: {_gb(tcp)} | {r['vfmig_vs_tcp']:.2f}x |"
+                f"loopback TCP, one stream: {_gb(tcp)} | {r['vfmig_vs_tcp']:.2f}x (median of per-run ratios) |"
             )
             if q:
                 rows.append(
