@@ -87,36 +87,26 @@ def _receiver(*extra: str) -> tuple[subprocess.Popen[str], str]:
 def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
     """vm run --control in one process, receive in a second, migrate from a third."""
     sock = str(tmp_path / "vm.sock")
-    vm = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vfmig",
-            "vm",
-            "run",
-            "--memory",
-            "128M",
-            "--rate",
-            "50000",
-            "--control",
-            sock,
-            "--seconds",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert "control socket" in vm.stdout.readline()
-    dst, addr = _receiver("--run-seconds", "0.3")
-    out = tmp_path / "report.json"
-    r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "migration completed" in r.stdout
-    doc = json.loads(out.read_text())
-    assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
-    assert doc["channels"] == 2
-    assert vm.wait(30) == 0 and "VM migrated" in vm.stdout.read()
-    assert dst.wait(30) == 0
+    cmd = ["vm", "run", "--memory", "128M", "--rate", "50000", "--control", sock, "--seconds", "0"]
+    vm = subprocess.Popen([sys.executable, "-m", "vfmig", *cmd], stdout=subprocess.PIPE, text=True)
+    dst = None
+    try:
+        assert "control socket" in vm.stdout.readline()
+        dst, addr = _receiver("--run-seconds", "0.3")
+        out = tmp_path / "report.json"
+        r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "migration completed" in r.stdout
+        doc = json.loads(out.read_text())
+        assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
+        assert doc["channels"] == 2
+        assert vm.wait(30) == 0 and "VM migrated" in vm.stdout.read()
+        assert dst.wait(30) == 0
+    finally:
+        for p in (vm, dst):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
 @pytest.mark.usefixtures("kvm")
