@@ -97,6 +97,7 @@ def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
         r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
         assert r.returncode == 0, r.stderr
         assert "migration completed" in r.stdout
+        assert "iteration 1:" in r.stderr and "guest resumed" in r.stderr  # progress, streamed
         doc = json.loads(out.read_text())
         assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
         assert doc["channels"] == 2

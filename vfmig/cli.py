@@ -166,6 +166,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     answer = control.request(
         args.control or control.DEFAULT_PATH,
         {"cmd": "migrate", "to": args.to, "options": control.options_to_dict(opts)},
+        progress=_progress,
     )
     if not answer.get("ok"):
         raise VfmigError(f"migration failed: {answer.get('error')} (the VM keeps running)")

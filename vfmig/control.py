@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
 
 from vfmig.errors import MigrationError, VfmigError
@@ -73,8 +74,13 @@ def _handle(vm: MicroVM, conn: socket.socket) -> dict[str, Any] | None:
     if cmd != "migrate":
         _reply(conn, {"ok": False, "error": f"unknown command {cmd!r}"})
         return None
+
+    def progress(event: str, data: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # a client that left does not stop the migration
+            _reply(conn, {"event": event, **data})
+
     try:
-        report = migrate(vm, req["to"], options_from_dict(req.get("options", {}))).to_dict()
+        report = migrate(vm, req["to"], options_from_dict(req.get("options", {})), progress).to_dict()
     except (VfmigError, KeyError, TypeError) as e:
         _reply(conn, {"ok": False, "error": str(e)})
         return None
@@ -82,8 +88,11 @@ def _handle(vm: MicroVM, conn: socket.socket) -> dict[str, Any] | None:
     return report
 
 
-def request(path: str, doc: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """Send one request to a running `vm run --control` and return its answer."""
+def request(
+    path: str, doc: dict[str, Any], timeout: float = 600, progress: Callable[[str, dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Send one request to a running `vm run --control` and return its answer; progress events
+    streamed before it go to `progress`."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     try:
@@ -92,7 +101,10 @@ def request(path: str, doc: dict[str, Any], timeout: float = 600) -> dict[str, A
         raise VfmigError(f"no VM control socket at {path}: {e.strerror or e}") from None
     with s:
         s.sendall(json.dumps(doc).encode() + b"\n")
-        line = s.makefile().readline()
-    if not line:
-        raise MigrationError("the VM process closed its control socket without answering")
-    return json.loads(line)
+        for line in s.makefile():
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+            if progress is not None:
+                progress(msg.pop("event"), msg)
+    raise MigrationError("the VM process closed its control socket without answering")
