@@ -8,8 +8,8 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from vfmig.errors import MigrationError, VfmigError
