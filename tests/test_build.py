@@ -1,6 +1,10 @@
 """The package imports the compiled extension and its guest images."""
 
 import importlib.machinery
+import shutil
+import subprocess
+
+import pytest
 
 from vfmig import _core
 from vfmig.guests import GUESTS, guest_image
@@ -22,11 +26,6 @@ def test_guest_images_are_installed_and_flat_binaries() -> None:
 
 def test_checkpoints_are_usdt_probes() -> None:
     # Later BPF probes attach to vfmig:checkpoint; the build must carry the probe notes.
-    import shutil
-    import subprocess
-
-    import pytest
-
     if not shutil.which("readelf"):
         pytest.skip("readelf is not installed")
     notes = subprocess.run(["readelf", "-n", _core.__file__], capture_output=True, text=True).stdout
