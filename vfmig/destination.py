@@ -8,7 +8,6 @@ destroyed unstarted and the source is told why.
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import socket
 import time
@@ -247,7 +246,3 @@ def describe(inc: Incoming) -> dict[str, Any]:
         "guest": inc.guest,
         "config": inc.vm.config.to_dict(),
     }
-
-
-def dumps(inc: Incoming) -> str:
-    return json.dumps(describe(inc), indent=2)
