@@ -16,6 +16,7 @@ test: bootstrap
 
 lint: bootstrap
 	.venv/bin/ruff check vfmig tests bench
+	.venv/bin/mypy vfmig --ignore-missing-imports
 
 # C unit tests, plain and under ASan/UBSan (build-asan/, configured with -Dsanitize=true, which
 # is what VFMIG_SANITIZE=1 also selects when a build directory is configured).

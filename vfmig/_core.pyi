@@ -1,6 +1,8 @@
 """Type stubs for the compiled core (vfmig/_core.pyx)."""
 
-from collections.abc import Buffer
+from typing import TypeAlias
+
+Buffer: TypeAlias = bytes | bytearray | memoryview  # collections.abc.Buffer needs Python 3.12
 
 EXIT_KINDS: tuple[str, ...]
 COMPILED: bool

@@ -119,12 +119,11 @@ class VcpuStats:
 
     @classmethod
     def unpack(cls, raw: bytes) -> VcpuStats:
-        head = _STATS.unpack_from(raw, 0)
-        count = head[7]
+        touches, passes, first, last, max_gap, max_gap_start, state, count = _STATS.unpack_from(raw, 0)
         ring = [_GAP.unpack_from(raw, _STATS.size + i * _GAP.size) for i in range(GAP_RING)]
         n = min(count, GAP_RING)
         gaps = tuple(ring[(count - n + i) % GAP_RING] for i in range(n))
-        return cls(*head, gaps=gaps)
+        return cls(touches, passes, first, last, max_gap, max_gap_start, state, count, gaps)
 
     def gap_covering(self, start_ns: int, end_ns: int) -> int | None:
         """Length of the logged clock gap that spans [start_ns, end_ns], if any."""

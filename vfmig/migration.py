@@ -313,8 +313,8 @@ class Migration:
         wake_r, wake_w = os.pipe()
 
         def watch() -> None:
-            ready = select.select([ctrl.sock, wake_r], [], [])[0]
-            if ctrl.sock in ready and self._sender is not None:
+            ready = select.select([ctrl.sock.fileno(), wake_r], [], [])[0]
+            if ctrl.sock.fileno() in ready and self._sender is not None:
                 self._sender.cancel()
                 for s in self._chans:
                     with contextlib.suppress(OSError):
