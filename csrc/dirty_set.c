@@ -36,14 +36,14 @@ uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out, int accu
 {
     uint64_t words = (s->npages + 63) / 64, n = 0;
     int all = atomic_exchange(&s->all, 0);
+    uint64_t tail = s->npages % 64 ? (1ull << (s->npages % 64)) - 1 : ~0ull;
     for (uint64_t w = 0; w < words; w++) {
         uint64_t v = atomic_exchange_explicit(&s->bits[w], 0, memory_order_acq_rel);
         out[w] = all ? ~0ull : (accumulate ? out[w] | v : v);
-    }
-    if (s->npages % 64)
-        out[words - 1] &= (1ull << (s->npages % 64)) - 1;
-    for (uint64_t w = 0; w < words; w++)
+        if (w == words - 1)
+            out[w] &= tail;
         n += (uint64_t)__builtin_popcountll(out[w]);
+    }
     return n;
 }
 

@@ -8,7 +8,7 @@
 enum { SEC_REGS = 1, SEC_SREGS, SEC_FPU, SEC_XSAVE, SEC_XCRS, SEC_LAPIC, SEC_MP, SEC_EVENTS,
        SEC_DEBUGREGS, SEC_MSRS, SEC__END };
 
-#define MAX_MSRS 512
+#define MAX_MSRS VFMIG_MAX_MSRS
 
 struct state_hdr {
     uint32_t magic, version, vcpu_id, nsections;
@@ -43,24 +43,29 @@ static const struct {
 
 static size_t pad8(size_t n) { return (n + 7) & ~(size_t)7; }
 
-/* The MSRs this KVM can both read and write, found once by asking for them one at a time. */
-static int msr_list(struct vfmig_vcpu *cpu, uint32_t *idx, uint32_t *n)
+/* The MSRs this KVM can both read and write, found once per VM by asking for them one at a
+ * time; later saves (inside the downtime) reuse the list. Callers are serialised. */
+static int msr_list(struct vfmig_vcpu *cpu)
 {
+    struct vfmig_vm *vm = cpu->vm;
+    if (vm->msrs_probed)
+        return 0;
     struct {
         struct kvm_msr_list l;
         uint32_t idx[MAX_MSRS];
     } ml = {.l.nmsrs = MAX_MSRS};
-    if (ioctl(cpu->vm->kvm_fd, KVM_GET_MSR_INDEX_LIST, &ml) < 0)
+    if (ioctl(vm->kvm_fd, KVM_GET_MSR_INDEX_LIST, &ml) < 0)
         return -errno;
-    *n = 0;
+    vm->nmsrs = 0;
     for (uint32_t i = 0; i < ml.l.nmsrs && i < MAX_MSRS; i++) {
         struct {
             struct kvm_msrs m;
             struct kvm_msr_entry e;
         } one = {.m.nmsrs = 1, .e.index = ml.idx[i]};
         if (ioctl(cpu->fd, KVM_GET_MSRS, &one) == 1)
-            idx[(*n)++] = ml.idx[i];
+            vm->msr_idx[vm->nmsrs++] = ml.idx[i];
     }
+    vm->msrs_probed = 1;
     return 0;
 }
 
@@ -84,8 +89,8 @@ long vfmig_vcpu_save(struct vfmig_vcpu *cpu, uint8_t *buf, size_t cap, struct vf
         struct kvm_regs regs;
         struct kvm_fpu fpu;
     } u;
-    uint32_t idx[MAX_MSRS], nmsr = 0;
-    int r = msr_list(cpu, idx, &nmsr);
+    int r = msr_list(cpu);
+    const uint32_t *idx = cpu->vm->msr_idx, nmsr = cpu->vm->nmsrs;
     if (r < 0)
         return vfmig_fail(err, -r, "KVM_GET_MSR_INDEX_LIST: %s", strerror(-r));
     size_t need = sizeof(struct state_hdr) + (NFIXED + 1) * sizeof(struct sec_hdr) + sizeof(struct kvm_msrs) +

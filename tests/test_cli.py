@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import run_cli
+from vfmig.demo import start_destination
 
 
 @pytest.mark.usefixtures("kvm")
@@ -71,18 +72,6 @@ def test_missing_dev_kvm() -> None:
     _assert_one_line_error(r, "/dev/kvm is missing")
 
 
-def _receiver(*extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "receive", "--listen", "tcp://127.0.0.1:0", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert "listening on" in line, line + proc.stderr.read()
-    return proc, line.split()[-1]
-
-
 @pytest.mark.usefixtures("kvm")
 def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
     """vm run --control in one process, receive in a second, migrate from a third."""
@@ -92,7 +81,7 @@ def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
     dst = None
     try:
         assert "control socket" in vm.stdout.readline()
-        dst, addr = _receiver("--run-seconds", "0.3")
+        dst, addr = start_destination(run_seconds=0.3)
         out = tmp_path / "report.json"
         r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
         assert r.returncode == 0, r.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import Fault, Proxy, destination
 from vfmig import _core, migration
+from vfmig.demo import start_destination
 from vfmig.destination import Incoming
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import Migration, MigrationOptions, migrate
@@ -235,19 +236,11 @@ def test_wrong_session_token_on_a_channel(monkeypatch: pytest.MonkeyPatch) -> No
         _fails_cleanly(vm, dst.address, "wrong session token")
 
 
-def test_destination_killed_mid_stream_then_source_migrates_intact(tmp_path) -> None:
-    import subprocess
-    import sys
-
+def test_destination_killed_mid_stream_then_source_migrates_intact() -> None:
     with MicroVM(memory="256M", rate_pps=100_000) as vm:
         vm.start()
         time.sleep(0.3)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vfmig", "receive", "--listen", "tcp://127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        addr = proc.stdout.readline().split()[-1]
+        proc, addr = start_destination(run_seconds=1.0)
 
         def kill_on_first_iteration(event: str, data: dict) -> None:
             if event == "setup":

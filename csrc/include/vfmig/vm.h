@@ -15,6 +15,7 @@
 #define VFMIG_MAX_SLOTS 2
 #define VFMIG_MIN_RAM (64ull << 20)
 #define VFMIG_MAX_RAM (1ull << 40)
+#define VFMIG_MAX_MSRS 512
 
 enum vfmig_exit_kind {
     VFMIG_EXIT_IO, VFMIG_EXIT_MMIO, VFMIG_EXIT_HLT, VFMIG_EXIT_INTR, VFMIG_EXIT_RING_FULL,
@@ -72,6 +73,11 @@ struct vfmig_vm {
     _Atomic uint64_t first_run_ns; /* when the first vCPU first entered KVM_RUN: a downtime end */
     _Atomic int failed;    /* a vCPU stopped on an error; err says why */
     struct vfmig_err err;
+
+    /* The MSRs this KVM can both read and write: probed once (vcpu_state.c), not at each save. */
+    uint32_t msr_idx[VFMIG_MAX_MSRS];
+    uint32_t nmsrs;
+    int msrs_probed;
 
     _Atomic int throttle_pct;
     pthread_t throttle_thread;
