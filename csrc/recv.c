@@ -28,6 +28,8 @@ int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int
         return vfmig_fail(err, EINVAL, "channels must be 1..%d, got %u", VFMIG_MAX_CHANNELS, nchan);
     r->vm = vm;
     r->nchan = nchan;
+    for (uint32_t i = 0; i < nchan; i++)
+        r->ch[i].fd = -1;
     r->written = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
     r->populated = calloc((vm->npages / VFMIG_STRIPE_PAGES + 64) / 64, sizeof(uint64_t));
     if (verify) {
@@ -43,7 +45,7 @@ int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int
         return vfmig_fail(err, ENOMEM, "out of memory");
     }
     struct timeval tv = {.tv_sec = RECV_TIMEOUT_S};
-    for (uint32_t i = 0; i < nchan; i++) {
+    for (uint32_t i = 0; fds && i < nchan; i++) {
         r->ch[i].fd = fds[i];
         setsockopt(fds[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     }
@@ -58,6 +60,19 @@ void vfmig_receiver_free(struct vfmig_receiver *r)
     r->written = NULL;
     r->populated = NULL;
     r->page_crc = NULL;
+}
+
+/* Channel input: its socket, or the buffer of vfmig_receiver_decode_mem, whose end reads like a
+ * closed peer. A short buffer copies nothing. */
+static int chan_read(struct vfmig_chan_rx *ch, void *buf, size_t len)
+{
+    if (!ch->mem)
+        return vfmig_read_all(ch->fd, buf, len);
+    if (ch->mem_len - ch->mem_off < len)
+        return -ECONNRESET;
+    memcpy(buf, ch->mem + ch->mem_off, len);
+    ch->mem_off += len;
+    return 0;
 }
 
 static int io_fail(struct vfmig_chan_rx *ch, uint32_t c, int rc)
@@ -77,7 +92,7 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     struct vfmig_pages_hdr ph;
     if (h->len < sizeof(ph))
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record too short", c);
-    int rc = vfmig_read_all(ch->fd, &ph, sizeof(ph));
+    int rc = chan_read(ch, &ph, sizeof(ph));
     if (rc < 0)
         return io_fail(ch, c, rc);
     /* Every bound before any byte lands in RAM. */
@@ -92,23 +107,31 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     if (!host)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: pages at gpa 0x%llx (+%u) are outside guest RAM", c,
                           (unsigned long long)ph.gpa, ph.count);
+    /* The run lies in one stripe, and that stripe is this channel's: a page then always
+     * arrives on one channel, which is what keeps its later copies behind its earlier ones. */
+    uint64_t first = (uint64_t)vfmig_vm_gpa_to_page(vm, ph.gpa), stripe = first / VFMIG_STRIPE_PAGES;
+    if ((first + ph.count - 1) / VFMIG_STRIPE_PAGES != stripe)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: run at page %llu (+%u) crosses its stripe", c,
+                          (unsigned long long)first, ph.count);
+    if (stripe % r->nchan != c)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: run at page %llu belongs to channel %llu", c,
+                          (unsigned long long)first, (unsigned long long)(stripe % r->nchan));
     uint32_t dlen = ph.encoding == VFMIG_ENC_RAW ? (uint32_t)bytes : 0;
     if (h->len != sizeof(ph) + dlen)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES length %u does not match %u pages", c, h->len,
                           ph.count);
-    uint64_t first = (uint64_t)vfmig_vm_gpa_to_page(vm, ph.gpa);
     /* First data in a 2 MiB stripe: populate the whole stripe in one call rather than one
      * fault a page inside recv, and only where data lands (sparse guests stay sparse). With
      * shmem THP that is one huge page: 10x cheaper here. Failure is harmless: recv faults. */
     if (dlen) {
-        uint64_t stripe = first / VFMIG_STRIPE_PAGES, bit = 1ull << (stripe % 64);
+        uint64_t bit = 1ull << (stripe % 64);
         if (!(atomic_fetch_or_explicit(&r->populated[stripe / 64], bit, memory_order_relaxed) & bit)) {
             uint64_t p0 = stripe * VFMIG_STRIPE_PAGES, n = vm->npages - p0 < VFMIG_STRIPE_PAGES ? vm->npages - p0
                                                                                                  : VFMIG_STRIPE_PAGES;
             madvise(vm->ram + p0 * VFMIG_PAGE_SIZE, n * VFMIG_PAGE_SIZE, MADV_POPULATE_WRITE);
         }
     }
-    if (dlen && (rc = vfmig_read_all(ch->fd, host, dlen)) < 0)
+    if (dlen && (rc = chan_read(ch, host, dlen)) < 0)
         return io_fail(ch, c, rc);
     struct vfmig_rec_hdr z = *h;
     z.crc = 0;
@@ -148,7 +171,7 @@ static int small_payload(struct vfmig_chan_rx *ch, uint32_t c, const struct vfmi
     if (h->len != want)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: %s record of %u bytes, expected %u", c,
                           vfmig_rec_name(h->type), h->len, want);
-    int rc = vfmig_read_all(ch->fd, buf, want);
+    int rc = chan_read(ch, buf, want);
     if (rc < 0)
         return io_fail(ch, c, rc);
     rc = vfmig_rec_check_crc(h, buf, &ch->err);
@@ -162,7 +185,7 @@ static int recv_channel(struct vfmig_receiver *r, uint32_t c)
         if (atomic_load(&r->cancel))
             return vfmig_fail(&ch->err, ECANCELED, "channel %u: cancelled", c);
         struct vfmig_rec_hdr h;
-        int rc = vfmig_read_all(ch->fd, &h, sizeof(h));
+        int rc = chan_read(ch, &h, sizeof(h));
         if (rc < 0)
             return io_fail(ch, c, rc);
         if ((rc = vfmig_rec_check_hdr(&h, PAGES_MAX_LEN, &ch->err)) < 0)
@@ -239,6 +262,21 @@ int vfmig_receiver_join(struct vfmig_receiver *r)
         }
     }
     return rc;
+}
+
+int vfmig_receiver_decode_mem(struct vfmig_receiver *r, uint32_t c, const uint8_t *buf, size_t len)
+{
+    if (c >= r->nchan)
+        return vfmig_fail(&r->err, EINVAL, "no channel %u", c);
+    struct vfmig_chan_rx *ch = &r->ch[c];
+    ch->mem = buf;
+    ch->mem_len = len;
+    ch->mem_off = 0;
+    ch->rc = recv_channel(r, c);
+    ch->mem = NULL;
+    if (ch->rc < 0)
+        r->err = ch->err;
+    return ch->rc;
 }
 
 int vfmig_receiver_run(struct vfmig_receiver *r)

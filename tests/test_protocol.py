@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -122,3 +123,42 @@ def test_control_digest_detects_a_lost_record() -> None:
 def test_crc32c_known_answer() -> None:
     assert _core.crc32c(b"123456789") == 0xE3069283
     assert _core.crc32c(b"56789", _core.crc32c(b"1234")) == 0xE3069283
+
+
+def _zero_run_and_eos(first_page: int, count: int) -> bytes:
+    """A CRC-valid ZERO run, then the EOS whose digest covers it: a complete channel stream."""
+    rec = _core.encode_record(_core.REC["PAGES"], struct.pack("<QIB3x", first_page * 4096, count, 2))
+    d = Digest()
+    d.add(rec[:16])
+    return rec + _core.encode_record(_core.REC["EOS"], d.eos())
+
+
+@pytest.mark.parametrize(
+    ("channel", "first", "count", "match"),
+    [
+        (1, 512, 256, None),  # 512 / 512 mod 2 = 1: its own stripe
+        (1, 0, 1, "channel 1: run at page 0 belongs to channel 0"),
+        (0, 510, 4, "channel 0: run at page 510 \\(\\+4\\) crosses its stripe"),
+    ],
+)
+def test_page_channel_rejects_a_run_outside_its_stripes(
+    kvm: None, channel: int, first: int, count: int, match: str | None
+) -> None:
+    vm = _core.VM(64 << 20)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        rx = _core.PageReceiver(vm, [p[1].fileno() for p in pairs])
+        for c, (tx, _) in enumerate(pairs):
+            tx.sendall(_zero_run_and_eos(first, count) if c == channel else _zero_run_and_eos(c * 512, 1))
+        rx.start()
+        if match is None:
+            rx.join()
+            assert rx.stats()["pages"] == count + 1
+        else:
+            with pytest.raises(_core.StreamError, match=match):
+                rx.join()
+    finally:
+        for p in pairs:
+            p[0].close()
+            p[1].close()
+        vm.close()

@@ -145,6 +145,57 @@ static int replay(struct vfmig_vm *dst, const uint8_t *buf, size_t len, char *ms
     return rc;
 }
 
+/* One ZERO run (valid CRC), then the EOS that makes it a complete channel stream. */
+static size_t zero_run_stream(uint8_t *out, uint64_t first_page, uint32_t count)
+{
+    struct vfmig_rec_hdr h;
+    struct vfmig_pages_hdr ph = {.gpa = first_page * VFMIG_PAGE_SIZE, .count = count, .encoding = VFMIG_ENC_ZERO};
+    struct vfmig_digest d = {0};
+    vfmig_rec_seal(&h, VFMIG_REC_PAGES, &ph, sizeof(ph), NULL, 0);
+    vfmig_digest_add(&d, &h);
+    memcpy(out, &h, sizeof(h));
+    memcpy(out + sizeof(h), &ph, sizeof(ph));
+    size_t n = sizeof(h) + sizeof(ph);
+    struct vfmig_eos e = {.records = d.records, .bytes = d.bytes, .chain = d.chain};
+    vfmig_rec_seal(&h, VFMIG_REC_EOS, &e, sizeof(e), NULL, 0);
+    memcpy(out + n, &h, sizeof(h));
+    memcpy(out + n + sizeof(h), &e, sizeof(e));
+    return n + sizeof(h) + sizeof(e);
+}
+
+/* Decode buf as channel c of nchan, from memory (no socket). */
+static int decode_on(struct vfmig_vm *dst, uint32_t nchan, uint32_t c, const uint8_t *buf, size_t len, char *msg)
+{
+    struct vfmig_err err;
+    static struct vfmig_receiver r;
+    CHECK(vfmig_receiver_init(&r, dst, NULL, nchan, 1, &err) == 0);
+    int rc = vfmig_receiver_decode_mem(&r, c, buf, len);
+    snprintf(msg, 256, "%s", r.err.msg);
+    vfmig_receiver_free(&r);
+    return rc;
+}
+
+/* A run must lie in one stripe, and in one of its own channel's stripes (p / 512 mod N). */
+static void test_stripes(struct vfmig_vm *dst, const uint8_t *stream, size_t len)
+{
+    char msg[256];
+    uint8_t buf[256];
+    CHECK(decode_on(dst, 1, 0, stream, len, msg) == 0); /* the memory path takes what the socket did */
+    CHECK(decode_on(dst, 2, 1, buf, zero_run_stream(buf, 768, 256), msg) == 0);
+    CHECK(decode_on(dst, 3, 2, buf, zero_run_stream(buf, 1024 + 511, 1), msg) == 0);
+    CHECK(decode_on(dst, 1, 0, buf, zero_run_stream(buf, 510, 4), msg) < 0);
+    CHECK(strstr(msg, "channel 0: run at page 510 (+4) crosses its stripe"));
+    CHECK(decode_on(dst, 2, 1, buf, zero_run_stream(buf, 1023, 2), msg) < 0);
+    CHECK(strstr(msg, "crosses its stripe"));
+    CHECK(decode_on(dst, 3, 1, buf, zero_run_stream(buf, 1536, 1), msg) < 0);
+    CHECK(strstr(msg, "channel 1: run at page 1536 belongs to channel 0"));
+    CHECK(decode_on(dst, 2, 0, buf, zero_run_stream(buf, 600, 1), msg) < 0);
+    CHECK(strstr(msg, "channel 0: run at page 600 belongs to channel 1"));
+    CHECK(decode_on(dst, 2, 2, buf, zero_run_stream(buf, 0, 1), msg) < 0);
+    /* Truncated in memory: like a closed socket. */
+    CHECK(decode_on(dst, 1, 0, stream, len - 1, msg) < 0 && strstr(msg, "closed"));
+}
+
 int main(void)
 {
     struct vfmig_vm *src = fake_vm(), *dst = fake_vm();
@@ -204,6 +255,7 @@ int main(void)
     /* A control record on a page channel is refused. */
     vfmig_rec_seal(&bad.h, VFMIG_REC_HELLO, &bad.ph, sizeof(bad.ph), NULL, 0);
     CHECK(replay(dst, (uint8_t *)&bad, sizeof(bad), msg) < 0 && strstr(msg, "unexpected HELLO"));
+    test_stripes(dst, stream, len);
     free(stream);
     free_vm(src);
     free_vm(dst);

@@ -60,6 +60,8 @@ struct vfmig_chan_rx {
     uint64_t pages, zero_pages, bytes, records, iterations;
     int done, rc;
     struct vfmig_err err;
+    const uint8_t *mem;         /* vfmig_receiver_decode_mem: records come from here, not fd */
+    size_t mem_len, mem_off;
 };
 
 struct vfmig_receiver {
@@ -73,6 +75,7 @@ struct vfmig_receiver {
     struct vfmig_err err;
 };
 
+/* fds NULL: no sockets, for vfmig_receiver_decode_mem only. Caller's thread. 0 or -errno. */
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
                         int verify, struct vfmig_err *err);
 void vfmig_receiver_free(struct vfmig_receiver *r);
@@ -83,6 +86,10 @@ int vfmig_receiver_start(struct vfmig_receiver *r);
 int vfmig_receiver_join(struct vfmig_receiver *r);
 /* start + join. */
 int vfmig_receiver_run(struct vfmig_receiver *r);
+/* Decode channel c's records from buf as if they arrived on its socket, to its EOS or first
+ * error, in the caller's thread (fuzzing, tests): the end of buf reads as a closed peer. Not
+ * while the channel threads run. 0, or -errno with r->err (and r->ch[c].err) set. */
+int vfmig_receiver_decode_mem(struct vfmig_receiver *r, uint32_t c, const uint8_t *buf, size_t len);
 
 /* CRC32C of every RAM page into out[npages] (verification, outside the downtime). */
 void vfmig_ram_page_crcs(const struct vfmig_vm *vm, uint32_t *out);
