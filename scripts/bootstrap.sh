@@ -51,7 +51,7 @@ fi
 VPY=.venv/bin/python
 export PATH="$(pwd)/.venv/bin:$PATH"
 req_stamp=.venv/.vfmig-deps
-deps="meson-python>=0.15 meson>=1.2 ninja cython>=3.0 pytest ruff mypy pyroute2"
+deps="meson-python>=0.15 meson>=1.2 ninja cython>=3.0 pytest pytest-timeout ruff mypy pyroute2"
 if [ ! -f "$req_stamp" ] || [ "$(cat "$req_stamp")" != "$deps" ]; then
     say "installing Python build and test dependencies"
     $VPY -m pip install -q --disable-pip-version-check $deps
