@@ -1,24 +1,42 @@
-"""Fixtures that probe the host and skip with the reason when it lacks something."""
+"""Fixtures that probe the host and skip with the reason when it lacks something.
+
+VFMIG_STRICT=1 (what CI sets) turns every such skip into a failure that names what is missing:
+a CI host is supposed to have everything, so a skip there would hide an untested feature.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Generator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+KVM_PATH = "/dev/kvm"
+
+
+def strict() -> bool:
+    return os.environ.get("VFMIG_STRICT", "") not in ("", "0")
+
+
+def host_skip(reason: str) -> NoReturn:
+    """Skip because the host lacks something; under VFMIG_STRICT=1, fail instead."""
+    if strict():
+        pytest.fail(f"VFMIG_STRICT=1 and this host lacks it: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def _kvm_reason() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm on this host"
+    if not os.path.exists(KVM_PATH):
+        return f"no {KVM_PATH} on this host"
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
+        fd = os.open(KVM_PATH, os.O_RDWR)
     except OSError as e:
-        return f"/dev/kvm not usable: {e.strerror}"
+        return f"{KVM_PATH} not usable: {e.strerror}"
     os.close(fd)
     return None
 
@@ -31,14 +49,37 @@ def _root_reason() -> str | None:
 def kvm() -> None:
     reason = _kvm_reason()
     if reason:
-        pytest.skip(reason)
+        host_skip(reason)
 
 
 @pytest.fixture
 def root() -> None:
     reason = _root_reason()
     if reason:
-        pytest.skip(reason)
+        host_skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    """The net under host_skip: with VFMIG_STRICT=1 any other skip (a skipif mark, a bare
+    pytest.skip in a file that does not use host_skip) fails too, with its reason."""
+    outcome = yield
+    rep = outcome.get_result()
+    if strict() and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"VFMIG_STRICT=1 turns this skip into a failure: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, None, None]:
+    """The same for a whole module skipped at import (pytest.importorskip, allow_module_level)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if strict() and rep.skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"VFMIG_STRICT=1 turns this skip into a failure: {reason}"
 
 
 def run_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import host_skip, run_cli
 from vfmig.demo import start_destination
 
 
@@ -60,7 +60,7 @@ def test_unknown_option_is_one_line() -> None:
 @pytest.mark.usefixtures("root")
 def test_missing_dev_kvm() -> None:
     if not shutil.which("unshare"):
-        pytest.skip("needs unshare(1)")
+        host_skip("needs unshare(1)")
     # A private mount namespace with an empty /dev: exactly a host without KVM.
     script = f"mount -t tmpfs none /dev && exec {sys.executable} -m vfmig vm run --seconds 1"
     r = subprocess.run(

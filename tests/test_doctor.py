@@ -9,6 +9,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import host_skip
+
 
 def _load_doctor() -> ModuleType:
     try:
@@ -57,9 +59,9 @@ def _by_name(checks: list) -> dict:
 
 def _require_kvm() -> None:
     if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm")
+        host_skip("no /dev/kvm")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("/dev/kvm not accessible")
+        host_skip("/dev/kvm not accessible")
 
 
 def test_names_in_order_and_single_line_details(checks: list) -> None:
@@ -83,7 +85,7 @@ def test_dirty_ring(checks: list) -> None:
     _require_kvm()
     ring = _by_name(checks)["dirty_ring"]
     if not ring.ok:
-        pytest.skip(f"dirty ring unavailable: {ring.detail}")
+        host_skip(f"dirty ring unavailable: {ring.detail}")
     assert ring.data["max_bytes"] > 0
     assert isinstance(ring.data["acq_rel"], bool)
 
@@ -204,19 +206,19 @@ def test_missing_tool(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bcc_fallback_loader_leaves_sys_modules_alone() -> None:
     bcc_dir = doctor.BCC_DIST_DIR
     if not os.path.isfile(os.path.join(bcc_dir, "__init__.py")):
-        pytest.skip(f"no {bcc_dir}")
+        host_skip(f"no {bcc_dir}")
     before = {k for k in sys.modules if k == "bcc" or k.startswith("bcc.")}
     try:
         mod = doctor._load_bcc_from(bcc_dir)
     except Exception as e:  # e.g. libbcc.so missing
-        pytest.skip(f"bcc not loadable from {bcc_dir}: {e}")
+        host_skip(f"bcc not loadable from {bcc_dir}: {e}")
     assert hasattr(mod, "BPF")
     assert {k for k in sys.modules if k == "bcc" or k.startswith("bcc.")} == before
 
 
 def test_no_fd_leak() -> None:
     if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("no /proc/self/fd")
+        host_skip("no /proc/self/fd")
     doctor.run_checks()  # warm up lazy imports (bcc loads shared libraries once)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
