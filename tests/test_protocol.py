@@ -61,6 +61,39 @@ def test_hello_rejects(mutate, match: str) -> None:
         Hello.decode(mutate(_hello().encode()))
 
 
+def test_hello_and_channel_wire_format() -> None:
+    """The C encoders write the documented layout, byte for byte (docs/stream-format.md §4)."""
+    h = _hello()
+    cfg = b'{"memory": 1073741824, "vcpus": 2}'
+    assert h.encode() == struct.pack("<8sHHIQII16sII", b"VFMIGSTR", 1, 4, 4096, 1 << 30, 2, 1, TOKEN, len(cfg), 0) + cfg
+    assert encode_channel(TOKEN, 3) == struct.pack("<16sHHI", TOKEN, 3, 1, 0)
+    with pytest.raises(ValueError, match="16 bytes"):
+        encode_channel(b"short", 3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (_hello().encode()[:52] + b"\1\0\0\0" + _hello().encode()[56:], "unsupported page size or flags"),
+        (b"", "too short"),
+        (_hello().encode()[:48] + struct.pack("<I", 16385) + _hello().encode()[52:], "bad length"),
+    ],
+)
+def test_hello_rejects_reserved_and_lengths(raw: bytes, match: str) -> None:
+    with pytest.raises(MigrationError, match=match):
+        Hello.decode(raw)
+
+
+def test_channel_rejects_reserved_and_lengths() -> None:
+    good = encode_channel(TOKEN, 3)
+    with pytest.raises(MigrationError, match=r"^bad channel opener \(reserved field set\)$"):
+        decode_channel(good[:20] + b"\0\0\0\1")
+    with pytest.raises(MigrationError, match="^bad channel opener$"):
+        decode_channel(good + b"\0")
+    with pytest.raises(MigrationError, match="^page channel speaks stream version 0, not 1$"):
+        decode_channel(good[:18] + b"\0" * 6)
+
+
 def test_channel_device_vcpu_round_trip_and_reject() -> None:
     assert decode_channel(encode_channel(TOKEN, 3)) == (TOKEN, 3)
     with pytest.raises(MigrationError, match="version"):

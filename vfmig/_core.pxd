@@ -103,6 +103,34 @@ cdef extern from "vfmig/stream.h":
     int vfmig_rec_check_crc(const vfmig_rec_hdr *h, const void *payload, vfmig_err *err)
     const char *vfmig_rec_name(uint32_t type)
 
+cdef extern from "vfmig/hello.h":
+    enum:
+        VFMIG_HELLO_LEN
+        VFMIG_CHANNEL_LEN
+        VFMIG_HELLO_VERIFY
+        VFMIG_CONFIG_MAX
+    struct vfmig_hello:
+        char magic[8]
+        uint16_t version
+        uint16_t channels
+        uint32_t page_size
+        uint64_t mem_bytes
+        uint32_t vcpus
+        uint32_t flags
+        uint8_t token[16]
+        uint32_t config_len
+        uint32_t reserved
+    struct vfmig_channel_hello:
+        uint8_t token[16]
+        uint16_t index
+        uint16_t version
+        uint32_t reserved
+    void vfmig_hello_encode(vfmig_hello *out, uint16_t version, uint16_t channels, uint64_t mem_bytes,
+                            uint32_t vcpus, uint32_t flags, const uint8_t *token, uint32_t config_len)
+    int vfmig_hello_decode(const uint8_t *raw, size_t len, vfmig_hello *out, vfmig_err *err)
+    void vfmig_channel_encode(vfmig_channel_hello *out, const uint8_t *token, uint16_t index)
+    int vfmig_channel_decode(const uint8_t *raw, size_t len, vfmig_channel_hello *out, vfmig_err *err)
+
 cdef extern from "vfmig/dirty.h":
     struct vfmig_tracker_ops:
         const char *name

@@ -380,6 +380,55 @@ def check_crc(const uint8_t[::1] raw_hdr, const uint8_t[::1] payload):
         raise StreamError(-rc, err.msg.decode())
 
 
+# HELLO and CHANNEL, the session openers (csrc/hello.c) ----------------------------------------
+HELLO_LEN = VFMIG_HELLO_LEN
+CHANNEL_LEN = VFMIG_CHANNEL_LEN
+HELLO_VERIFY = VFMIG_HELLO_VERIFY
+CONFIG_MAX = VFMIG_CONFIG_MAX
+
+
+cdef const uint8_t *_token(const uint8_t[::1] token) except NULL:
+    if token.shape[0] != VFMIG_TOKEN_LEN:
+        raise ValueError(f"a session token is {VFMIG_TOKEN_LEN} bytes, not {token.shape[0]}")
+    return &token[0]
+
+
+def encode_hello(uint16_t version, uint16_t channels, uint64_t mem_bytes, uint32_t vcpus, uint32_t flags,
+                 const uint8_t[::1] token, uint32_t config_len):
+    """The HELLO header (HELLO_LEN bytes); the config_len bytes of JSON config follow it."""
+    cdef vfmig_hello h
+    vfmig_hello_encode(&h, version, channels, mem_bytes, vcpus, flags, _token(token), config_len)
+    return (<char *>&h)[:sizeof(h)]
+
+
+def decode_hello(const uint8_t[::1] raw):
+    """Check a HELLO payload; returns (version, channels, mem_bytes, vcpus, flags, token,
+    config_len), the config being raw[HELLO_LEN:]. StreamError with the reason otherwise."""
+    cdef vfmig_hello h
+    cdef vfmig_err err
+    cdef int rc = vfmig_hello_decode(&raw[0] if raw.shape[0] else NULL, raw.shape[0], &h, &err)
+    if rc < 0:
+        raise StreamError(-rc, err.msg.decode())
+    return h.version, h.channels, h.mem_bytes, h.vcpus, h.flags, (<char *>h.token)[:VFMIG_TOKEN_LEN], h.config_len
+
+
+def encode_channel(const uint8_t[::1] token, uint16_t index):
+    """The CHANNEL opener of page channel `index`."""
+    cdef vfmig_channel_hello c
+    vfmig_channel_encode(&c, _token(token), index)
+    return (<char *>&c)[:sizeof(c)]
+
+
+def decode_channel(const uint8_t[::1] raw):
+    """Check a CHANNEL payload; returns (token, index). StreamError with the reason otherwise."""
+    cdef vfmig_channel_hello c
+    cdef vfmig_err err
+    cdef int rc = vfmig_channel_decode(&raw[0] if raw.shape[0] else NULL, raw.shape[0], &c, &err)
+    if rc < 0:
+        raise StreamError(-rc, err.msg.decode())
+    return (<char *>c.token)[:VFMIG_TOKEN_LEN], c.index
+
+
 def count_mismatches(const uint8_t[::1] a, const uint8_t[::1] b):
     """Pages whose CRCs differ between two page_crcs() digests."""
     if a.shape[0] != b.shape[0]:

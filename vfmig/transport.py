@@ -19,13 +19,9 @@ from vfmig.errors import ConfigError, MigrationError
 
 REC = _core.REC
 HDR_LEN = _core.REC_HEADER_LEN
-STREAM_MAGIC = b"VFMIGSTR"
 VERSION = _core.STREAM_VERSION
-HELLO_VERIFY = 1
-CONFIG_MAX = 16384
-
-_HELLO = struct.Struct("<8sHHIQII16sII")
-_CHANNEL = struct.Struct("<16sHHI")
+HELLO_VERIFY = _core.HELLO_VERIFY
+CONFIG_MAX = _core.CONFIG_MAX
 _DEVICE = struct.Struct("<HH")
 _VCPU = struct.Struct("<II")
 _EOS = struct.Struct("<QQII")
@@ -57,57 +53,33 @@ class Hello:
 
     def encode(self) -> bytes:
         cfg = json.dumps(self.config).encode()
-        return (
-            _HELLO.pack(
-                STREAM_MAGIC,
-                self.version,
-                self.channels,
-                4096,
-                self.mem_bytes,
-                self.vcpus,
-                HELLO_VERIFY if self.verify else 0,
-                self.token,
-                len(cfg),
-                0,
-            )
-            + cfg
-        )
+        flags = HELLO_VERIFY if self.verify else 0
+        hdr = _core.encode_hello(self.version, self.channels, self.mem_bytes, self.vcpus, flags, self.token, len(cfg))
+        return hdr + cfg
 
     @classmethod
     def decode(cls, raw: bytes) -> Hello:
-        if len(raw) < _HELLO.size:
-            raise MigrationError("stream header too short")
-        magic, version, channels, page, mem, vcpus, flags, token, cfg_len, reserved = _HELLO.unpack_from(raw)
-        if magic != STREAM_MAGIC:
-            raise MigrationError("not a vfmig stream (bad stream magic)")
-        if version != VERSION:
-            raise MigrationError(f"unsupported stream version {version} (this vfmig speaks version {VERSION})")
-        if page != 4096 or flags & ~HELLO_VERIFY or reserved:
-            raise MigrationError("stream header has an unsupported page size or flags")
-        if not 1 <= channels <= _core.MAX_CHANNELS:
-            raise MigrationError(f"stream asks for {channels} channels (1..{_core.MAX_CHANNELS})")
-        if cfg_len > CONFIG_MAX or len(raw) != _HELLO.size + cfg_len:
-            raise MigrationError("stream header's VM config has a bad length")
+        # The fixed header is checked in C (csrc/hello.c, fuzzed); the JSON config here.
         try:
-            config = json.loads(raw[_HELLO.size :])
+            version, channels, mem, vcpus, flags, token, _ = _core.decode_hello(raw)
+        except _core.StreamError as e:
+            raise MigrationError(e.strerror) from None
+        try:
+            config = json.loads(raw[_core.HELLO_LEN :])
         except ValueError:
             raise MigrationError("stream header's VM config is not valid JSON") from None
         return cls(version, channels, mem, vcpus, bool(flags & HELLO_VERIFY), token, config)
 
 
 def encode_channel(token: bytes, index: int) -> bytes:
-    return _CHANNEL.pack(token, index, VERSION, 0)
+    return _core.encode_channel(token, index)
 
 
 def decode_channel(raw: bytes) -> tuple[bytes, int]:
-    if len(raw) != _CHANNEL.size:
-        raise MigrationError("bad channel opener")
-    token, index, version, reserved = _CHANNEL.unpack(raw)
-    if reserved:
-        raise MigrationError("bad channel opener (reserved field set)")
-    if version != VERSION:
-        raise MigrationError(f"page channel speaks stream version {version}, not {VERSION}")
-    return token, index
+    try:
+        return _core.decode_channel(raw)
+    except _core.StreamError as e:
+        raise MigrationError(e.strerror) from None
 
 
 def encode_device(name: str, blob: bytes) -> bytes:
