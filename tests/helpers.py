@@ -1,14 +1,50 @@
-"""Helpers for migration tests: an in-process destination and a fault-injecting TCP proxy."""
+"""Helpers for migration tests: an in-process destination, a fault-injecting TCP proxy, a
+byte-counting relay, and waits on conditions (never on timers)."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from vfmig.destination import Incoming, Listener
+from vfmig.vm import MicroVM
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `cond` until it holds; fail the test naming `what` if it does not within `timeout`.
+    The guest has no way to signal the host, so its state is polled (every millisecond)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.001)
+
+
+def wait_running(vm: MicroVM, passes: int = 0, timeout: float = 10.0) -> None:
+    """Wait until every vCPU demonstrably runs: it has read its clock and counted a page (and,
+    with `passes`, gone that many times over its working set, so all of it is faulted in)."""
+    wait_until(
+        lambda: all(s.first_clock_ns and s.touches and s.passes >= passes for s in vm.vcpu_stats()),
+        f"every vCPU to run{f' {passes} pass(es)' if passes else ''}",
+        timeout,
+    )
+
+
+def keeps_running(vm: MicroVM, timeout: float = 10.0) -> bool:
+    """The guest is not paused and its counter moves (it was left running)."""
+    if vm.paused:
+        return False
+    a = vm.touches()
+    try:
+        wait_until(lambda: vm.touches() > a, "the guest's counter to move", timeout)
+    except AssertionError:
+        return False
+    return True
 
 
 @dataclass
@@ -117,3 +153,98 @@ class Proxy:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass
+class CountingRelay:
+    """A TCP relay in front of `target` that counts the source->destination bytes of every
+    connection (0 = control, 1.. = page channels, in accept order) with their arrival times,
+    as a receiver sees them. Optionally calls `trigger` once, when connection `trigger_conn`
+    has carried `trigger_offset` bytes (before forwarding the chunk that crosses it)."""
+
+    target: tuple[str, int]
+    trigger_conn: int = -1
+    trigger_offset: int = 0
+    trigger: Callable[[], None] | None = None
+    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    fired: threading.Event = field(default_factory=threading.Event)
+    arrivals: list[list[tuple[int, int]]] = field(default_factory=list)  # per conn: (t_ns, total bytes)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def start(self) -> CountingRelay:
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                index = len(self.arrivals)
+                self.arrivals.append([])
+            try:
+                up = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self._pump, args=(c, up, index), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, c, -1), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int) -> None:
+        seen = 0
+        log = self.arrivals[index] if index >= 0 else None
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                seen += len(data)
+                if log is not None:
+                    log.append((time.monotonic_ns(), seen))
+                    if index == self.trigger_conn and seen > self.trigger_offset and not self.fired.is_set():
+                        self.fired.set()
+                        if self.trigger is not None:
+                            self.trigger()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def page_bytes(self) -> list[int]:
+        """Bytes that arrived on each page channel (the control connection left out)."""
+        return [log[-1][1] if log else 0 for log in self.arrivals[1:]]
+
+    def window_rates(self, lo: int, hi: int) -> tuple[float, list[float]]:
+        """Arrival rates (bytes/s) over the window from when the page channels together had
+        delivered `lo` bytes until they had delivered `hi`: the total and per channel."""
+        events = sorted(
+            (t, c, n - prev)
+            for c, log in enumerate(self.arrivals[1:])
+            for (t, n), prev in zip(log, [0] + [n for _, n in log[:-1]], strict=True)
+        )
+        times, acc, total = [], [], 0
+        for t, _, k in events:
+            total += k
+            times.append(t)
+            acc.append(total)
+        i_lo, i_hi = bisect.bisect_left(acc, lo), bisect.bisect_left(acc, hi)
+        assert i_hi < len(acc), f"only {total} bytes arrived, fewer than {hi}"
+        t_lo, t_hi = times[i_lo], times[i_hi]
+        secs = (t_hi - t_lo) / 1e9
+        per = [0] * (len(self.arrivals) - 1)
+        for _, c, k in events[i_lo + 1 : i_hi + 1]:
+            per[c] += k
+        return (acc[i_hi] - acc[i_lo]) / secs, [b / secs for b in per]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
+from tests.helpers import wait_running, wait_until
 from vfmig.errors import ConfigError, HostError
 from vfmig.vm import MicroVM, VMState
 
@@ -20,8 +22,8 @@ def test_dirty_rate_within_15_percent(vcpus: int) -> None:
     target = 100_000
     with MicroVM(memory="128M", vcpus=vcpus, rate_pps=target) as vm:
         vm.start()
-        time.sleep(0.5)
-        rate = vm.measure_rate(2.0)
+        wait_running(vm, passes=1)  # the first pass faults RAM in: not the steady rate
+        rate = vm.measure_rate(2.0)  # the guest running 2 s is the measurement
         assert vm.core.failed is None
     assert abs(rate - target) / target <= 0.15, f"measured {rate:.0f} pages/s for a target of {target}"
 
@@ -29,9 +31,10 @@ def test_dirty_rate_within_15_percent(vcpus: int) -> None:
 def test_two_vcpus_both_run() -> None:
     with MicroVM(memory="128M", vcpus=2) as vm:
         vm.start()
-        time.sleep(0.5)
+        wait_running(vm)
         a = [s.touches for s in vm.vcpu_stats()]
-        time.sleep(0.3)
+        # Each vCPU's own counter must move on its own (one vCPU cannot count for the other).
+        wait_until(lambda: all(s.touches > x for s, x in zip(vm.vcpu_stats(), a, strict=True)), "both counters to move")
         b = [s.touches for s in vm.vcpu_stats()]
     assert all(y > x > 0 for x, y in zip(a, b, strict=True)), (a, b)
 
@@ -39,24 +42,25 @@ def test_two_vcpus_both_run() -> None:
 def test_pause_stops_progress_and_resume_continues() -> None:
     with MicroVM(memory="128M", vcpus=2) as vm:
         vm.start()
-        time.sleep(0.3)
+        wait_running(vm)
+        # The same 0.1 s window that must stay still while paused sees a running guest move.
+        a = vm.touches()
+        wait_until(lambda: vm.touches() != a, "the running guest's counter to move", timeout=0.1)
         latency = vm.pause()
         frozen = vm.touches()
-        time.sleep(0.3)
-        assert vm.touches() == frozen, "the guest's counter moved while paused"
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_until(lambda: vm.touches() != frozen, "the paused guest's counter to move", timeout=0.1)
         assert 0 < latency < 1e9
         vm.resume()
-        time.sleep(0.3)
-        assert vm.touches() > frozen
+        wait_until(lambda: vm.touches() > frozen, "the counter to move after resume")
         assert vm.stats()["exits"]["io"] > 0
 
 
 def test_sequential_dirtier_leaves_at_most_one_wrap_edge() -> None:
     with MicroVM(memory="64M", vcpus=2) as vm:
         vm.start()
-        time.sleep(0.6)
+        wait_running(vm, passes=1)
         vm.pause()
-        assert all(s.passes >= 1 for s in vm.vcpu_stats())
         edges = vm.wrap_edges()
     assert all(e <= 1 for e in edges), edges
 
@@ -64,9 +68,7 @@ def test_sequential_dirtier_leaves_at_most_one_wrap_edge() -> None:
 def test_idle_guest_touches_once_then_halts() -> None:
     with MicroVM(memory="64M", guest="idle") as vm:
         vm.start()
-        deadline = time.monotonic() + 10
-        while vm.vcpu_stats()[0].state != 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to halt")
         st = vm.vcpu_stats()[0]
         assert st.state == 2 and st.passes == 1
         assert st.touches == (64 << 20) // 4096 - 1024  # RAM above the 4 MiB data start
@@ -74,7 +76,8 @@ def test_idle_guest_touches_once_then_halts() -> None:
 
 
 _RESTORE = r"""
-import sys, time
+import sys
+from tests.helpers import wait_until
 from vfmig.vm import MicroVM, VMState
 state = VMState.from_bytes(open(sys.argv[1], "rb").read())
 with MicroVM.from_config(state.config) as vm:
@@ -82,7 +85,7 @@ with MicroVM.from_config(state.config) as vm:
     vm.load_state(state)
     before = vm.touches()
     vm.start_loaded()
-    time.sleep(0.5)
+    wait_until(lambda: vm.touches() > before + 1000, "the restored guest to count on")
     vm.pause()
     print(before, vm.touches(), vm.core.failed)
 """
@@ -91,7 +94,7 @@ with MicroVM.from_config(state.config) as vm:
 def test_cold_migration_to_a_new_process(tmp_path: Path) -> None:
     with MicroVM(memory="64M", vcpus=2, rate_pps=50_000) as vm:
         vm.start()
-        time.sleep(0.5)
+        wait_running(vm)
         vm.pause()
         counter = vm.touches()
         state = vm.save_state()
@@ -105,6 +108,7 @@ def test_cold_migration_to_a_new_process(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         check=True,
+        cwd=REPO,  # the script imports tests.helpers
     ).stdout.split()
     before, after, failed = int(out[0]), int(out[1]), out[2]
     assert before == counter, "the counter must arrive as it was at pause"
@@ -115,7 +119,7 @@ def test_cold_migration_to_a_new_process(tmp_path: Path) -> None:
 def test_state_roundtrip_rejects_garbage() -> None:
     with MicroVM(memory="64M") as vm:
         vm.start()
-        time.sleep(0.1)
+        wait_running(vm)
         vm.pause()
         state = vm.save_state()
     blob = bytearray(state.vcpus[0])
@@ -146,17 +150,18 @@ def test_large_memory_is_sparse() -> None:
     # 16 GiB of memfd RAM, two memslots (below 3 GiB and from 4 GiB); only touched pages cost.
     with MicroVM(memory="16G", wss_bytes=16 << 20) as vm:
         vm.start()
-        time.sleep(0.3)
-        assert vm.touches() > 0
+        wait_running(vm, passes=1)  # its whole 16 MiB working set written once
         assert vm.core.ram_bytes == 16 << 30
+        # Sparse: the memfd holds the touched pages (and the guest's own), not 16 GiB.
+        assert os.fstat(vm.core.mem_fd).st_blocks * 512 < 64 << 20
 
 
 def test_mmio_exits_reach_their_device() -> None:
     # The same clock through MMIO: the throttle only holds the rate if the reads are right.
     with MicroVM(memory="64M", rate_pps=50_000, clock_mmio=True) as vm:
         vm.start()
-        time.sleep(0.3)
-        rate = vm.measure_rate(1.0)
+        wait_running(vm, passes=1)
+        rate = vm.measure_rate(1.0)  # the guest running 1 s is the measurement
         exits = vm.core.exits()
     assert exits["mmio"] > 1000, exits
     assert abs(rate - 50_000) / 50_000 <= 0.15, rate
