@@ -66,6 +66,7 @@ cdef extern from "vfmig/vm.h":
     int vfmig_vm_set_dirty_logging(vfmig_vm *vm, int on) nogil
     int vfmig_vm_set_throttle(vfmig_vm *vm, int pct) nogil
     uint8_t *vfmig_vm_host(const vfmig_vm *vm, uint64_t gpa, uint64_t len) nogil
+    uint64_t vfmig_vm_page_to_gpa(const vfmig_vm *vm, uint64_t page)
 
 cdef extern from "vfmig/vcpu_state.h":
     enum:

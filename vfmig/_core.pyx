@@ -255,6 +255,13 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
+    def page_gpa(self, uint64_t page):
+        """The guest-physical address of RAM page index `page` (as page_crcs() numbers them)."""
+        cdef vfmig_vm *vm = self._vm()
+        if page >= vm.npages:
+            raise ValueError(f"page {page} is outside RAM")
+        return vfmig_vm_page_to_gpa(vm, page)
+
     @property
     def first_run_ns(self):
         """CLOCK_MONOTONIC ns when a vCPU first entered the guest (0 before that)."""

@@ -113,6 +113,7 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
     p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
+    p.add_argument("--psk-file", metavar="PATH", help="pre-shared key the destination asks for (see receive)")
 
 
 def migration_options(args: argparse.Namespace) -> Any:
@@ -125,6 +126,7 @@ def migration_options(args: argparse.Namespace) -> Any:
         tracker=args.tracker,
         bandwidth=parse_rate(args.bandwidth),
         verify=args.verify,
+        psk_file=args.psk_file,
         policy=Policy(
             max_downtime_ms=args.max_downtime,
             max_iterations=args.max_iterations,
@@ -132,6 +134,12 @@ def migration_options(args: argparse.Namespace) -> Any:
             auto_converge=args.auto_converge,
         ),
     )
+
+
+def parse_uri_host(uri: str) -> str:
+    from vfmig.transport import parse_uri
+
+    return parse_uri(uri)[0]
 
 
 def _write_json(path: str | None, doc: dict[str, Any]) -> None:
@@ -178,17 +186,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from vfmig.destination import Listener, describe
-
-    with Listener(args.listen) as lst:
+    from vfmig.auth import Authenticator, is_loopback, read_key
+    from vfmig.destination import Limits, Listener, describe
+    auth = Authenticator(
+        read_key(args.psk_file) if args.psk_file else None,
+        allow_open=args.allow_unauthenticated or is_loopback(parse_uri_host(args.listen)),
+    )
+    limits = Limits()
+    if args.max_memory:
+        limits.max_memory = parse_size(args.max_memory)
+    if args.max_vcpus is not None:
+        limits.max_vcpus = args.max_vcpus
+    if limits.max_memory <= 0 or limits.max_vcpus < 1:
+        raise VfmigError("--max-memory and --max-vcpus must be positive")
+    with Listener(args.listen, auth, limits) as lst:
         print(f"vfmig: listening on {lst.address}", flush=True)
         inc = lst.receive(args.timeout, run_seconds=args.run_seconds)
+        for why in lst.refused:
+            print(f"vfmig: refused a connection from {why}", file=sys.stderr)
     with inc.vm:
         g = inc.guest
-        print(
-            f"vfmig: guest running here; counter {g['touches_after']:,}, wrap edges {g['wrap_edges']}",
-            flush=True,
-        )
+        if inc.source_lost:
+            print(f"vfmig: warning: {inc.source_lost}", file=sys.stderr, flush=True)
+        if g:
+            print(
+                f"vfmig: guest running here; counter {g['touches_after']:,}, wrap edges {g['wrap_edges']}",
+                flush=True,
+            )
         _write_json(args.json, describe(inc))
         if args.keep_running:
             while True:
@@ -260,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     rcv.add_argument("--keep-running", action="store_true", help="run the guest until interrupted")
     rcv.add_argument("--timeout", type=float, default=None, help="give up if no source connects in time")
     rcv.add_argument("--json", metavar="PATH", help="write the destination's record as JSON ('-': stdout)")
+    rcv.add_argument(
+        "--psk-file",
+        metavar="PATH",
+        help="accept only sources that prove they hold this pre-shared key (mode 600, >= 16 bytes); "
+        "without it, only a loopback address accepts migrations",
+    )
+    rcv.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="accept sources without a key on a non-loopback address (anyone who can reach the port can then "
+        "make this host build and run a VM)",
+    )
+    rcv.add_argument("--max-memory", metavar="SIZE", help="refuse VMs with more RAM (default: this host's RAM)")
+    rcv.add_argument("--max-vcpus", type=int, metavar="N", help="refuse VMs with more vCPUs (default 64)")
     rcv.set_defaults(func=cmd_receive)
 
     demo = sub.add_parser("demo", help="the main job: live-migrate the built-in micro-VM between two processes")

@@ -1,21 +1,31 @@
-"""The destination side: build the VM from the stream, load it, and resume only when it is whole.
+"""The destination side: authenticate the source, build the VM from the stream, load and check
+it, and run it only after the source commits.
 
-The guest is started only after every page channel's end-of-stream digest matched, the control
-channel's digest matched, and every device and vCPU accepted its state. On any error the VM is
-destroyed unstarted and the source is told why.
+    AUTH_INIT/CHALLENGE/RESPONSE -> HELLO (limits checked before any VM exists) -> page channels
+    -> pages, devices, vCPUs, end-of-stream digests -> [PAGE_HASHES of our RAM] -> READY
+    -> GO (the commit) -> guest runs here -> RESUMED, GUEST
+
+Before GO, any error destroys the VM unstarted and tells the source why. After GO this side owns
+the only running copy of the guest: nothing here closes it, and failing to report back to the
+source only leaves the source's report incomplete (Incoming.source_lost says so).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vfmig import _core
-from vfmig.errors import MigrationError, VfmigError
+from vfmig.acceptor import Acceptor, Opening
+from vfmig.auth import Authenticator, AuthError, Session, is_loopback
+from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.transport import (
     ControlChannel,
     Hello,
@@ -24,35 +34,95 @@ from vfmig.transport import (
     decode_vcpu,
     parse_uri,
 )
+from vfmig.units import human_bytes
 from vfmig.vm import MicroVM, VMConfig, VMState
 
-ACCEPT_TIMEOUT_S = 30.0
-GO_TIMEOUT_S = 30.0
-STREAM_TIMEOUT_S = 120.0  # longest silence on the control channel while pages flow
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Limits:
+    """What a source may ask this destination to build; checked before anything is allocated."""
+
+    max_memory: int = field(default_factory=_host_memory)
+    max_vcpus: int = 64
+
+    def check(self, hello: Hello) -> None:
+        if hello.mem_bytes > self.max_memory:
+            raise MigrationError(
+                f"refused: the VM has {human_bytes(hello.mem_bytes)} of RAM, this destination accepts at most "
+                f"{human_bytes(self.max_memory)} (--max-memory)"
+            )
+        if not 1 <= hello.vcpus <= self.max_vcpus:
+            raise MigrationError(
+                f"refused: the VM has {hello.vcpus} vCPUs, this destination accepts 1..{self.max_vcpus} (--max-vcpus)"
+            )
+
+
+@dataclass
+class Timeouts:
+    """How long the destination waits for the source at each step (seconds)."""
+
+    setup_s: float = 30.0  # each step of authentication, HELLO, and all page channels arriving
+    stream_s: float = 120.0  # longest silence while pages flow (precopy can be long)
+    go_s: float = 30.0  # from READY to the source's commit
+    first_run_s: float = 10.0  # from start to the first vCPU entering the guest
 
 
 @dataclass
 class Incoming:
-    """A migrated VM, running on this side."""
+    """A migrated VM, running on this side. `source_lost` is set when the source could not be
+    told the outcome after the commit: the guest runs here all the same."""
 
     vm: MicroVM
     checkpoints: dict[str, int]
     pages: dict[str, int]
     guest: dict[str, Any] = field(default_factory=dict)
+    source_lost: str | None = None
+
+
+AfterLoad = Callable[[MicroVM], None]
 
 
 class Listener:
-    """A listening socket for one or more incoming migrations."""
+    """A listening socket for one or more incoming migrations, one at a time."""
 
-    def __init__(self, listen: str) -> None:
+    def __init__(
+        self,
+        listen: str,
+        auth: Authenticator | None = None,
+        limits: Limits | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         host, port = parse_uri(listen)
+        if auth is None:
+            auth = Authenticator(None, allow_open=is_loopback(host))
+        if auth.key is None and not auth.allow_open:
+            raise ConfigError(
+                f"refusing to accept unauthenticated migrations on {host}, which is not a loopback address: "
+                "give a pre-shared key (--psk-file), or allow anyone who can reach it (--allow-unauthenticated)"
+            )
+        self.auth = auth
+        self.limits = limits or Limits()
+        self.timeouts = timeouts or Timeouts()
+        self.after_load: AfterLoad | None = None  # test hook: runs on the loaded, unstarted VM
         try:
             self.sock = socket.create_server((host, port), reuse_port=False, backlog=32)
         except OSError as e:
             raise VfmigError(f"cannot listen on {listen}: {e.strerror or e}") from None
         self.address = f"tcp://{host}:{self.sock.getsockname()[1]}"
+        self.acceptor = Acceptor(self.sock, opening_timeout_s=min(10.0, self.timeouts.setup_s))
+        self.auth_failures: list[str] = []
+
+    @property
+    def refused(self) -> list[str]:
+        """Every connection turned away, with the reason: strays, busy, failed authentication."""
+        return self.acceptor.refused + self.auth_failures
 
     def close(self) -> None:
+        self.acceptor.close()
         self.sock.close()
 
     def __enter__(self) -> Listener:
@@ -61,33 +131,58 @@ class Listener:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accept(self, timeout: float | None) -> socket.socket:
-        self.sock.settimeout(timeout)
-        try:
-            conn, _ = self.sock.accept()
-        except TimeoutError:
-            raise MigrationError("no connection from the source in time") from None
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
     def receive(self, accept_timeout: float | None = None, run_seconds: float = 0.3) -> Incoming:
-        """Serve one migration. Returns the running VM; the caller owns (and closes) it."""
-        ctrl = ControlChannel(self._accept(accept_timeout), "source")
+        """Serve one migration. Returns the running VM; the caller owns (and closes) it.
+        Sources that fail to authenticate are turned away and the wait goes on."""
+        deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                opening = self.acceptor.controls.get(timeout=timeout)
+            except queue.Empty:
+                raise MigrationError("no connection from the source in time") from None
+            try:
+                ctrl = ControlChannel(opening.sock, f"source {opening.peer}")
+                try:
+                    session = self._authenticate(ctrl, opening)
+                except (AuthError, VfmigError) as e:
+                    self.auth_failures.append(f"{opening.peer}: {e}")
+                    with contextlib.suppress(VfmigError):
+                        ctrl.send("ERROR", str(e).encode())
+                    ctrl.close()
+                    continue
+                return self._serve(ctrl, session, run_seconds)
+            finally:
+                self.acceptor.release()
+
+    # before the commit ----------------------------------------------------------------------------
+    def _authenticate(self, ctrl: ControlChannel, opening: Opening) -> Session:
+        ctrl.rx.add(opening.header)
+        challenge, nonce_s, nonce_d = self.auth.server_challenge(opening.payload)
+        ctrl.send("AUTH_CHALLENGE", challenge)
+        response = ctrl.expect("AUTH_RESPONSE", self.acceptor.opening_timeout_s)
+        return self.auth.server_verify(response, nonce_s, nonce_d)
+
+    def _serve(self, ctrl: ControlChannel, session: Session, run_seconds: float) -> Incoming:
         vm: MicroVM | None = None
         chans: list[socket.socket] = []
         try:
-            hello = Hello.decode(ctrl.expect("HELLO", ACCEPT_TIMEOUT_S, max_len=64 + 16384))
+            hello = Hello.decode(ctrl.expect("HELLO", self.timeouts.setup_s, max_len=64 + 16384))
+            if session.token and hello.token != session.token:
+                raise AuthError("the stream header carries a session token the key did not derive")
+            self.limits.check(hello)
             config = VMConfig.from_dict(hello.config)
             if config.memory != hello.mem_bytes or config.vcpus != hello.vcpus:
                 raise MigrationError("stream header and VM config disagree on the VM's shape")
             vm = MicroVM.from_config(config)
-            ctrl.send("HELLO_ACK")
-            chans = self._accept_channels(hello)
-            return self._load(ctrl, hello, vm, chans, run_seconds)
+            chans = self._accept_channels(ctrl, hello)
+            cps, pages, extra = self._load(ctrl, hello, vm, chans)
+            ctrl.expect("GO", self.timeouts.go_s)
         except BaseException as e:
             msg = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
             with contextlib.suppress(VfmigError):
                 ctrl.send("ERROR", msg.encode())
+            ctrl.close()
             if vm is not None:
                 vm.close()  # never started: nothing half-loaded ever runs
             if isinstance(e, MigrationError):
@@ -98,35 +193,65 @@ class Listener:
         finally:
             for s in chans:
                 s.close()
-            ctrl.close()
-
-    def _accept_channels(self, hello: Hello) -> list[socket.socket]:
-        socks: dict[int, socket.socket] = {}
+        # The commit: the source has promised never to resume this guest. From here it is ours.
+        inc = self._start(vm, cps, pages)
         try:
+            ctrl.send_json("RESUMED", {"checkpoints": cps, "pages_received": pages["pages"], **extra})
+            inc.guest = observe_guest(vm, cps["dst-vm-started"], extra["touches_at_resume"], run_seconds)
+            ctrl.send_json("GUEST", inc.guest)
+        except Exception as e:  # noqa: BLE001 - whatever it was, the guest must live on
+            why = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
+            inc.source_lost = f"the guest runs here, but the source could not be told: {why}"
+        finally:
+            ctrl.close()
+        return inc
+
+    def _accept_channels(self, ctrl: ControlChannel, hello: Hello) -> list[socket.socket]:
+        """Take this session's page channels from the acceptor. A channel with a wrong token or
+        index is refused on its own connection and does not disturb the migration; the source
+        giving up (an ERROR on the control channel) ends the wait at once."""
+        socks: dict[int, socket.socket] = {}
+        deadline = time.monotonic() + self.timeouts.setup_s
+        self.acceptor.accept_channels(True)
+        try:
+            ctrl.send("HELLO_ACK")  # only now: the source opens its page channels when it reads this
             while len(socks) < hello.channels:
-                s = self._accept(ACCEPT_TIMEOUT_S)
+                if select.select([ctrl.sock], [], [], 0)[0]:
+                    name, _ = ctrl.recv(self.timeouts.setup_s)
+                    raise MigrationError(f"control channel: unexpected {name} while page channels open")
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"only {len(socks)} of {hello.channels} page channels arrived in time")
                 try:
-                    token, index = decode_channel(ControlChannel(s, "page channel").expect("CHANNEL", 10))
-                    if token != hello.token:
-                        raise MigrationError("a page channel presented the wrong session token")
-                    if index >= hello.channels or index in socks:
-                        raise MigrationError(f"bad page channel index {index}")
-                except BaseException:
-                    s.close()
-                    raise
-                s.settimeout(None)  # the C receiver sets its own timeout
-                socks[index] = s
+                    o = self.acceptor.channels.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                try:
+                    token, index = decode_channel(o.payload)
+                except MigrationError as e:
+                    self.acceptor.refuse(o, str(e))
+                    continue
+                if token != hello.token:
+                    self.acceptor.refuse(o, "a page channel presented the wrong session token")
+                    continue
+                if index >= hello.channels or index in socks:
+                    self.acceptor.refuse(o, f"bad page channel index {index}")
+                    continue
+                ControlChannel(o.sock, f"page channel {index}").send("HELLO_ACK")
+                o.sock.settimeout(None)  # the C receiver sets its own timeout
+                socks[index] = o.sock
         except BaseException:
             for s in socks.values():
                 s.close()
             raise
+        finally:
+            self.acceptor.accept_channels(False)
         return [socks[i] for i in range(hello.channels)]
 
-    @staticmethod
-    def _wait_control(ctrl: ControlChannel, rx: _core.PageReceiver) -> None:
+    def _wait_control(self, ctrl: ControlChannel, rx: _core.PageReceiver) -> None:
         """Wait for the next control record, but give up at once if a page channel failed:
         the source must hear why promptly, not block on a channel nobody reads."""
-        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        limit = self.timeouts.stream_s
+        deadline = time.monotonic() + limit
         seen = -1
         while not select.select([ctrl.sock], [], [], 0.05)[0]:
             if rx.failed:
@@ -136,21 +261,21 @@ class Listener:
                     raise MigrationError(str(e.strerror)) from None
             records = rx.stats()["records"]
             if records != seen:  # pages flowing count as a live source: precopy can be long
-                seen, deadline = records, time.monotonic() + STREAM_TIMEOUT_S
+                seen, deadline = records, time.monotonic() + limit
             if time.monotonic() > deadline:
-                raise MigrationError(f"the source sent nothing for {STREAM_TIMEOUT_S:g} s")
+                raise MigrationError(f"the source sent nothing for {limit:g} s")
 
     def _load(
-        self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket], run_seconds: float
-    ) -> Incoming:
-        rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans], hello.verify)
+        self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket]
+    ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+        rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans], False)
         rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
         vcpus: dict[int, bytes] = {}
         try:
             while True:
                 self._wait_control(ctrl, rx)
-                name, payload = ctrl.recv(STREAM_TIMEOUT_S)
+                name, payload = ctrl.recv(self.timeouts.stream_s)
                 if name == "DEVICE":
                     dname, blob = decode_device(payload)
                     if dname in devices:
@@ -185,26 +310,28 @@ class Listener:
             raise MigrationError(f"stream carried no state for device(s) {', '.join(sorted(missing))}")
         vm.load_state(VMState(vm.config, [vcpus[i] for i in range(vm.config.vcpus)], devices))
         cps["dst-device-loaded"] = _core.checkpoint("dst-device-loaded")
+        if self.after_load is not None:
+            self.after_load(vm)
+        extra: dict[str, Any] = {"touches_at_resume": vm.touches()}
+        if hello.verify:
+            # Our RAM as it is now, every page (zero and never-sent ones too): the source
+            # compares it with its own before it commits. Costs downtime; reported as such.
+            t = time.monotonic_ns()
+            ctrl.send("PAGE_HASHES", vm.core.page_crcs())
+            extra["verify_hash_ms"] = (time.monotonic_ns() - t) / 1e6
         # Two-phase commit: the guest may run here only once the source has promised never to
         # resume it there. No GO (the source failed, or gave up): discard, never run it.
         ctrl.send("READY")
-        ctrl.expect("GO", GO_TIMEOUT_S)
-        touches_at_resume = vm.touches()
+        return cps, rx.stats(), extra
+
+    # after the commit -------------------------------------------------------------------------
+    def _start(self, vm: MicroVM, cps: dict[str, int], pages: dict[str, int]) -> Incoming:
         vm.start_loaded()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.timeouts.first_run_s
         while not vm.core.first_run_ns and time.monotonic() < deadline:
             time.sleep(0)  # the first vCPU is about to enter KVM_RUN: a few microseconds
         cps["dst-vm-started"] = vm.core.first_run_ns or _core.checkpoint("dst-vm-started")
-        pages = rx.stats()
-        ctrl.send_json(
-            "RESUMED",
-            {"checkpoints": cps, "pages_received": pages["pages"], "touches_at_resume": touches_at_resume},
-        )
-        if hello.verify:
-            ctrl.send("PAGE_HASHES", rx.page_crcs() or b"")
-        guest = observe_guest(vm, cps["dst-vm-started"], touches_at_resume, run_seconds)
-        ctrl.send_json("GUEST", guest)
-        return Incoming(vm, cps, pages, guest)
+        return Incoming(vm, cps, pages)
 
 
 def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seconds: float) -> dict[str, Any]:
@@ -245,4 +372,5 @@ def describe(inc: Incoming) -> dict[str, Any]:
         "pages": inc.pages,
         "guest": inc.guest,
         "config": inc.vm.config.to_dict(),
+        "source_lost": inc.source_lost,
     }

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfmig import _core
+from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.policy import Policy
-from vfmig.report import Checkpoint, Iteration, Report, Verification
+from vfmig.report import Checkpoint, Iteration, Report
 from vfmig.transport import (
     ControlChannel,
     Hello,
@@ -34,7 +35,7 @@ from vfmig.transport import (
     encode_vcpu,
     parse_uri,
 )
-from vfmig.vm import MicroVM
+from vfmig.vm import MicroVM, check_pause_timeout
 
 VERSION = _core.STREAM_VERSION
 
@@ -52,6 +53,11 @@ class MigrationOptions:
     handshake_timeout_s: float = 60.0  # the destination builds its VM before it answers HELLO
     resume_timeout_s: float = 30.0  # from end of stream until the destination says it runs
     guest_report_timeout_s: float = 30.0
+    pause_timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT  # a vCPU stuck in a device must not stall the stop
+    psk_file: str | None = None  # pre-shared key the destination asks for (vfmig receive --psk-file)
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(read_key(self.psk_file) if self.psk_file else None)
 
     def validate(self, vm: MicroVM) -> None:
         if not 1 <= self.channels <= _core.MAX_CHANNELS:
@@ -65,6 +71,8 @@ class MigrationOptions:
                 f"the VM was built for the {vm.config.tracker} tracker; start it with --tracker {self.tracker}"
             )
         self.policy.validate()
+        check_pause_timeout(self.pause_timeout_ms)
+        self.authenticator()  # an unreadable key file fails before anything connects
 
 
 class CommitError(MigrationError):
@@ -89,6 +97,7 @@ class Migration:
         self._ctrl: ControlChannel | None = None
         self._chans: list[socket.socket] = []
         self._paused_by_us = False
+        self._local_crcs: bytes | None = None  # our RAM at stop, for --verify
         self.report = Report(status="running")
 
     def cancel(self) -> None:
@@ -141,18 +150,27 @@ class Migration:
     # phases ------------------------------------------------------------------------------------
     def _setup(self, host: str, port: int) -> None:
         self.progress("setup", {"to": self.to})
-        token = os.urandom(_core.TOKEN_LEN)
+        auth = self.opts.authenticator()
         sock = connect(host, port, self.opts.connect_timeout_s)
-        self._ctrl = ControlChannel(sock, f"destination {self.to}")
+        self._ctrl = ctrl = ControlChannel(sock, f"destination {self.to}")
+        # Prove who we are (and check who they are) before the VM's shape leaves this host.
+        init, nonce_s = auth.client_init()
+        ctrl.send("AUTH_INIT", init)
+        response, session = auth.client_finish(ctrl.expect("AUTH_CHALLENGE", self.opts.handshake_timeout_s), nonce_s)
+        ctrl.send("AUTH_RESPONSE", response)
         cfg = self.vm.config
-        hello = Hello(VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, token, cfg.to_dict())
-        self._ctrl.send("HELLO", hello.encode())
-        self._ctrl.expect("HELLO_ACK", self.opts.handshake_timeout_s)
+        hello = Hello(
+            VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, session.token, cfg.to_dict()
+        )
+        ctrl.send("HELLO", hello.encode())
+        ctrl.expect("HELLO_ACK", self.opts.handshake_timeout_s)
         for i in range(self.opts.channels):
             s = connect(host, port, self.opts.connect_timeout_s)
-            s.sendall(_core.encode_record(_core.REC["CHANNEL"], encode_channel(token, i)))
-            s.settimeout(None)  # the C sender sets its own send timeout
             self._chans.append(s)
+            chan = ControlChannel(s, f"destination {self.to}, page channel {i}")
+            chan.send("CHANNEL", encode_channel(session.token, i))
+            chan.expect("HELLO_ACK", self.opts.handshake_timeout_s)  # or the reason it was refused
+            s.settimeout(None)  # the C sender sets its own send timeout
         self._sender = _core.PageSender(self.vm.core, [s.fileno() for s in self._chans], self.opts.bandwidth)
         self._sender.start_tracking()
         self.report.tracker = self._sender.tracker or self.report.tracker
@@ -217,7 +235,7 @@ class Migration:
         self._check_cancel()
         cps = r.checkpoints
         cps.append(Checkpoint("src-downtime-start", _core.checkpoint("src-downtime-start")))
-        vm.pause()
+        vm.pause(self.opts.pause_timeout_ms)  # on a timeout the vCPUs run again: nothing to undo
         self._paused_by_us = True
         cps.append(Checkpoint("src-vm-stopped", _core.checkpoint("src-vm-stopped")))
         vm.core.set_throttle(0)
@@ -232,6 +250,10 @@ class Migration:
             ctrl.send("VCPU", encode_vcpu(i, blob))
         sender.send_eos()
         ctrl.send("EOS", ctrl.tx.eos())
+        if self.opts.verify:  # while the destination loads; our RAM stays as it was at stop
+            t = time.monotonic_ns()
+            self._local_crcs = vm.core.page_crcs()
+            r.verification.digest_ms = (time.monotonic_ns() - t) / 1e6
         it = Iteration(
             len(r.iterations) + 1,
             dirty,
@@ -251,6 +273,8 @@ class Migration:
     def _wait_resumed(self) -> None:
         ctrl = self._ctrl
         assert ctrl is not None
+        if self._local_crcs is not None:
+            self._verify(ctrl.expect("PAGE_HASHES", self.opts.resume_timeout_s, max_len=len(self._local_crcs)))
         ctrl.expect("READY", self.opts.resume_timeout_s)
         # The commit point. From here the source never resumes: if GO is lost the destination
         # discards the guest, and the migration fails with the guest stopped on both sides
@@ -269,25 +293,32 @@ class Migration:
         self.report.destination = {k: v for k, v in doc.items() if k != "checkpoints"}
         self.progress("resumed", {"on": self.to})
 
+    def _verify(self, remote: bytes) -> None:
+        """Before the commit: the destination's RAM after its final load against ours at stop.
+        A mismatch fails the migration while the source can still resume."""
+        local, r = self._local_crcs, self.report
+        assert local is not None
+        if len(remote) != len(local):
+            raise MigrationError(f"PAGE_HASHES has {len(remote)} bytes, expected {len(local)}")
+        bad = _core.count_mismatches(local, remote)
+        r.verification.memory_match = bad == 0
+        r.verification.mismatched_pages = bad
+        r.verification.method = (
+            "CRC32C of every page: source RAM at stop vs destination RAM after its final load, before the commit"
+        )
+        if bad:
+            first = next(i for i in range(0, len(local), 4) if local[i : i + 4] != remote[i : i + 4]) // 4
+            raise MigrationError(
+                f"verification failed: {bad} page(s) differ between source and destination "
+                f"(first at GPA {self.vm.core.page_gpa(first):#x}); the destination discards its copy"
+            )
+
     def _complete(self) -> None:
         """After the destination runs: verification and the guest's view, outside the downtime."""
         ctrl, r = self._ctrl, self.report
         assert ctrl is not None and self._sender is not None
         r.tracker_stats = self._sender.tracker_stats()
         self._sender.stop_tracking()
-        if self.opts.verify:
-            t = time.monotonic_ns()
-            remote = ctrl.expect("PAGE_HASHES", self.opts.guest_report_timeout_s, max_len=self.vm.core.npages * 4 + 64)
-            local = self.vm.core.page_crcs()  # the source is stopped: this is its memory at stop
-            if len(remote) != len(local):
-                raise MigrationError(f"PAGE_HASHES has {len(remote)} bytes, expected {len(local)}")
-            bad = _core.count_mismatches(local, remote)
-            r.verification = Verification(
-                bad == 0,
-                "CRC32C of every page: source RAM at stop vs destination RAM as loaded",
-                bad,
-                (time.monotonic_ns() - t) / 1e6,
-            )
         guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
         r.destination.update(guest)
         start, end = r.checkpoint("src-downtime-start"), r.checkpoint("dst-vm-started")

@@ -46,7 +46,7 @@ class Verification:
     memory_match: bool | None
     method: str
     mismatched_pages: int = 0
-    digest_ms: float = 0.0  # computed after the destination resumed: outside the downtime
+    digest_ms: float = 0.0  # hashing the source's RAM at stop, while the destination loads: inside the downtime
 
 
 @dataclass
@@ -162,7 +162,8 @@ class Report:
         if v.memory_match is not None:
             lines.append(
                 f"  verify        memory {'matches' if v.memory_match else 'DIFFERS'} "
-                f"({v.mismatched_pages} pages differ; {v.method}; {v.digest_ms:.0f} ms, outside downtime)"
+                f"({v.mismatched_pages} pages differ; {v.method}; hashing took {v.digest_ms:.0f} ms here and "
+                f"{self.destination.get('verify_hash_ms', 0):.0f} ms there, inside the downtime)"
             )
         d = self.destination
         if "touches_after" in d:

@@ -30,6 +30,9 @@ enum vfmig_rec_type {
     VFMIG_REC_GUEST = 12,      /* control, dst->src: what the guest saw (JSON) */
     VFMIG_REC_READY = 13,      /* control, dst->src: everything loaded and checked; waiting for GO */
     VFMIG_REC_GO = 14,         /* control, src->dst: the commit point; the source never resumes after */
+    VFMIG_REC_AUTH_INIT = 15,  /* control, src->dst, first record: auth mode and the source's nonce */
+    VFMIG_REC_AUTH_CHALLENGE = 16, /* control, dst->src: the destination's nonce and proof */
+    VFMIG_REC_AUTH_RESPONSE = 17,  /* control, src->dst: the source's proof; HELLO follows */
     VFMIG_REC__COUNT
 };
 
