@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
@@ -57,7 +58,11 @@ static int dispatch(struct vfmig_vcpu *cpu, enum vfmig_space space, uint64_t add
             memset(data, 0xff, len); /* open bus */
         return 0;
     }
-    return d->access(d, cpu, addr, data, len, is_write);
+    atomic_store_explicit(&cpu->in_access, addr << 4 | (uint64_t)!!is_write << 2 | (uint64_t)space,
+                          memory_order_relaxed);
+    int r = d->access(d, cpu, addr, data, len, is_write);
+    atomic_store_explicit(&cpu->in_access, 0, memory_order_relaxed);
+    return r;
 }
 
 static int handle_io(struct vfmig_vcpu *cpu)
@@ -235,26 +240,74 @@ static void set_devices_running(struct vfmig_vm *vm, int running)
             vm->devices[i]->set_running(vm->devices[i], running);
 }
 
-/* Returns once every vCPU is out of KVM_RUN and parked and every device is stopped. */
-int vfmig_vm_pause(struct vfmig_vm *vm)
+/* Spin this long for the vCPUs to park (a healthy pause takes tens of us), then poll gently. */
+#define PAUSE_SPIN_NS 1000000ull
+#define PAUSE_POLL_US 100
+
+/* Bit i set: vCPU i is live and not parked. Under vm->lock. */
+static uint32_t vcpus_running(struct vfmig_vm *vm)
 {
-    uint64_t t0 = vfmig_now_ns();
+    uint32_t mask = 0;
+    for (uint32_t i = 0; i < vm->nvcpus; i++)
+        if (vm->vcpus[i].thread_live && !vm->vcpus[i].paused)
+            mask |= 1u << i;
+    return mask;
+}
+
+/* "vCPU 0 (in a read of port 0x5f0)" for each vCPU in mask, into buf; truncated to cap. */
+static void describe_vcpus(struct vfmig_vm *vm, uint32_t mask, char *buf, size_t cap)
+{
+    size_t n = 0;
+    buf[0] = 0;
+    for (uint32_t i = 0; i < vm->nvcpus && n < cap; i++) {
+        if (!(mask & (1u << i)))
+            continue;
+        uint64_t a = atomic_load_explicit(&vm->vcpus[i].in_access, memory_order_relaxed);
+        const char *sep = n ? ", " : "";
+        int w;
+        if (a)
+            w = snprintf(buf + n, cap - n, "%svCPU %u (in a %s of %s 0x%llx)", sep, i, a & 4 ? "write" : "read",
+                         (a & 3) == VFMIG_SPACE_PIO ? "port" : "MMIO", (unsigned long long)(a >> 4));
+        else
+            w = snprintf(buf + n, cap - n, "%svCPU %u (not in a device access)", sep, i);
+        if (w < 0)
+            break;
+        n += (size_t)w;
+    }
+}
+
+int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms)
+{
+    if (timeout_ms < 1 || timeout_ms > VFMIG_PAUSE_TIMEOUT_MS_MAX)
+        return vfmig_fail(&vm->err, EINVAL, "pause timeout must be 1..%u ms, got %u", VFMIG_PAUSE_TIMEOUT_MS_MAX,
+                          timeout_ms);
+    uint64_t t0 = vfmig_now_ns(), deadline = t0 + (uint64_t)timeout_ms * 1000000ull;
     atomic_store(&vm->pause_req, 1);
     for (uint32_t i = 0; i < vm->nvcpus; i++)
         vfmig_vcpu_kick(&vm->vcpus[i]);
     pthread_mutex_lock(&vm->lock);
-    for (;;) {
-        uint32_t parked = 0;
-        for (uint32_t i = 0; i < vm->nvcpus; i++)
-            parked += !vm->vcpus[i].thread_live || vm->vcpus[i].paused;
-        if (parked == vm->nvcpus)
-            break;
+    for (uint32_t running; (running = vcpus_running(vm));) {
+        uint64_t now = vfmig_now_ns();
+        if (now >= deadline) {
+            /* Let go of the parked ones too, under the lock so no vCPU parks in between: the
+             * guest keeps running and nothing was stopped. */
+            char who[VFMIG_ERR_LEN - 64]; /* room for the rest of the message */
+            describe_vcpus(vm, running, who, sizeof(who));
+            atomic_store(&vm->pause_req, 0);
+            pthread_cond_broadcast(&vm->cond);
+            int r = vfmig_fail(&vm->err, ETIMEDOUT, "pause timed out after %u ms: %s did not stop", timeout_ms, who);
+            pthread_mutex_unlock(&vm->lock);
+            return r;
+        }
         pthread_mutex_unlock(&vm->lock);
         /* A kick can land just before KVM_RUN re-arms; re-kick until all are parked. */
         for (uint32_t i = 0; i < vm->nvcpus; i++)
-            if (!vm->vcpus[i].paused)
+            if (running & (1u << i))
                 vfmig_vcpu_kick(&vm->vcpus[i]);
-        sched_yield();
+        if (now - t0 < PAUSE_SPIN_NS)
+            sched_yield();
+        else
+            usleep(PAUSE_POLL_US);
         pthread_mutex_lock(&vm->lock);
     }
     pthread_mutex_unlock(&vm->lock);

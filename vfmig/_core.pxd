@@ -26,12 +26,16 @@ cdef extern from "vfmig/devices.h":
     vfmig_device *vfmig_console_new()
     size_t vfmig_console_read(vfmig_device *d, char *buf, size_t cap)
     vfmig_device *vfmig_clock_new(const char *name, int space, uint64_t base)
+    int vfmig_clock_hold(vfmig_device *d, uint32_t vcpus) nogil
+    int vfmig_clock_wait_held(vfmig_device *d, uint32_t count, uint32_t timeout_ms) nogil
     vfmig_device *vfmig_platform_new(int vm_fd)
 
 cdef extern from "vfmig/vm.h":
     enum:
         VFMIG_EXIT__COUNT
         VFMIG_MAX_VCPUS
+        VFMIG_PAUSE_TIMEOUT_MS_DEFAULT
+        VFMIG_PAUSE_TIMEOUT_MS_MAX
     struct vfmig_vm_config:
         uint64_t mem_bytes
         uint32_t vcpus
@@ -60,7 +64,7 @@ cdef extern from "vfmig/vm.h":
     vfmig_device *vfmig_vm_find_device(vfmig_vm *vm, const char *name) nogil
     int vfmig_vm_boot(vfmig_vm *vm, const uint8_t *image, size_t len) nogil
     int vfmig_vm_start(vfmig_vm *vm) nogil
-    int vfmig_vm_pause(vfmig_vm *vm) nogil
+    int vfmig_vm_pause(vfmig_vm *vm, uint32_t timeout_ms) nogil
     int vfmig_vm_resume(vfmig_vm *vm) nogil
     void vfmig_vm_destroy(vfmig_vm *vm) nogil
     int vfmig_vm_set_dirty_logging(vfmig_vm *vm, int on) nogil

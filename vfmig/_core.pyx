@@ -8,6 +8,8 @@ from vfmig._core cimport *
 
 EXIT_KINDS = ("io", "mmio", "hlt", "intr", "ring_full", "shutdown", "internal", "other")
 COMPILED = True  # the test suite asserts it imports this compiled module, not a stand-in
+PAUSE_TIMEOUT_MS_DEFAULT = VFMIG_PAUSE_TIMEOUT_MS_DEFAULT
+PAUSE_TIMEOUT_MS_MAX = VFMIG_PAUSE_TIMEOUT_MS_MAX
 
 
 class CoreError(OSError):
@@ -130,11 +132,14 @@ cdef class VM:
             rc = vfmig_vm_start(vm)
         self._check(rc)
 
-    def pause(self):
-        """Stop every vCPU; returns the pause latency in ns."""
+    def pause(self, uint32_t timeout_ms=VFMIG_PAUSE_TIMEOUT_MS_DEFAULT):
+        """Stop every vCPU within timeout_ms; returns the pause latency in ns. On a timeout
+        (CoreError ETIMEDOUT) every vCPU was let go again: the VM keeps running."""
         cdef vfmig_vm *vm = self._vm()
+        cdef int rc
         with nogil:
-            vfmig_vm_pause(vm)
+            rc = vfmig_vm_pause(vm, timeout_ms)
+        self._check(rc)
         return vm.last_pause_ns
 
     def resume(self):
@@ -287,6 +292,29 @@ cdef class VM:
         if rc < 0:
             raise ValueError(f"DMA to {gpa:#x}+{length} is outside RAM")
         return True
+
+    cdef vfmig_device *_clock(self, str name) except NULL:
+        cdef bytes b = name.encode()
+        cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b)
+        if d == NULL:
+            raise KeyError(name)
+        return d
+
+    def hold_clock(self, str name, uint32_t vcpus=VFMIG_MAX_VCPUS):
+        """Test knob: the next accesses to this clock device from up to `vcpus` vCPUs block
+        inside the access (a vCPU stuck in a device); 0 releases them."""
+        if vfmig_clock_hold(self._clock(name), vcpus) < 0:
+            raise ValueError(f"{name} is not a clock device")
+
+    def wait_clock_held(self, str name, uint32_t count=1, uint32_t timeout_ms=10000):
+        """Wait until `count` vCPUs are blocked by hold_clock; False on timeout."""
+        cdef vfmig_device *d = self._clock(name)
+        cdef int rc
+        with nogil:
+            rc = vfmig_clock_wait_held(d, count, timeout_ms)
+        if rc == -22:  # EINVAL
+            raise ValueError(f"{name} is not a clock device")
+        return rc == 0
 
     def page_crcs(self):
         """CRC32C of every RAM page (4 bytes each): the verification digest."""

@@ -31,6 +31,11 @@ DEFAULT_RING_ENTRIES = 65536  # KVM's maximum: ~70 ms of the fastest dirtier bet
 KVM_PATH = "/dev/kvm"
 
 
+def check_pause_timeout(timeout_ms: int) -> None:
+    if not 1 <= timeout_ms <= _core.PAUSE_TIMEOUT_MS_MAX:
+        raise ConfigError(f"pause timeout must be 1..{_core.PAUSE_TIMEOUT_MS_MAX} ms, got {timeout_ms}")
+
+
 @dataclass(frozen=True)
 class VMConfig:
     """Everything needed to build an identical VM elsewhere (it travels in the stream header)."""
@@ -112,6 +117,11 @@ class VMState:
         return cls(VMConfig.from_dict(head["config"]), vcpus, devices)
 
 
+class PauseTimeoutError(VfmigError):
+    """The vCPUs did not all stop within the pause deadline (one is stuck in a device access,
+    say). They were let go again: the VM keeps running, as it was."""
+
+
 def _core_error(e: OSError) -> VfmigError:
     msg = str(e.strerror or e)
     if e.errno in (errno.ENOENT, errno.EACCES, errno.ENODEV, errno.E2BIG, errno.ENOMEM):
@@ -188,8 +198,16 @@ class MicroVM:
         self.core.start()
         self.started = True
 
-    def pause(self) -> int:
-        ns = self.core.pause()
+    def pause(self, timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT) -> int:
+        """Stop the vCPUs, then the devices; returns the latency in ns. Raises PauseTimeoutError
+        (VM still running) if a vCPU does not stop within timeout_ms."""
+        check_pause_timeout(timeout_ms)
+        try:
+            ns = self.core.pause(timeout_ms)
+        except _core.CoreError as e:
+            if e.errno == errno.ETIMEDOUT:
+                raise PauseTimeoutError(f"{e.strerror}; the VM keeps running") from None
+            raise VfmigError(f"cannot pause: {e.strerror}") from None
         self.paused = True
         self._pause_ns.append(ns)
         return ns

@@ -55,7 +55,7 @@ int main(int argc, char **argv)
     CHECK(vfmig_vm_boot(a, image, n) == 0);
     CHECK(vfmig_vm_start(a) == 0);
     usleep(200000);
-    CHECK(vfmig_vm_pause(a) == 0);
+    CHECK(vfmig_vm_pause(a, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0);
     uint64_t c0 = touches(a);
     usleep(50000);
     CHECK(touches(a) == c0 && c0 > 0);
@@ -81,7 +81,7 @@ int main(int argc, char **argv)
     CHECK(vfmig_vcpu_load(&b->vcpus[0], blob, (size_t)len, &err) == 0);
     CHECK(vfmig_vm_start(b) == 0);
     usleep(200000);
-    CHECK(vfmig_vm_pause(b) == 0);
+    CHECK(vfmig_vm_pause(b, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0);
     uint64_t c1 = touches(b);
     CHECK(c1 > c0);
     CHECK(!atomic_load(&b->failed));

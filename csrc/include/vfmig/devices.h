@@ -12,6 +12,13 @@ size_t vfmig_console_read(struct vfmig_device *d, char *buf, size_t cap);
 /* Host CLOCK_MONOTONIC in ns: reading base returns the low half and latches the high half
  * (per vCPU) for base + 4. Built in twice: ports VFMIG_PORT_CLOCK_LO and MMIO VFMIG_MMIO_CLOCK. */
 struct vfmig_device *vfmig_clock_new(const char *name, enum vfmig_space space, uint64_t base);
+/* Test knob, a vCPU stuck in a device: the next accesses to this clock from up to `vcpus` vCPUs
+ * block inside the access until the knob is set to 0 (or the VM is torn down). Any thread.
+ * 0, or -EINVAL if d is not a clock. */
+int vfmig_clock_hold(struct vfmig_device *d, uint32_t vcpus);
+/* Waits until at least count vCPUs are blocked by the hold. Any thread; blocks up to
+ * timeout_ms. 0, -ETIMEDOUT, or -EINVAL if d is not a clock. */
+int vfmig_clock_wait_held(struct vfmig_device *d, uint32_t count, uint32_t timeout_ms);
 
 /* The in-kernel platform: PIC, IOAPIC and the KVM clock. No I/O of its own; it carries their
  * state through save/load. */

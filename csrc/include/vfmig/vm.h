@@ -16,6 +16,10 @@
 #define VFMIG_MIN_RAM (64ull << 20)
 #define VFMIG_MAX_RAM (1ull << 40)
 #define VFMIG_MAX_MSRS 512
+/* How long vfmig_vm_pause waits for the vCPUs to park: a vCPU stuck in a device access must
+ * not stall a migration. The default is far above a healthy pause (tens of us). */
+#define VFMIG_PAUSE_TIMEOUT_MS_DEFAULT 1000
+#define VFMIG_PAUSE_TIMEOUT_MS_MAX 60000
 
 enum vfmig_exit_kind {
     VFMIG_EXIT_IO, VFMIG_EXIT_MMIO, VFMIG_EXIT_HLT, VFMIG_EXIT_INTR, VFMIG_EXIT_RING_FULL,
@@ -48,6 +52,9 @@ struct vfmig_vcpu {
     _Atomic int throttle_due;
     _Atomic int ring_full;      /* a KVM_EXIT_DIRTY_RING_FULL since the last harvest */
     _Atomic uint64_t exits[VFMIG_EXIT__COUNT];
+    /* The device access this vCPU is inside, so a pause that times out can say where it is
+     * stuck: addr << 4 | is_write << 2 | space (enum vfmig_space); 0 outside any access. */
+    _Atomic uint64_t in_access;
 };
 
 struct vfmig_vm {
@@ -91,7 +98,11 @@ int vfmig_vm_add_device(struct vfmig_vm *vm, struct vfmig_device *dev);
 struct vfmig_device *vfmig_vm_find_device(struct vfmig_vm *vm, const char *name);
 int vfmig_vm_boot(struct vfmig_vm *vm, const uint8_t *image, size_t len);
 int vfmig_vm_start(struct vfmig_vm *vm);
-int vfmig_vm_pause(struct vfmig_vm *vm);
+/* Parks every vCPU, then stops every device; waits at most timeout_ms (1..VFMIG_PAUSE_TIMEOUT_MS_MAX)
+ * for the vCPUs. Lifecycle thread; takes vm->lock only between checks. 0; -EINVAL (bad timeout,
+ * nothing changed); -ETIMEDOUT: err names the vCPUs that did not park and the access each is in,
+ * and every vCPU was let go again, so the VM keeps running and no device was stopped. */
+int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms);
 int vfmig_vm_resume(struct vfmig_vm *vm);
 void vfmig_vm_destroy(struct vfmig_vm *vm);
 
