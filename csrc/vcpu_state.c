@@ -120,20 +120,18 @@ long vfmig_vcpu_save(struct vfmig_vcpu *cpu, uint8_t *buf, size_t cap, struct vf
     return (long)(p - buf);
 }
 
-int vfmig_vcpu_load(struct vfmig_vcpu *cpu, const uint8_t *buf, size_t len, struct vfmig_err *err)
+/* Pass 1 of a load: every check, nothing applied; fills the sections and the MSR list. */
+static int parse(const uint8_t *buf, size_t len, uint32_t vcpu_id, const uint8_t *sec[SEC__END],
+                 uint32_t seclen[SEC__END], struct msr_blob *msrs, struct vfmig_err *err)
 {
-    struct msr_blob msrs;
     struct state_hdr h;
-    const uint8_t *sec[SEC__END] = {0};
-    uint32_t seclen[SEC__END] = {0};
     if (len < sizeof(h) || len > VFMIG_VCPU_STATE_MAX)
         return vfmig_fail(err, EINVAL, "vCPU state of %zu bytes is out of range", len);
     memcpy(&h, buf, sizeof(h));
     if (h.magic != VFMIG_VCPU_STATE_MAGIC || h.version != VFMIG_VCPU_STATE_VERSION)
         return vfmig_fail(err, EPROTO, "vCPU state has bad magic/version (0x%x v%u)", h.magic, h.version);
-    if (h.vcpu_id != cpu->id)
-        return vfmig_fail(err, EINVAL, "vCPU state is for vCPU %u, not %u", h.vcpu_id, cpu->id);
-    /* Pass 1: check every section header before applying anything. */
+    if (h.vcpu_id != vcpu_id)
+        return vfmig_fail(err, EINVAL, "vCPU state is for vCPU %u, not %u", h.vcpu_id, vcpu_id);
     size_t off = sizeof(h);
     for (uint32_t s = 0; s < h.nsections; s++) {
         struct sec_hdr sh;
@@ -155,14 +153,32 @@ int vfmig_vcpu_load(struct vfmig_vcpu *cpu, const uint8_t *buf, size_t len, stru
         if (!sec[fixed[i].tag] || seclen[fixed[i].tag] != fixed[i].size)
             return vfmig_fail(err, EINVAL, "vCPU state: section %s missing or of wrong size", fixed[i].name);
     uint32_t ml = seclen[SEC_MSRS];
-    if (!sec[SEC_MSRS] || ml < sizeof(struct kvm_msrs) || ml > sizeof(msrs))
+    if (!sec[SEC_MSRS] || ml < sizeof(struct kvm_msrs) || ml > sizeof(*msrs))
         return vfmig_fail(err, EINVAL, "vCPU state: MSR section missing or too large");
-    memset(&msrs, 0, sizeof(msrs));
-    memcpy(&msrs, sec[SEC_MSRS], ml);
+    memset(msrs, 0, sizeof(*msrs));
+    memcpy(msrs, sec[SEC_MSRS], ml);
     if ((ml - sizeof(struct kvm_msrs)) % sizeof(struct kvm_msr_entry) ||
-        msrs.m.nmsrs != (ml - sizeof(struct kvm_msrs)) / sizeof(struct kvm_msr_entry))
+        msrs->m.nmsrs != (ml - sizeof(struct kvm_msrs)) / sizeof(struct kvm_msr_entry))
         return vfmig_fail(err, EINVAL, "vCPU state: MSR count does not match its section");
+    return 0;
+}
 
+int vfmig_vcpu_state_check(const uint8_t *buf, size_t len, uint32_t vcpu_id, struct vfmig_err *err)
+{
+    struct msr_blob msrs;
+    const uint8_t *sec[SEC__END] = {0};
+    uint32_t seclen[SEC__END] = {0};
+    return parse(buf, len, vcpu_id, sec, seclen, &msrs, err);
+}
+
+int vfmig_vcpu_load(struct vfmig_vcpu *cpu, const uint8_t *buf, size_t len, struct vfmig_err *err)
+{
+    struct msr_blob msrs;
+    const uint8_t *sec[SEC__END] = {0};
+    uint32_t seclen[SEC__END] = {0};
+    int rc = parse(buf, len, cpu->id, sec, seclen, &msrs, err);
+    if (rc < 0)
+        return rc;
     /* Pass 2: apply. The fixed table is already in a safe order. */
     for (size_t i = 0; i < NFIXED; i++) {
         uint8_t tmp[sizeof(struct kvm_xsave) > 8192 ? sizeof(struct kvm_xsave) : 8192]

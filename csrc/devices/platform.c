@@ -43,10 +43,8 @@ static long platform_save(struct vfmig_device *d, uint8_t *buf, size_t cap)
     return (long)sizeof(s);
 }
 
-/* Before any vCPU runs; validates, then applies. */
-static int platform_load(struct vfmig_device *d, const uint8_t *buf, size_t len)
+int vfmig_platform_check(const uint8_t *buf, size_t len)
 {
-    struct platform *p = d->opaque;
     struct platform_state s;
     if (len != sizeof(s))
         return -EINVAL;
@@ -56,6 +54,18 @@ static int platform_load(struct vfmig_device *d, const uint8_t *buf, size_t len)
     for (uint32_t i = 0; i < 3; i++)
         if (s.chips[i].chip_id != i)
             return -EINVAL;
+    return 0;
+}
+
+/* Before any vCPU runs; validates, then applies. */
+static int platform_load(struct vfmig_device *d, const uint8_t *buf, size_t len)
+{
+    struct platform *p = d->opaque;
+    struct platform_state s;
+    int rc = vfmig_platform_check(buf, len);
+    if (rc < 0)
+        return rc;
+    memcpy(&s, buf, sizeof(s));
     for (uint32_t i = 0; i < 3; i++)
         if (ioctl(p->vm_fd, KVM_SET_IRQCHIP, &s.chips[i]) < 0)
             return -errno;

@@ -23,6 +23,9 @@ int vfmig_clock_wait_held(struct vfmig_device *d, uint32_t count, uint32_t timeo
 /* The in-kernel platform: PIC, IOAPIC and the KVM clock. No I/O of its own; it carries their
  * state through save/load. */
 struct vfmig_device *vfmig_platform_new(int vm_fd);
+/* Every check the platform's load hook makes, without KVM (fuzzed by csrc/fuzz). Pure, any
+ * thread. 0 or -errno. */
+int vfmig_platform_check(const uint8_t *buf, size_t len);
 
 
 /* A DMA engine: writes guest RAM from the host side, as a device's DMA would, and logs the

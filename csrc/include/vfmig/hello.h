@@ -5,7 +5,6 @@
 #define VFMIG_HELLO_H
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/uio.h> /* stream.h's I/O helpers take struct iovec */
 
 #include "vfmig/stream.h"
 

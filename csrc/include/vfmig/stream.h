@@ -4,6 +4,7 @@
 #define VFMIG_STREAM_H
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "vfmig/util.h"
 
