@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DEMO_ARGS ?=
 
-.PHONY: bootstrap demo test lint sanitize bench clean
+.PHONY: bootstrap demo test lint sanitize fuzz bench clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -22,6 +22,11 @@ lint: bootstrap
 # is what VFMIG_SANITIZE=1 also selects when a build directory is configured).
 sanitize: bootstrap
 	$(PY) -m pytest -q tests/test_c_units.py
+
+# libFuzzer harnesses (csrc/fuzz/, built with clang into build-fuzz/), each run from its seed
+# corpus for VFMIG_FUZZ_SECONDS (default 10; 60 with CI set); VFMIG_FUZZ_RESULTS=PATH writes JSON.
+fuzz: bootstrap
+	$(PY) -m pytest -q tests/test_fuzz.py
 
 bench: bootstrap
 	$(PY) bench/vm_bench.py
