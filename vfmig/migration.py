@@ -29,6 +29,7 @@ from vfmig.transport import (
     ControlChannel,
     Hello,
     PeerError,
+    PeerReported,
     connect,
     encode_channel,
     encode_device,
@@ -129,11 +130,12 @@ class Migration:
             reason = self._peer_reason(e)
             self._abort()
             self._close()
-            r.status = "cancelled" if self._cancel.is_set() else "failed"
+            committed = isinstance(e, CommitError)
+            r.status = "in_doubt" if committed else "cancelled" if self._cancel.is_set() else "failed"
             r.error = reason or (str(e) if isinstance(e, VfmigError) else _describe(e))
             if isinstance(e, KeyboardInterrupt):
                 raise
-            raise MigrationError(r.error) from e
+            raise (CommitError if committed else MigrationError)(r.error) from e
         # The guest runs on the destination now: nothing below can fail the migration.
         r.status = "completed"
         r.total_time_ms = (time.monotonic_ns() - t0) / 1e6
@@ -285,8 +287,8 @@ class Migration:
             doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
         except VfmigError as e:
             raise CommitError(
-                f"{e}; after the commit point, so the source VM stays paused (resume it by hand only if "
-                "the destination is known not to run it)"
+                f"{e}; after the commit point, so the source VM stays paused: resume it (`vfmig vm resume "
+                "--control PATH`) only if the destination is known not to run the guest"
             ) from None
         for name in ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started"):
             self.report.checkpoints.append(Checkpoint(name, int(doc["checkpoints"][name])))
@@ -369,11 +371,11 @@ class Migration:
         """When sending failed, the destination usually said why on the control channel."""
         if self._ctrl is None or isinstance(e, (PeerError, CommitError)) or self._cancel.is_set():
             return None
-        if not isinstance(e, (_core.StreamError, OSError, MigrationError)):
+        if not isinstance(e, (_core.StreamError, OSError)):
             return None
         try:
             self._ctrl.recv(timeout=2.0)
-        except PeerError as pe:
+        except PeerReported as pe:
             return str(pe)
         except VfmigError:
             return None

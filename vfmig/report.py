@@ -63,7 +63,7 @@ class DowntimeBreakdown:
 
 @dataclass
 class Report:
-    status: str  # "completed", "failed" or "cancelled"
+    status: str  # "completed", "failed", "cancelled", or "in_doubt" (lost contact after the commit)
     error: str | None = None
     memory: int = 0
     vcpus: int = 0

@@ -31,6 +31,10 @@ class PeerError(MigrationError):
     """The peer reported an error (an ERROR record) or went away."""
 
 
+class PeerReported(PeerError):
+    """The peer said why it gave up (an ERROR record)."""
+
+
 def parse_uri(uri: str) -> tuple[str, int]:
     """'tcp://HOST:PORT' -> (host, port)."""
     u = urlparse(uri)
@@ -187,7 +191,7 @@ class ControlChannel:
             raise MigrationError(f"control channel from {self.peer}: {e.strerror}") from None
         name = _core.rec_name(rtype)
         if name == "ERROR":
-            raise PeerError(f"{self.peer} reports: {payload.decode(errors='replace')}")
+            raise PeerReported(f"{self.peer} reports: {payload.decode(errors='replace')}")
         if name != "EOS":
             self.rx.add(hdr)
         return name, payload

@@ -1,0 +1,185 @@
+"""The commit point and verification: after GO the guest lives on at the destination whatever
+happens to the source; --verify compares the destination's real RAM with the source's before the
+commit, so a wrong page fails the migration while the source can still resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+from vfmig import _core
+from vfmig.demo import start_destination
+from vfmig.destination import Incoming, Listener
+from vfmig.errors import MigrationError
+from vfmig.migration import CommitError, MigrationOptions, migrate
+from vfmig.testing import DOWN, Fault, FaultProxy, serve_destination
+from vfmig.vm import MicroVM
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+
+def wait_until(cond: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def idle_vm(**kw: object) -> MicroVM:
+    """An idle guest that has touched its memory and halted: its RAM no longer changes."""
+    vm = MicroVM(memory="128M", guest="idle", **kw)  # type: ignore[arg-type]
+    vm.start()
+    wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to halt")
+    return vm
+
+
+def runs(vm: MicroVM) -> bool:
+    """The guest's counter moves (it is running, not just marked so)."""
+    a = vm.touches()
+    wait_until(lambda: vm.touches() > a, "the guest's counter to move", timeout=10)
+    return True
+
+
+# after GO ----------------------------------------------------------------------------------------
+def test_source_lost_right_after_go_keeps_the_guest_at_the_destination() -> None:
+    with MicroVM(memory="128M", rate_pps=20_000) as vm, serve_destination() as dst:
+        vm.start()
+        wait_until(lambda: vm.touches() > 0, "the guest to run")
+        go_lost = Fault(record="GO", action="cut_after")
+        with FaultProxy(("127.0.0.1", dst.port), go_lost) as proxy, pytest.raises(CommitError, match="stays paused"):
+            migrate(vm, proxy.address)
+        assert proxy.hit["record"] == "GO"
+        inc = dst.wait()
+        assert isinstance(inc, Incoming), f"the destination lost the guest: {inc!r}"
+        assert inc.vm.core.first_run_ns > 0
+        assert runs(inc.vm), "the migrated guest must keep running at the destination"
+        assert inc.source_lost and "the guest runs here" in inc.source_lost
+        assert vm.paused, "after GO the source must never resume"
+
+
+def test_cli_receive_keeps_the_guest_when_the_source_goes_away_after_go() -> None:
+    with MicroVM(memory="128M", rate_pps=20_000) as vm:
+        vm.start()
+        wait_until(lambda: vm.touches() > 0, "the guest to run")
+        proc, addr = start_destination(run_seconds=0.5)
+        port = int(addr.rsplit(":", 1)[1])
+        try:
+            go_lost = Fault(record="GO", action="cut_after")
+            with FaultProxy(("127.0.0.1", port), go_lost) as proxy, pytest.raises(CommitError):
+                migrate(vm, proxy.address)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proxy.fired.is_set()
+        assert proc.returncode == 0, err
+        assert "the guest runs here, but the source could not be told" in err, err
+        assert vm.paused
+
+
+# verification ------------------------------------------------------------------------------------
+def _flip_byte(gpa: int) -> object:
+    def hook(vm: MicroVM) -> None:
+        b = vm.core.read(gpa, 1)[0]
+        vm.core.write(gpa, bytes([b ^ 0xFF]))
+
+    return hook
+
+
+def _zero_page(gpa: int) -> object:
+    def hook(vm: MicroVM) -> None:
+        assert vm.core.read(gpa, 4096) != bytes(4096), "the test needs a page with data"
+        vm.core.write(gpa, bytes(4096))
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    ("case", "gpa"),
+    [
+        ("changed after it landed", 0x2000000),  # a page the guest wrote
+        ("never sent, expected zero", 0x7F00000),  # above the idle guest's working set: a hole
+        ("cleared wrongly", 0x1000000),
+    ],
+)
+def test_verify_reads_destination_ram_and_fails_before_the_commit(case: str, gpa: int) -> None:
+    with idle_vm(wss_bytes=64 << 20) as vm:
+        vm.core.add_dma_engine("dma0")
+        before = vm.core.page_crcs()
+        listener = Listener("tcp://127.0.0.1:0")
+        hook = _zero_page(gpa) if case == "cleared wrongly" else _flip_byte(gpa)
+        loaded: list[MicroVM] = []
+        listener.after_load = lambda v: (loaded.append(v), hook(v))  # type: ignore[func-returns-value]
+        expected = rf"verification failed: 1 page\(s\) differ .*first at GPA {gpa:#x}"
+        with serve_destination(listener) as dst:
+            with pytest.raises(MigrationError, match=expected):
+                migrate(vm, dst.address, MigrationOptions(verify=True))
+            assert isinstance(dst.wait(), MigrationError), "the destination must discard a copy that differs"
+        assert loaded and not loaded[0].started, "the destination's vCPUs must never run"
+        assert not vm.paused
+        assert vm.core.page_crcs() == before, "the source's memory must be unchanged"
+
+
+def test_verify_that_cannot_run_fails_the_migration() -> None:
+    # The destination's hashes never arrive (dropped in transit): the source can't verify, so it
+    # must not commit.
+    with idle_vm() as vm, serve_destination() as dst:
+        before = vm.core.page_crcs()
+        fault = Fault(direction=DOWN, record="PAGE_HASHES", action="drop")
+        with FaultProxy(("127.0.0.1", dst.port), fault) as proxy, pytest.raises(
+            MigrationError, match="expected PAGE_HASHES .* got READY"
+        ) as ei:
+            migrate(vm, proxy.address, MigrationOptions(verify=True))
+        assert proxy.hit["record"] == "PAGE_HASHES"
+        assert "paused" not in str(ei.value)
+        assert isinstance(dst.wait(), MigrationError)
+        assert not vm.paused and vm.core.page_crcs() == before
+
+
+def test_verify_passes_on_an_honest_migration_and_counts_every_page() -> None:
+    with idle_vm() as vm, serve_destination() as dst:
+        r = migrate(vm, dst.address, MigrationOptions(verify=True))
+        inc = dst.wait()
+        assert isinstance(inc, Incoming)
+        # Independent of the engine's comparison: the destination's RAM, hashed here, equals the
+        # source's at stop (the idle guest has halted, so the destination's RAM is still as loaded).
+        assert inc.vm.core.page_crcs() == vm.core.page_crcs()
+    assert r.status == "completed" and r.verification.memory_match is True
+    assert r.verification.mismatched_pages == 0
+
+
+def test_cli_migrate_exits_non_zero_when_verification_fails(tmp_path: object) -> None:
+    sock = f"/tmp/vfmig-test-{time.monotonic_ns()}.sock"
+    vmproc = subprocess.Popen(
+        [sys.executable, "-m", "vfmig", "vm", "run", "--guest", "idle", "--memory", "128M", "--control", sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert vmproc.stdout is not None and "control socket" in vmproc.stdout.readline()
+        listener = Listener("tcp://127.0.0.1:0")
+        listener.after_load = _flip_byte(0x1000000)  # type: ignore[assignment]
+        with serve_destination(listener) as dst:
+            res = run_cli("migrate", "--control", sock, "--to", dst.address, "--verify")
+            assert isinstance(dst.wait(), MigrationError)
+        assert res.returncode != 0
+        assert "verification failed: 1 page(s) differ" in res.stderr, res.stderr
+        stats = run_cli("vm", "status", "--control", sock, "--json")
+        if stats.returncode == 0:  # `vm status` reports the source still running
+            assert "running" in stats.stdout
+    finally:
+        vmproc.kill()
+        vmproc.wait(10)
+
+
+def test_zero_page_crc_is_what_a_hole_hashes_to() -> None:
+    # The verification digest treats a memfd hole as a zero page without reading it: check that
+    # shortcut against a real read of a zero page.
+    with MicroVM(memory="64M", guest="idle") as vm:
+        crcs = vm.core.page_crcs()
+        assert crcs[:4] == _core.crc32c(bytes(4096)).to_bytes(4, "little")
