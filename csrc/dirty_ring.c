@@ -1,7 +1,7 @@
 /* DirtyTracker over KVM's per-vCPU dirty rings, harvested continuously by its own thread.
  *
  * This machine's KVM emulator overruns a full ring instead of stopping the vCPU at the soft
- * limit: entries are overwritten and pages lost (shared/probes/kvm_dirty_ring_overflow.c). So:
+ * limit: entries are overwritten and pages lost (docs/host-facts.md). So:
  * the ring is sized far above what the guest dirties between harvests, the harvester runs
  * every HARVEST_US, and any sign of an overrun (a harvest near the ring size, or a ring-full
  * exit with nothing to harvest) marks all RAM dirty for the round. No page is lost silently. */

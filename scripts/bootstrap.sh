@@ -21,7 +21,7 @@ if ((${#missing[@]})); then
 fi
 
 # bcc compiles against kernel headers. None match this kernel, but Debian's linux-headers-amd64
-# work for tracepoints and USDT (checked, see shared/DESIGN.md).
+# work for tracepoints and USDT (checked, see docs/host-facts.md).
 kdir=/lib/modules/$(uname -r)
 if [ "$(id -u)" = 0 ] && [ ! -e "$kdir/build" ]; then
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)

@@ -12,8 +12,8 @@ Both nonces are fresh per connection, so neither proof can be replayed. The sess
 the page channels present is derived from the key and both nonces, so a page channel proves the
 key too. Mode "open" (no key) runs the same exchange with empty proofs; a destination on a
 non-loopback address refuses it unless the operator opted in. PSK authenticates the peers at the
-start of each connection; it does not encrypt or sign the stream that follows: use TLS where an
-on-path attacker is a concern (docs/security.md).
+start of each connection; it does not encrypt or sign the stream that follows
+(docs/stream-format.md, section 1a).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 
 from vfmig.units import human_bytes
 
-# Checkpoint names follow QEMU's (see shared/DESIGN.md, Measurement).
+# Checkpoint names follow QEMU's (README, Measurement).
 CHECKPOINTS = (
     "src-downtime-start",
     "src-vm-stopped",
