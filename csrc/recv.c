@@ -288,9 +288,12 @@ int vfmig_receiver_run(struct vfmig_receiver *r)
 uint32_t vfmig_zero_page_crc(void)
 {
     static const uint8_t zero[VFMIG_PAGE_SIZE];
-    static uint32_t crc;
-    if (!crc)
+    static _Atomic uint32_t cached; /* any thread may be first: each computes the same value */
+    uint32_t crc = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (!crc) {
         crc = vfmig_crc32c(0, zero, sizeof(zero));
+        atomic_store_explicit(&cached, crc, memory_order_relaxed);
+    }
     return crc;
 }
 

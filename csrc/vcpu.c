@@ -192,7 +192,7 @@ static void *throttle_thread(void *arg)
 {
     struct vfmig_vm *vm = arg;
     struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)THROTTLE_SLICE_NS};
-    while (atomic_load(&vm->throttle_pct) > 0 && !vm->quit) {
+    while (atomic_load(&vm->throttle_pct) > 0 && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE)) {
         nanosleep(&slice, NULL);
         for (uint32_t i = 0; i < vm->nvcpus; i++) {
             atomic_store(&vm->vcpus[i].throttle_due, 1);
@@ -333,7 +333,7 @@ int vfmig_vm_resume(struct vfmig_vm *vm)
 void vfmig_vcpus_stop(struct vfmig_vm *vm)
 {
     pthread_mutex_lock(&vm->lock);
-    vm->quit = 1;
+    __atomic_store_n(&vm->quit, 1, __ATOMIC_RELEASE); /* the throttle thread reads it unlocked */
     pthread_cond_broadcast(&vm->cond);
     pthread_mutex_unlock(&vm->lock);
     atomic_store(&vm->throttle_pct, 0);

@@ -196,8 +196,23 @@ static void test_stripes(struct vfmig_vm *dst, const uint8_t *stream, size_t len
     CHECK(decode_on(dst, 1, 0, stream, len - 1, msg) < 0 && strstr(msg, "closed"));
 }
 
+static void *zero_crc_main(void *out)
+{
+    *(uint32_t *)out = vfmig_zero_page_crc();
+    return NULL;
+}
+
 int main(void)
 {
+    /* Receiver threads may be the first to ask for the zero-page CRC, together (TSan checks). */
+    pthread_t zt[2];
+    uint32_t zc[2];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&zt[i], NULL, zero_crc_main, &zc[i]) == 0);
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_join(zt[i], NULL) == 0);
+    CHECK(zc[0] == 0x98F94189u && zc[1] == zc[0]);
+
     struct vfmig_vm *src = fake_vm(), *dst = fake_vm();
     static uint64_t bits[NPAGES / 64];
     srand(3);

@@ -93,5 +93,6 @@ int vfmig_receiver_decode_mem(struct vfmig_receiver *r, uint32_t c, const uint8_
 
 /* CRC32C of every RAM page into out[npages] (verification, outside the downtime). */
 void vfmig_ram_page_crcs(const struct vfmig_vm *vm, uint32_t *out);
+/* Any thread, lock-free. */
 uint32_t vfmig_zero_page_crc(void);
 #endif
