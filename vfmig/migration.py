@@ -369,14 +369,20 @@ class Migration:
 
     def _peer_reason(self, e: BaseException) -> str | None:
         """When sending failed, the destination usually said why on the control channel."""
-        if self._ctrl is None or isinstance(e, (PeerError, CommitError)) or self._cancel.is_set():
+        if self._ctrl is None or isinstance(e, (PeerReported, CommitError)) or self._cancel.is_set():
             return None
-        if not isinstance(e, (_core.StreamError, OSError)):
+        if not isinstance(e, (_core.StreamError, OSError, PeerError)):
+            return None
+        # A failed control send (the peer hung up) may have an ERROR waiting; a timeout does not.
+        if isinstance(e, PeerError) and not select.select([self._ctrl.sock], [], [], 0)[0]:
             return None
         try:
             self._ctrl.recv(timeout=2.0)
         except PeerReported as pe:
             return str(pe)
+        except PeerError as pe:
+            # The watcher stopped the sender because the destination hung up: say so, not "cancelled".
+            return str(pe) if isinstance(e, _core.StreamError) and "cancelled" in str(e) else None
         except VfmigError:
             return None
         return None

@@ -31,10 +31,14 @@ class Fault:
     1..N: page channels). The trigger is either `record` (a record type name, and `nth` occurrence
     counted from 1 on that connection and direction) or `offset` (a byte offset there).
 
-    Actions: flip (XOR one byte: `offset`, or byte `at_byte` of the record), cut (close both ways
-    before the record or at the offset), truncate (forward half the record, then close), delay
-    (hold the stream `delay_s` seconds, then go on), duplicate, drop, reorder (swap with the next
-    record), cut_after (forward the record, then close), call (run `hook` before forwarding)."""
+    With `after`, the `nth` count starts only once the record `after` has passed `after_nth`
+    times there ("the first PAGES after ITER 1": the final round when the policy stops after 1).
+
+    Actions: flip (XOR one byte: `offset`, or byte `at_byte` of the record, negative from its end),
+    cut (close both ways before the record or at the offset), truncate (forward half the record,
+    then close), delay (hold the stream `delay_s` seconds, then go on), duplicate, drop, reorder
+    (swap with the next record), cut_after (forward the record, then close), call (run `hook`
+    before forwarding)."""
 
     conn: int = 0
     direction: str = UP
@@ -45,6 +49,8 @@ class Fault:
     at_byte: int = HDR_LEN // 2
     delay_s: float = 0.0
     hook: Callable[[], None] | None = None
+    after: str | None = None
+    after_nth: int = 1
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -119,6 +125,8 @@ class FaultProxy:
         pos = 0  # stream offset of the next record
         seen: dict[str, int] = {}
         held: bytes | None = None  # a record waiting to be reordered
+        counted: dict[str, int] = {}  # records seen since the `after` gate opened
+        gate_open = f.after is None
         try:
             while True:
                 rec = _read_record(src)
@@ -129,17 +137,21 @@ class FaultProxy:
                     break
                 name = _core.rec_name(struct.unpack_from("<H", rec, 4)[0])
                 seen[name] = seen.get(name, 0) + 1
+                if gate_open:
+                    counted[name] = counted.get(name, 0) + 1
+                elif f.after == name and seen[name] >= f.after_nth:
+                    gate_open = True
                 out = [rec]
                 if held is not None:
                     out, held = [rec, held], None
                 elif self._armed(index, direction) and (
-                    (f.record == name and seen[name] == f.nth)
+                    (f.record == name and counted.get(name, 0) == f.nth and gate_open)
                     or (f.offset is not None and pos <= f.offset < pos + len(rec))
                 ):
                     self.hit.update(record=name, conn=index, direction=direction, offset=pos, nth=seen[name])
                     cut_at = (f.offset - pos) if f.offset is not None else None
+                    self.fired.set()  # before acting: a delay or hook must not hide that it fired
                     out, held, stop = self._apply(rec, cut_at)
-                    self.fired.set()
                     if stop is not None:
                         if stop:
                             dst.sendall(stop)
@@ -158,6 +170,8 @@ class FaultProxy:
         f = self.fault
         if f.action == "flip":
             k = cut_at if cut_at is not None else min(f.at_byte, len(rec) - 1)
+            if k < 0:
+                k = max(0, len(rec) + k)
             return [rec[:k] + bytes([rec[k] ^ 0x5A]) + rec[k + 1 :]], None, None
         if f.action == "cut":
             return [], None, rec[:cut_at] if cut_at else b""
