@@ -89,7 +89,6 @@ def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
         assert "iteration 1:" in r.stderr and "guest resumed" in r.stderr  # progress, streamed
         doc = json.loads(out.read_text())
         assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
-        assert doc["channels"] == 2
         assert vm.wait(30) == 0 and "VM migrated" in vm.stdout.read()
         assert dst.wait(30) == 0
     finally:
@@ -110,7 +109,7 @@ def test_migrate_to_nowhere_keeps_the_vm(tmp_path) -> None:
     assert "control socket" in vm.stdout.readline()
     try:
         r = run_cli("migrate", "--control", sock, "--to", "tcp://127.0.0.1:9")
-        _assert_one_line_error(r, "the VM keeps running")
+        _assert_one_line_error(r, "the source VM keeps running")
         from vfmig import control
 
         stats = control.request(sock, {"cmd": "stats"})
@@ -140,7 +139,7 @@ def test_demo_runs_a_real_migration(tmp_path) -> None:
     assert "migration completed" in r.stdout and "downtime" in r.stdout
     doc = json.loads(out.read_text())
     assert doc["verification"]["memory_match"] is True
-    assert doc["tracker"] == "ring" and doc["channels"] == 2
+    assert doc["tracker_stats"]["harvested"] > 0, "--tracker ring: the dirty ring must have been harvested"
     assert doc["destination"]["touches_after"] > doc["destination"]["touches_at_resume"]
     assert [c["name"] for c in doc["checkpoints"]][0] == "src-downtime-start"
 

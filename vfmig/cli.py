@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from vfmig.errors import VfmigError
 from vfmig.units import parse_size
@@ -113,6 +116,12 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
     p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
+    p.add_argument(
+        "--pause-timeout",
+        type=int,
+        metavar="MS",
+        help="fail the migration (the source keeps running) if the vCPUs do not all stop within MS (default 1 s)",
+    )
     p.add_argument("--psk-file", metavar="PATH", help="pre-shared key the destination asks for (see receive)")
 
 
@@ -121,7 +130,9 @@ def migration_options(args: argparse.Namespace) -> Any:
     from vfmig.policy import Policy
     from vfmig.units import parse_rate
 
+    extra = {} if args.pause_timeout is None else {"pause_timeout_ms": args.pause_timeout}
     return MigrationOptions(
+        **extra,
         channels=args.channels,
         tracker=args.tracker,
         bandwidth=parse_rate(args.bandwidth),
@@ -149,8 +160,33 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
     if path == "-":
         print(text)
     else:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        try:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise VfmigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _open_report(path: str | None) -> tuple[TextIO | None, bool]:
+    """Open --json PATH before anything migrates, so a path we cannot write fails with nothing
+    moved. Returns the file and whether we created it. Appending leaves an existing file as it is
+    until the report replaces it."""
+    if not path or path == "-":
+        return None, False
+    existed = os.path.exists(path)
+    try:
+        return open(path, "a"), not existed
+    except OSError as e:
+        raise VfmigError(f"cannot write the report to {path}: {e.strerror or e}") from None
+
+
+def _drop_report(f: TextIO | None, created: bool) -> None:
+    """No report after all: close, and remove the file if it was ours."""
+    if f is not None:
+        f.close()
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(f.name)
 
 
 def _progress(event: str, data: dict[str, Any]) -> None:
@@ -164,25 +200,74 @@ def _progress(event: str, data: dict[str, Any]) -> None:
         print(f"  stop-and-copy: {data['final_pages']:,} pages with the guest stopped", file=sys.stderr)
     elif event == "resumed":
         print(f"  guest resumed on {data['on']}", file=sys.stderr)
+    elif event == "cancel":
+        if data.get("accepted"):
+            print("  cancelling the migration (Ctrl-C again to stop waiting for the outcome)", file=sys.stderr)
+        else:
+            print(f"  cannot cancel: {data.get('reason')}", file=sys.stderr)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from vfmig import control
     from vfmig.report import Report
+    from vfmig.vm import check_pause_timeout
 
     opts = migration_options(args)
-    answer = control.request(
-        args.control or control.DEFAULT_PATH,
-        {"cmd": "migrate", "to": args.to, "options": control.options_to_dict(opts)},
-        progress=_progress,
-    )
+    opts.policy.validate()  # the rest needs the VM; the VM process checks it all again
+    check_pause_timeout(opts.pause_timeout_ms)
+    path = args.control or control.DEFAULT_PATH
+    out, created = _open_report(args.json)
+    try:
+        answer = control.request_migration(path, args.to, opts, progress=_progress)
+    except KeyboardInterrupt:
+        _drop_report(out, created)
+        print(f"vfmig: error: interrupted; `vfmig vm status --control {path}` tells how it ended", file=sys.stderr)
+        return 130
+    except BaseException:
+        _drop_report(out, created)
+        raise
     if not answer.get("ok"):
-        raise VfmigError(f"migration failed: {answer.get('error')} (the VM keeps running)")
+        _drop_report(out, created)
+        raise VfmigError(_failure_line(answer, path))
+    # The guest runs on the destination now: say what went wrong, never raise.
     doc = answer["report"]
-    _write_json(args.json, doc)
-    if args.json != "-":
-        print(Report.from_dict(doc).summary())
+    try:
+        print(json.dumps(doc, indent=2) if args.json == "-" else Report.from_dict(doc).summary(), flush=True)
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"vfmig: warning: the migration completed; its summary failed: {e!r}", file=sys.stderr)
+    if out is not None:
+        try:
+            with out:
+                if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                    out.seek(0)
+                    out.truncate()
+                out.write(json.dumps(doc, indent=2) + "\n")
+        except OSError as e:
+            print(
+                f"vfmig: error: the migration completed, but its report was not written to {args.json}: "
+                f"{e.strerror or e}",
+                file=sys.stderr,
+            )
+            return 2
     return 0
+
+
+def _failure_line(answer: dict[str, Any], path: str) -> str:
+    """One line that says what failed and where the guest is, from the VM process's answer."""
+    err, kind, source = answer.get("error"), answer.get("kind"), answer.get("source")
+    if kind == "refused":
+        return f"cannot migrate: {err}"
+    if kind == "cancelled" and source == "running":
+        return f"{err}; the source VM keeps running"
+    if source == "running":
+        return f"migration failed: {err}; the source VM keeps running"
+    if source == "paused" and kind == "in_doubt":
+        return f"migration failed: {err}"  # says the source is paused, and how to resume it
+    if source == "paused":
+        return f"migration failed: {err}; the source VM is paused: `vfmig vm resume --control {path}` resumes it"
+    if source is not None:
+        return f"migration failed: {err}; the source VM is {source}"
+    return f"migration failed: {err}"
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -223,6 +308,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vfmig.demo import run_demo
 
+    _drop_report(*_open_report(args.json))  # a --json path we cannot write fails before the demo starts
     return run_demo(args, migration_options(args), _progress, _write_json)
 
 
@@ -230,12 +316,53 @@ def _serve_control(args: argparse.Namespace, vm: Any) -> int:
     from vfmig import control
 
     path = args.control or control.DEFAULT_PATH
+    server = control.ControlServer(vm, path)
+    server.listen()  # before saying so: a client may connect as soon as it reads the line
     print(f"vfmig: VM running; control socket {path}", flush=True)
-    report = control.serve(vm, path, args.seconds if args.seconds > 0 else 0)
+    report = server.serve(args.seconds if args.seconds > 0 else 0)
     if report is None:
         print("vfmig: VM stopped (not migrated)")
     else:
         print(f"vfmig: VM migrated; downtime {report['downtime_ms']:.2f} ms")
+    return 0
+
+
+def _control_request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
+    from vfmig import control
+
+    path = args.control or control.DEFAULT_PATH
+    answer = control.request(path, {"cmd": cmd}, timeout=control.REQUEST_TIMEOUT_S if cmd != "stop" else 600)
+    if not answer.get("ok"):
+        raise VfmigError(f"cannot {cmd}: {answer.get('error')}")
+    return answer
+
+
+def cmd_vm_status(args: argparse.Namespace) -> int:
+    st = _control_request(args, "status")["status"]
+    lines = [
+        f"state           {st['state']}" + (f" ({st['failed']})" if st.get("failed") else ""),
+        f"uptime          {st['uptime_s']:.1f} s",
+        f"VM              {st['guest']}, {st['memory'] >> 20} MiB, {st['vcpus']} vCPU(s); tracker {st['tracker']}",
+    ]
+    if st.get("migration"):
+        lines.append(f"migration       to {st['migration']['to']}, at {st['migration']['phase']}")
+    last = st.get("last_migration")
+    if last:
+        detail = f" ({last['error']})" if last.get("error") else ""
+        lines.append(f"last migration  {last['status']} to {last['to']}{detail}")
+    _emit(args, st, "\n".join(lines))
+    return 0
+
+
+def cmd_vm_resume(args: argparse.Namespace) -> int:
+    _control_request(args, "resume")
+    print("vfmig: VM resumed")
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    state = _control_request(args, "stop").get("state")
+    print("vfmig: VM was migrated away; its process ended" if state == "migrated" else "vfmig: VM stopped")
     return 0
 
 
@@ -267,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a control socket so `vfmig migrate` can move this VM (runs until migrated)",
     )
     run.set_defaults(func=cmd_vm_run)
+    for name, func, text in (
+        ("status", cmd_vm_status, "state, uptime, shape and last migration of a VM run with --control"),
+        ("resume", cmd_vm_resume, "resume a paused VM (e.g. after a migration failed at its commit)"),
+        ("stop", cmd_vm_stop, "stop a VM run with --control; its process exits"),
+    ):
+        ctl = vmsub.add_parser(name, help=text)
+        ctl.add_argument("--control", default=None, metavar="PATH", help="the VM's control socket")
+        if name == "status":
+            ctl.add_argument("--json", action="store_true", help="print JSON")
+        ctl.set_defaults(func=func)
 
     doc = sub.add_parser("doctor", help="report what this host supports")
     doc.add_argument("--json", action="store_true")
