@@ -18,8 +18,9 @@ lint: bootstrap
 	.venv/bin/ruff check vfmig tests bench
 	.venv/bin/mypy vfmig --ignore-missing-imports
 
-# C unit tests, plain and under ASan/UBSan (build-asan/, configured with -Dsanitize=true, which
-# is what VFMIG_SANITIZE=1 also selects when a build directory is configured).
+# C unit tests, plain, under ASan/UBSan (build-asan/, configured with -Dsanitize=true, which
+# is what VFMIG_SANITIZE=1 also selects when a build directory is configured) and under TSan
+# (build-tsan/, configured with -Dtsan=true).
 sanitize: bootstrap
 	$(PY) -m pytest -q tests/test_c_units.py
 
@@ -34,4 +35,4 @@ bench: bootstrap
 	$(PY) bench/table.py
 
 clean:
-	rm -rf build build-asan .venv
+	rm -rf build build-asan build-tsan build-fuzz .venv

@@ -21,7 +21,7 @@
 #define PAGES_MAX_LEN (sizeof(struct vfmig_pages_hdr) + VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE)
 
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
-                        int verify, struct vfmig_err *err)
+                        struct vfmig_err *err)
 {
     memset(r, 0, sizeof(*r));
     if (nchan < 1 || nchan > VFMIG_MAX_CHANNELS)
@@ -32,15 +32,7 @@ int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int
         r->ch[i].fd = -1;
     r->written = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
     r->populated = calloc((vm->npages / VFMIG_STRIPE_PAGES + 64) / 64, sizeof(uint64_t));
-    if (verify) {
-        r->page_crc = malloc(vm->npages * sizeof(uint32_t));
-        if (r->page_crc) {
-            uint32_t z = vfmig_zero_page_crc();
-            for (uint64_t i = 0; i < vm->npages; i++)
-                r->page_crc[i] = z;
-        }
-    }
-    if (!r->written || !r->populated || (verify && !r->page_crc)) {
+    if (!r->written || !r->populated) {
         vfmig_receiver_free(r);
         return vfmig_fail(err, ENOMEM, "out of memory");
     }
@@ -56,10 +48,8 @@ void vfmig_receiver_free(struct vfmig_receiver *r)
 {
     free((void *)r->written);
     free((void *)r->populated);
-    free(r->page_crc);
     r->written = NULL;
     r->populated = NULL;
-    r->page_crc = NULL;
 }
 
 /* Channel input: its socket, or the buffer of vfmig_receiver_decode_mem, whose end reads like a
@@ -147,10 +137,6 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
         } else if (atomic_fetch_and_explicit(&r->written[p / 64], ~bit, memory_order_relaxed) & bit) {
             memset(host + (size_t)i * VFMIG_PAGE_SIZE, 0, VFMIG_PAGE_SIZE); /* untouched pages are zero */
         }
-        if (r->page_crc)
-            r->page_crc[p] = ph.encoding == VFMIG_ENC_RAW
-                                 ? vfmig_crc32c(0, host + (size_t)i * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE)
-                                 : vfmig_zero_page_crc();
     }
     ch->pages += ph.count;
     ch->zero_pages += ph.encoding == VFMIG_ENC_ZERO ? ph.count : 0;

@@ -179,10 +179,9 @@ cdef extern from "vfmig/channels.h":
     struct vfmig_receiver:
         uint32_t nchan
         vfmig_chan_rx ch[16]
-        uint32_t *page_crc
         int cancel
         vfmig_err err
-    int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan, int verify,
+    int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan,
                             vfmig_err *err) nogil
     void vfmig_receiver_free(vfmig_receiver *r) nogil
     int vfmig_receiver_start(vfmig_receiver *r) nogil

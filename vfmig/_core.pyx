@@ -600,14 +600,14 @@ cdef class PageReceiver:
     cdef int ready
     cdef int started
 
-    def __cinit__(self, VM vm, fds, bint verify=False):
+    def __cinit__(self, VM vm, fds):
         cdef int cfds[16]
         cdef vfmig_err err
         fds = _fd_list(fds)
         for i, fd in enumerate(fds):
             cfds[i] = fd
         self.vm = vm
-        cdef int rc = vfmig_receiver_init(&self.r, vm._vm(), cfds, len(fds), verify, &err)
+        cdef int rc = vfmig_receiver_init(&self.r, vm._vm(), cfds, len(fds), &err)
         if rc < 0:
             raise_err(rc, err.msg)
         self.ready = 1
@@ -653,9 +653,3 @@ cdef class PageReceiver:
             out["records"] += self.r.ch[c].records
             out["iterations"] = max(out["iterations"], self.r.ch[c].iterations)
         return out
-
-    def page_crcs(self):
-        """CRC32C of every page as loaded (verify mode), 4 bytes a page."""
-        if self.r.page_crc == NULL:
-            return None
-        return (<char *>self.r.page_crc)[:self.vm._vm().npages * 4]

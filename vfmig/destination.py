@@ -268,7 +268,7 @@ class Listener:
     def _load(
         self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket]
     ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
-        rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans], False)
+        rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans])
         rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
         vcpus: dict[int, bytes] = {}

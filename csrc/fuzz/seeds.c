@@ -69,18 +69,17 @@ static void eos(struct buf *o)
     record(o, VFMIG_REC_EOS, &e, sizeof(e), NULL, 0);
 }
 
-static struct buf *channel(uint8_t sel, uint8_t verify)
+static struct buf *channel(uint8_t sel)
 {
     static struct buf o;
     memset(&o, 0, sizeof(o));
     add(&o, &sel, 1);
-    add(&o, &verify, 1);
     return &o;
 }
 
 static void pages(void)
 {
-    struct buf *o = channel(0x00, 1); /* one channel, --verify */
+    struct buf *o = channel(0x00); /* one channel */
     run(o, 1 * VFMIG_PAGE_SIZE, 2, VFMIG_ENC_RAW);
     run(o, 3 * VFMIG_PAGE_SIZE, 1, VFMIG_ENC_ZERO);
     iter(o, 1);
@@ -89,26 +88,26 @@ static void pages(void)
     iter(o, 2);
     eos(o);
     put("pages", "one-channel", o->b, o->n);
-    o->b[40] ^= 1;
+    o->b[39] ^= 1; /* in the first run's data */
     put("pages", "edge-crc-mismatch", o->b, o->n);
-    o->b[40] ^= 1;
+    o->b[39] ^= 1;
     put("pages", "edge-truncated", o->b, o->n - 7);
 
-    o = channel(0x11, 0); /* channel 1 of 2: stripes 1 and 3 */
+    o = channel(0x11); /* channel 1 of 2: stripes 1 and 3 */
     run(o, 512 * VFMIG_PAGE_SIZE, 256, VFMIG_ENC_ZERO);
     run(o, FUZZ_HIGH_GPA + 512 * VFMIG_PAGE_SIZE, 1, VFMIG_ENC_RAW);
     eos(o);
     put("pages", "channel-1-of-2", o->b, o->n);
 
-    o = channel(0x00, 0);
+    o = channel(0x00);
     run(o, 510 * VFMIG_PAGE_SIZE, 4, VFMIG_ENC_ZERO);
     eos(o);
     put("pages", "edge-crosses-stripe", o->b, o->n);
-    o = channel(0x11, 0);
+    o = channel(0x11);
     run(o, 0, 1, VFMIG_ENC_ZERO);
     eos(o);
     put("pages", "edge-other-channels-stripe", o->b, o->n);
-    o = channel(0x00, 0);
+    o = channel(0x00);
     run(o, (uint64_t)FUZZ_LOW_PAGES * VFMIG_PAGE_SIZE - VFMIG_PAGE_SIZE, 2, VFMIG_ENC_ZERO); /* into the hole */
     iter(o, 2);
     eos(o);
@@ -119,7 +118,7 @@ static void records(void)
 {
     static const uint8_t json[] = "{\"pages_received\": 3}";
     struct vfmig_iter it = {.iteration = 1, .dirty_pages = 9};
-    struct buf *o = channel(0x00, 0);
+    struct buf *o = channel(0x00);
     o->n = 1; /* limit selector only */
     record(o, VFMIG_REC_ITER, &it, sizeof(it), NULL, 0);
     put("record", "iter-page-channel", o->b, o->n);

@@ -70,14 +70,13 @@ struct vfmig_receiver {
     struct vfmig_chan_rx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
     _Atomic uint64_t *populated; /* stripes already populated */
-    uint32_t *page_crc;         /* --verify: CRC32C of each page as loaded; NULL otherwise */
     _Atomic int cancel;
     struct vfmig_err err;
 };
 
 /* fds NULL: no sockets, for vfmig_receiver_decode_mem only. Caller's thread. 0 or -errno. */
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
-                        int verify, struct vfmig_err *err);
+                        struct vfmig_err *err);
 void vfmig_receiver_free(struct vfmig_receiver *r);
 /* Start one decoding thread per channel; each runs to its EOS. 0 or -errno. */
 int vfmig_receiver_start(struct vfmig_receiver *r);
