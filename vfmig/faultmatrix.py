@@ -250,6 +250,12 @@ def run_case(case: Case) -> Verdict:
     return v
 
 
+def may_commit(case: Case) -> bool:
+    """Whether the source may get to GO: the fault is at or after it, or a process is signalled
+    at READY (the hook lets READY through, so the source may still commit)."""
+    return case.pos.phase not in BEFORE_GO or (case.action in SIGNALS and case.position == "READY")
+
+
 def _phase(case: Case, proxy: FaultProxy) -> str:
     return case.pos.phase if proxy.fired.is_set() else ""
 
@@ -330,6 +336,10 @@ def _judge_source(
         problems.append("the source resumed after sending GO")
     if outcome == "commit-error":
         assert error is not None
+        if not may_commit(case):
+            # The fault was in the stream before GO but surfaced only after the source committed:
+            # the guest is now stopped on both sides.
+            problems.append(f"a fault before GO surfaced after the commit, the guest runs nowhere: {error}")
         if "commit point" not in error or "stays paused" not in error:
             problems.append(f"the commit error does not say where the guest is: {error!r}")
     elif phase in BEFORE_GO and (report is None or report.verification.memory_match is not True):
@@ -446,7 +456,7 @@ def _run_destination_process(case: Case) -> Verdict:
 def _start_source(case: Case, path: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vfmig", "vm", "run", "--memory", str(MEMORY >> 20) + "M", "--guest", "dirtier"]
-        + ["--rate", "5000", "--tracker", case.tracker, "--control", path, "--seconds", "0"],
+        + ["--rate", "5000", "--pattern", "random", "--tracker", case.tracker, "--control", path, "--seconds", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -504,7 +514,7 @@ def _run_source_process(case: Case) -> Verdict:
                 if th.is_alive():
                     problems.append("the source's migration request did not end")
                 if isinstance(res, Incoming):
-                    if phase in BEFORE_GO:
+                    if not may_commit(case):
                         problems.append(f"the destination runs the guest after a fault in {phase}")
                     if not res.vm.core.first_run_ns:
                         problems.append("the destination's vCPU never entered the guest")

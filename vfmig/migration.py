@@ -278,6 +278,11 @@ class Migration:
         if self._local_crcs is not None:
             self._verify(ctrl.expect("PAGE_HASHES", self.opts.resume_timeout_s, max_len=len(self._local_crcs)))
         ctrl.expect("READY", self.opts.resume_timeout_s)
+        # A destination that gave up after READY (no GO in time: this side was stalled) said so
+        # already; committing now would leave the guest running nowhere.
+        if select.select([ctrl.sock], [], [], 0)[0]:
+            name, _ = ctrl.recv(self.opts.resume_timeout_s)  # an ERROR raises PeerReported
+            raise MigrationError(f"control channel: unexpected {name} from {ctrl.peer} after READY")
         # The commit point. From here the source never resumes: if GO is lost the destination
         # discards the guest, and the migration fails with the guest stopped on both sides
         # rather than running on two.
@@ -377,7 +382,7 @@ class Migration:
         if isinstance(e, PeerError) and not select.select([self._ctrl.sock], [], [], 0)[0]:
             return None
         try:
-            self._ctrl.recv(timeout=2.0)
+            name, _ = self._ctrl.recv(timeout=2.0)
         except PeerReported as pe:
             return str(pe)
         except PeerError as pe:
@@ -385,7 +390,8 @@ class Migration:
             return str(pe) if isinstance(e, _core.StreamError) and "cancelled" in str(e) else None
         except VfmigError:
             return None
-        return None
+        # The watcher stopped the sender because the destination spoke out of turn.
+        return f"{self._ctrl.peer} sent an unexpected {name} record"
 
     def _abort(self) -> None:
         """Leave the source exactly as it was: tracking off, throttle off, vCPUs running."""
