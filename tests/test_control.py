@@ -268,6 +268,31 @@ def test_interrupted_migrate_cancels_and_the_source_keeps_running(tmp_path: Path
                 dst.wait(10)
 
 
+def test_vm_process_interrupted_mid_migration_cancels_it_and_exits_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C on `vm run` itself: the migration is cancelled, the process exits as interrupted
+    (not by a signal), and the client is told the source VM is gone, not that it keeps running."""
+    with vm_process(tmp_path, memory="128M", rate=50_000) as (p, sock):
+        dst, address = start_destination(run_seconds=0.3)
+        try:
+            mig = subprocess.Popen(
+                [sys.executable, "-m", "vfmig", "migrate", "--control", sock, "--to", address, "--bandwidth", "32M"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            read_until(mig.stderr, "iteration 1:")
+            p.send_signal(signal.SIGINT)
+            _, err = mig.communicate(timeout=60)
+            assert one_line_error((mig.returncode, err), "migration cancelled").endswith("; the source VM is stopped")
+            _, vm_err = p.communicate(timeout=60)
+            assert p.returncode == 130 and "Traceback" not in vm_err, vm_err  # not killed by a signal
+            assert dst.wait(60) != 0
+        finally:
+            if dst.poll() is None:
+                dst.kill()
+                dst.wait(10)
+
+
 def test_interrupt_after_the_final_state_left_cannot_cancel(tmp_path: Path) -> None:
     gate = threading.Event()  # holds READY in the proxy until the client has been interrupted
     with (

@@ -257,17 +257,14 @@ def _failure_line(answer: dict[str, Any], path: str) -> str:
     err, kind, source = answer.get("error"), answer.get("kind"), answer.get("source")
     if kind == "refused":
         return f"cannot migrate: {err}"
-    if kind == "cancelled" and source == "running":
-        return f"{err}; the source VM keeps running"
-    if source == "running":
-        return f"migration failed: {err}; the source VM keeps running"
-    if source == "paused" and kind == "in_doubt":
-        return f"migration failed: {err}"  # says the source is paused, and how to resume it
-    if source == "paused":
-        return f"migration failed: {err}; the source VM is paused: `vfmig vm resume --control {path}` resumes it"
-    if source is not None:
-        return f"migration failed: {err}; the source VM is {source}"
-    return f"migration failed: {err}"
+    head = str(err) if kind == "cancelled" else f"migration failed: {err}"
+    if kind == "in_doubt" or source is None:
+        return head  # an in-doubt error says the source is paused, and how to resume it
+    where = {
+        "running": "the source VM keeps running",
+        "paused": f"the source VM is paused: `vfmig vm resume --control {path}` resumes it",
+    }.get(source, f"the source VM is {source}")
+    return f"{head}; {where}"
 
 
 def cmd_receive(args: argparse.Namespace) -> int:

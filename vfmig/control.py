@@ -104,6 +104,7 @@ class ControlServer:
         self._loop_done = threading.Event()
         self._threads: list[threading.Thread] = []
         self._srv: socket.socket | None = None
+        self._migration_thread: threading.Thread | None = None
 
     # the accept loop ------------------------------------------------------------------------
     def listen(self) -> None:
@@ -141,6 +142,13 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             self._loop_done.set()
+            # Left early (Ctrl-C on this process): the VM must outlive a migration still using it.
+            with self._lock:
+                self._stop = True
+                self._cancel_locked()
+                running = self._migration_thread if self._migration is not None else None
+            if running is not None:
+                running.join()
             end = time.monotonic() + STOP_JOIN_S
             for t in self._threads:
                 t.join(max(0.0, end - time.monotonic()))
@@ -259,6 +267,7 @@ class ControlServer:
                 return {"ok": False, "error": why, "kind": "refused", "source": state}
             m = Migration(self.vm, to, opts, lambda event, data: self._progress(conn, event, data))
             self._migration, self._migration_to, self._phase = m, to, "starting"
+            self._migration_thread = threading.current_thread()
             self._cancel_asked = self._past_stop = False
         wake_r, wake_w = os.pipe()
         watcher = threading.Thread(target=self._watch_client, args=(conn, wake_r), daemon=True)
@@ -282,7 +291,7 @@ class ControlServer:
             # Failed before the commit (the source runs again), cancelled, or in doubt after it.
             in_doubt = isinstance(error, CommitError) or isinstance(error.__cause__, CommitError)
             kind = "in_doubt" if in_doubt else str(report.get("status") or "failed")
-            source = self._state()
+            source = "stopped" if self._stop else self._state()  # the process ends with the VM
             msg = str(error).replace("--control PATH", f"--control {shlex.quote(self.path)}")
             self.last_migration = {"status": kind, "to": to, "error": msg, "source": source}
             return {"ok": False, "error": msg, "kind": kind, "source": source, "report": report}
