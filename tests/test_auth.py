@@ -8,13 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
+from tests.helpers import wait_until
 from vfmig import _core, auth
 from vfmig import vm as vm_module
 from vfmig.auth import Authenticator
@@ -24,14 +24,6 @@ from vfmig.migration import MigrationOptions, migrate
 from vfmig.testing import serve_destination
 from vfmig.transport import ControlChannel, encode_channel
 from vfmig.vm import MicroVM
-
-
-def wait_until(cond: object, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
