@@ -321,7 +321,9 @@ def _fails_cleanly(vm: MicroVM, to: str, match: str, **opts: object) -> Migratio
     ],
 )
 def test_corrupt_or_truncated_stream_is_refused(fault: Fault, match: str) -> None:
-    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination() as dst:
+    # A destination that refuses a bad opening connection goes on listening for a good one; 5 s
+    # (not 30) bounds that wait, the source having connected at once.
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination(accept_timeout=5) as dst:
         vm.start()
         wait_running(vm)
         host, port = dst.listener.sock.getsockname()[:2]
