@@ -252,8 +252,9 @@ def run_case(case: Case) -> Verdict:
 
 def may_commit(case: Case) -> bool:
     """Whether the source may get to GO: the fault is at or after it, or a process is signalled
-    at READY (the hook lets READY through, so the source may still commit)."""
-    return case.pos.phase not in BEFORE_GO or (case.action in SIGNALS and case.position == "READY")
+    at PAGE_HASHES or READY (a signal lets the record through, and READY was sent with or right
+    after it, so the source may still commit)."""
+    return case.pos.phase not in BEFORE_GO or (case.action in SIGNALS and case.position in ("PAGE_HASHES", "READY"))
 
 
 def _phase(case: Case, proxy: FaultProxy) -> str:
