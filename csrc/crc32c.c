@@ -1,6 +1,7 @@
 /* CRC32C: three interleaved hardware lanes (the crc32 instruction has a latency of three and
  * a throughput of one), joined by multiplying in GF(2) modulo the polynomial. */
 #include <nmmintrin.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "vfmig/crc32c.h"
@@ -49,9 +50,14 @@ uint32_t vfmig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
  * folds the stores away. */
 static inline uint32_t crc_lanes(uint32_t crc, uint8_t *dst, const uint8_t *p, size_t len)
 {
-    static uint32_t lane_op; /* x^(8*LANE), computed once; benign race: same value */
-    if (!lane_op)
+    /* x^(8*LANE), computed once. Threads may race to compute it; each stores the same value,
+     * and the relaxed atomic makes that race defined (a plain static is a data race). */
+    static _Atomic uint32_t lane_op_cache;
+    uint32_t lane_op = atomic_load_explicit(&lane_op_cache, memory_order_relaxed);
+    if (!lane_op) {
         lane_op = xpow8n(LANE);
+        atomic_store_explicit(&lane_op_cache, lane_op, memory_order_relaxed);
+    }
     uint64_t a = ~crc & 0xffffffffu;
     while (len >= 3 * LANE) {
         uint64_t b = 0xffffffffu, c = 0xffffffffu;

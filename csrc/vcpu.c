@@ -113,14 +113,24 @@ static int wait_if_paused(struct vfmig_vcpu *cpu)
     return quit;
 }
 
+/* Sleep pct/(100-pct) slices once the vCPU has run a whole slice since its last sleep. The
+ * tick only prompts the check: a tick that lands during a sleep must not start another sleep at
+ * once, or a throttle of 50% or more would leave the guest almost no time at all. */
 static void throttle(struct vfmig_vcpu *cpu)
 {
     int pct = atomic_load(&cpu->vm->throttle_pct);
     if (!atomic_exchange(&cpu->throttle_due, 0) || pct <= 0)
         return;
-    uint64_t ns = THROTTLE_SLICE_NS * (uint64_t)pct / (uint64_t)(100 - pct);
-    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
-    nanosleep(&ts, NULL);
+    uint64_t now = vfmig_now_ns();
+    if (now - atomic_load(&cpu->throttle_ran_since_ns) < THROTTLE_SLICE_NS)
+        return;
+    /* Sleep to an absolute time: a signal (a kick) must not cut the sleep short, but a pause
+     * request must, so that stopping the VM never waits out a throttle sleep. */
+    uint64_t until = now + THROTTLE_SLICE_NS * (uint64_t)pct / (uint64_t)(100 - pct);
+    struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull), .tv_nsec = (long)(until % 1000000000ull)};
+    while (!atomic_load(&cpu->vm->pause_req) && clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+        ;
+    atomic_store(&cpu->throttle_ran_since_ns, vfmig_now_ns());
 }
 
 static int handle_exit(struct vfmig_vcpu *cpu)
@@ -191,10 +201,14 @@ static void *vcpu_thread(void *arg)
 static void *throttle_thread(void *arg)
 {
     struct vfmig_vm *vm = arg;
-    struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)THROTTLE_SLICE_NS};
+    /* Tick at a quarter slice, so a vCPU overruns its slice by at most that much. */
+    struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)(THROTTLE_SLICE_NS / 4)};
     while (atomic_load(&vm->throttle_pct) > 0 && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE)) {
         nanosleep(&slice, NULL);
+        uint64_t now = vfmig_now_ns();
         for (uint32_t i = 0; i < vm->nvcpus; i++) {
+            if (now - atomic_load(&vm->vcpus[i].throttle_ran_since_ns) < THROTTLE_SLICE_NS)
+                continue; /* still in its slice, or asleep: no need to make it exit */
             atomic_store(&vm->vcpus[i].throttle_due, 1);
             vfmig_vcpu_kick(&vm->vcpus[i]);
         }

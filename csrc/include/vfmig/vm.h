@@ -50,6 +50,7 @@ struct vfmig_vcpu {
     int thread_live;
     int paused;                 /* under vm->lock */
     _Atomic int throttle_due;
+    _Atomic uint64_t throttle_ran_since_ns; /* set by the vCPU thread after each throttle sleep */
     _Atomic int ring_full;      /* a KVM_EXIT_DIRTY_RING_FULL since the last harvest */
     _Atomic uint64_t exits[VFMIG_EXIT__COUNT];
     /* The device access this vCPU is inside, so a pause that times out can say where it is
