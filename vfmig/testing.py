@@ -160,7 +160,11 @@ class FaultProxy:
                 for r in out:
                     dst.sendall(r)
         except OSError:
-            pass
+            # The far end is gone. Like TCP, let the other direction deliver what is already
+            # on its way (the peer's ERROR): drain this side until that direction closes both.
+            with contextlib.suppress(OSError):
+                while not pair.closed and src.recv(1 << 16):
+                    pass
         finally:
             pair.close()
 
@@ -198,8 +202,10 @@ class _Pair:
 
     def __init__(self, a: socket.socket, b: socket.socket) -> None:
         self.socks = (a, b)
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         for s in self.socks:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
