@@ -54,14 +54,45 @@ def render() -> str:
     return "\n".join(rows)
 
 
+RELIABILITY_BEGIN, RELIABILITY_END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
+
+
+def render_reliability() -> str:
+    """bench/results/reliability.json (fault matrix, refusals, soak) and fuzz.json as a table."""
+    path = RESULTS / "reliability.json"
+    if not path.exists():
+        return "(no reliability results yet: run bench/reliability_bench.py)"
+    r = json.loads(path.read_text())
+    rows = ["| measure | result |", "|---|---|"]
+    rows.append(f"| fault matrix: cases survived / tried | {r['cases_survived']} / {r['cases_tried']} |")
+    if r.get("fuzz_execs") is not None:
+        rows.append(f"| fuzzing: executions (all harnesses) / crashes | {r['fuzz_execs']:,} / {r['fuzz_crashes']} |")
+    if r.get("refused_unauthenticated") is not None:
+        tried = (r.get("unauthenticated_run") or {}).get("attempts", "?")
+        rows.append(f"| unauthenticated or stray connections refused | {r['refused_unauthenticated']} of {tried} |")
+    if r.get("soak_migrations") is not None:
+        soak = f"{r['soak_migrations']} / {r['soak_mismatches']}"
+        rows.append(f"| soak: verified migrations / memory mismatches | {soak} |")
+        rows.append(
+            f"| soak: growth from first to last migration | {r['fd_growth']} fds, {r['thread_growth']} threads, "
+            f"{r['rss_growth_kib']:,} KiB RSS |"
+        )
+    return "\n".join(rows)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    block = f"{begin}\n{body}\n{end}"
+    return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+
+
 def update_readme() -> None:
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = f"{BEGIN}\n{render()}\n{END}"
-    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    text = _replace(readme.read_text(), BEGIN, END, render())
+    text = _replace(text, RELIABILITY_BEGIN, RELIABILITY_END, render_reliability())
     readme.write_text(text)
 
 
 if __name__ == "__main__":
     update_readme()
     print(render())
+    print(render_reliability())
