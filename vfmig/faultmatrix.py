@@ -253,8 +253,13 @@ def run_case(case: Case) -> Verdict:
 def may_commit(case: Case) -> bool:
     """Whether the source may get to GO: the fault is at or after it, or a process is signalled
     at PAGE_HASHES or READY (a signal lets the record through, and READY was sent with or right
-    after it, so the source may still commit)."""
-    return case.pos.phase not in BEFORE_GO or (case.action in SIGNALS and case.position in ("PAGE_HASHES", "READY"))
+    after it, so the source may still commit), or the link dies right after READY arrived."""
+    if case.pos.phase not in BEFORE_GO:
+        return True
+    # cut_after READY delivers READY and then loses the link: that is a lost GO.
+    return (case.action in SIGNALS and case.position in ("PAGE_HASHES", "READY")) or (
+        case.action == "cut_after" and case.position == "READY"
+    )
 
 
 def _phase(case: Case, proxy: FaultProxy) -> str:
