@@ -64,7 +64,16 @@ def test_psk_exchange_round_trip_and_rejects() -> None:
     assert ns_d == ns
     response, s_session = src.client_finish(challenge, ns)
     d_session = dst.server_verify(response, ns, nd)
-    assert s_session.token == d_session.token and len(s_session.token) == _core.TOKEN_LEN
+    # Both sides derive the same per-channel tokens; HELLO carries none; one channel's token
+    # does not open another.
+    assert [s_session.channel_token(i) for i in range(4)] == [d_session.channel_token(i) for i in range(4)]
+    assert len({s_session.channel_token(i) for i in range(4)}) == 4
+    assert len(s_session.channel_token(0)) == _core.TOKEN_LEN
+    assert s_session.hello_token == bytes(_core.TOKEN_LEN)
+    assert d_session.with_hello_token(bytes(_core.TOKEN_LEN)).channel_matches(2, s_session.channel_token(2))
+    assert not d_session.channel_matches(3, s_session.channel_token(2))
+    with pytest.raises(auth.AuthError, match="carries a session token"):
+        d_session.with_hello_token(os.urandom(_core.TOKEN_LEN))
     # A wrong key on either side is caught, each by the side that checks.
     with pytest.raises(auth.AuthError, match="destination failed to prove"):
         Authenticator(os.urandom(32)).client_finish(challenge, ns)
@@ -295,3 +304,84 @@ def test_migration_between_two_network_namespaces(two_hosts: tuple[str, str, str
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+# holding the door ---------------------------------------------------------------------------------
+def _authenticated_raw(port: int, key: bytes) -> ControlChannel:
+    """A control connection that has passed the key exchange, driven by hand."""
+    ctrl = ControlChannel(socket.create_connection(("127.0.0.1", port)), "destination")
+    a = Authenticator(key)
+    init, ns = a.client_init()
+    ctrl.send("AUTH_INIT", init)
+    response, _ = a.client_finish(ctrl.expect("AUTH_CHALLENGE", 5), ns)
+    ctrl.send("AUTH_RESPONSE", response)
+    return ctrl
+
+
+def test_keyed_hello_with_a_token_is_refused(key_file: Path, vm_builds: list[object]) -> None:
+    from vfmig.transport import Hello
+
+    key = auth.read_key(str(key_file))
+    lst = Listener("tcp://127.0.0.1:0", Authenticator(key))
+    with serve_destination(lst) as dst:
+        ctrl = _authenticated_raw(dst.port, key)
+        cfg = {"memory": 64 << 20, "vcpus": 1, "guest": "idle", "tracker": "bitmap"}
+        ctrl.send("HELLO", Hello(_core.STREAM_VERSION, 1, 64 << 20, 1, False, os.urandom(16), cfg).encode())
+        with pytest.raises(MigrationError, match="carries a session token, which a keyed session never sends"):
+            ctrl.recv(5)
+        ctrl.close()
+        assert isinstance(dst.wait(), MigrationError)
+    assert vm_builds == []
+
+
+@pytest.mark.usefixtures("kvm")
+def test_a_peer_that_stalls_authentication_cannot_hold_the_listener(key_file: Path) -> None:
+    from vfmig.destination import Timeouts
+
+    key = auth.read_key(str(key_file))
+    lst = Listener("tcp://127.0.0.1:0", Authenticator(key), timeouts=Timeouts(setup_s=1.0))
+    with running_vm() as vm, serve_destination(lst) as dst:
+        # Claims the listener with AUTH_INIT, then announces a huge AUTH_RESPONSE and stalls.
+        ctrl = ControlChannel(socket.create_connection(("127.0.0.1", dst.port)), "destination")
+        ctrl.send("AUTH_INIT", auth.encode_init(auth.MODE_PSK, os.urandom(auth.NONCE_LEN)))
+        ctrl.expect("AUTH_CHALLENGE", 5)
+        huge = _core.encode_record(_core.REC["AUTH_RESPONSE"], bytes(1 << 16))
+        ctrl.sock.sendall(huge[: _core.REC_HEADER_LEN + 1])
+        with pytest.raises(MigrationError, match="exceeds the limit of 32"):
+            ctrl.recv(5)
+        # And one that sends a valid header, then nothing: dropped at the deadline.
+        ctrl2 = ControlChannel(socket.create_connection(("127.0.0.1", dst.port)), "destination")
+        ctrl2.send("AUTH_INIT", auth.encode_init(auth.MODE_PSK, os.urandom(auth.NONCE_LEN)))
+        ctrl2.expect("AUTH_CHALLENGE", 5)
+        ctrl2.sock.sendall(_core.encode_record(_core.REC["AUTH_RESPONSE"], bytes(32))[: _core.REC_HEADER_LEN + 3])
+        wait_until(lambda: len(lst.auth_failures) == 2, "the stalled peer to be dropped")
+        assert "did not answer in time" in lst.auth_failures[-1]
+        ctrl.close()
+        ctrl2.close()
+        r = migrate(vm, dst.address, MigrationOptions(psk_file=str(key_file)))
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed"
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_receive_names_the_refusals_when_it_gives_up(key_file: Path) -> None:
+    from vfmig.demo import start_destination
+
+    with running_vm() as vm:
+        proc, addr = start_destination(run_seconds=0.3, extra=["--psk-file", str(key_file), "--timeout", "3"])
+        try:
+            with pytest.raises(MigrationError, match="requires a pre-shared key"):
+                migrate(vm, addr)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert not vm.paused
+    assert proc.returncode == 2
+    assert "refused a connection from 127.0.0.1" in err and "requires a pre-shared key" in err, err
+    assert "no source authenticated in time; 1 connection(s) refused" in err, err
+
+
+def test_cli_receive_checks_its_report_path_before_listening(tmp_path: Path) -> None:
+    res = run_cli("receive", "--listen", "tcp://127.0.0.1:0", "--keep-running", "--json", str(tmp_path / "no/such/x"))
+    assert res.returncode == 2 and "cannot write the report" in res.stderr, res.stderr
+    assert "listening" not in res.stdout

@@ -17,7 +17,7 @@ from vfmig import _core
 from vfmig.demo import start_destination
 from vfmig.destination import Incoming, Listener
 from vfmig.errors import MigrationError
-from vfmig.migration import CommitError, MigrationOptions, migrate
+from vfmig.migration import CommitError, Migration, MigrationOptions, migrate
 from vfmig.testing import DOWN, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 
@@ -171,3 +171,27 @@ def test_zero_page_crc_is_what_a_hole_hashes_to() -> None:
     with MicroVM(memory="64M", guest="idle") as vm:
         crcs = vm.core.page_crcs()
         assert crcs[:4] == _core.crc32c(bytes(4096)).to_bytes(4, "little")
+
+
+def test_a_malformed_resumed_after_go_is_in_doubt_not_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever breaks after GO, the source must not call it a plain failure (whose advice is to
+    # resume the source): the destination may run the guest.
+    from vfmig import transport
+
+    real = transport.ControlChannel.expect
+
+    def expect(self: transport.ControlChannel, rtype: str, *a: object, **kw: object) -> bytes:
+        payload = real(self, rtype, *a, **kw)  # type: ignore[arg-type]
+        return b"{not json" if rtype == "RESUMED" else payload
+
+    monkeypatch.setattr(transport.ControlChannel, "expect", expect)
+    with MicroVM(memory="64M", rate_pps=20_000) as vm, serve_destination() as dst:
+        vm.start()
+        wait_until(lambda: vm.touches() > 0, "the guest to run")
+        m = Migration(vm, dst.address)
+        with pytest.raises(CommitError, match="malformed RESUMED record .*stays paused"):
+            m.run()
+        assert m.report.status == "in_doubt"
+        assert vm.paused
+        inc = dst.wait()
+        assert isinstance(inc, Incoming) and keeps_running(inc.vm)

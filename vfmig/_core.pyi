@@ -56,6 +56,7 @@ STREAM_VERSION: int
 TOKEN_LEN: int
 CTRL_MAX: int
 MAX_CHANNELS: int
+MAX_VCPUS: int
 REC: dict[str, int]
 REC_HEADER_LEN: int
 

@@ -10,6 +10,7 @@ turned away without touching a migration in progress.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -23,6 +24,8 @@ from vfmig import _core
 
 OPENING_MAX = 256  # the longest opening record (AUTH_INIT, CHANNEL) is far shorter
 MAX_PENDING = 64  # connections still sending their opening record
+MAX_PENDING_PER_PEER = 8  # so one host cannot fill the queue for everyone else
+REFUSALS_KEPT = 1000  # the newest reasons; `refused_count` counts them all
 HDR_LEN = _core.REC_HEADER_LEN
 
 
@@ -63,7 +66,8 @@ class Acceptor:
         self.opening_timeout_s = opening_timeout_s
         self.controls: queue.Queue[Opening] = queue.Queue()
         self.channels: queue.Queue[Opening] = queue.Queue()
-        self.refused: list[str] = []  # reasons, in order
+        self.refused: collections.deque[str] = collections.deque(maxlen=REFUSALS_KEPT)  # newest reasons
+        self.refused_count = 0
         self._lock = threading.Lock()
         self._claimed = False
         self._want_channels = False
@@ -75,17 +79,20 @@ class Acceptor:
 
     # the migration's side ---------------------------------------------------------------------
     def release(self) -> None:
-        """The migration that held the listener is over: the next AUTH_INIT may claim it."""
+        """The migration that held the listener is over: the next AUTH_INIT may claim it. Page
+        channels still queued for it are turned away. Under the lock that _route holds while it
+        claims and queues, so a claim can never be made and then lost."""
+        stale: list[Opening] = []
         with self._lock:
             self._claimed = False
             self._want_channels = False
-        for q in (self.controls, self.channels):  # anything queued meanwhile is turned away
             while True:
                 try:
-                    o = q.get_nowait()
+                    stale.append(self.channels.get_nowait())
                 except queue.Empty:
                     break
-                self._refuse(o.sock, o.peer, "no migration is waiting for this connection")
+        for o in stale:
+            self._refuse(o.sock, o.peer, "no migration is waiting for this page channel")
 
     def accept_channels(self, on: bool) -> None:
         with self._lock:
@@ -106,11 +113,17 @@ class Acceptor:
             s.close()
         self._pending.clear()
         self.release()
+        while True:  # a source that claimed the listener but was never served
+            try:
+                self.controls.get_nowait().sock.close()
+            except queue.Empty:
+                break
 
     # the thread ------------------------------------------------------------------------------
     def _refuse(self, sock: socket.socket, peer: str, reason: str) -> None:
         with self._lock:
             self.refused.append(f"{peer}: {reason}")
+            self.refused_count += 1
         refuse(sock, reason)
 
     def _run(self) -> None:
@@ -138,6 +151,10 @@ class Acceptor:
         except OSError:
             return
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        host = peer.rsplit(":", 1)[0]
+        if sum(p.peer.rsplit(":", 1)[0] == host for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
+            self._refuse(s, peer, "too many connections waiting from this host")
+            return
         if len(self._pending) >= MAX_PENDING:
             self._refuse(s, peer, "too many connections waiting")
             return
@@ -177,7 +194,8 @@ class Acceptor:
         self._route(Opening(s, _core.rec_name(rtype), bytes(p.buf[:HDR_LEN]), payload, p.peer))
 
     def _route(self, o: Opening) -> None:
-        with self._lock:
+        o.sock.setblocking(True)
+        with self._lock:  # claim and queue in one step (see release)
             if o.name == "AUTH_INIT" and not self._claimed:
                 self._claimed = True
                 target: queue.Queue[Opening] | None = self.controls
@@ -186,14 +204,13 @@ class Acceptor:
             else:
                 target = None
             busy = self._claimed
-        if target is None:
-            if o.name == "AUTH_INIT":
-                reason = "busy: a migration into this destination is already in progress"
-            elif o.name == "CHANNEL":
-                reason = "no migration is accepting page channels now" if not busy else "unexpected page channel"
-            else:
-                reason = f"a connection must open with AUTH_INIT or CHANNEL, not {o.name}"
-            self._refuse(o.sock, o.peer, reason)
-            return
-        o.sock.setblocking(True)
-        target.put(o)
+            if target is not None:
+                target.put(o)
+                return
+        if o.name == "AUTH_INIT":
+            reason = "busy: a migration into this destination is already in progress"
+        elif o.name == "CHANNEL":
+            reason = "no migration is accepting page channels now" if not busy else "unexpected page channel"
+        else:
+            reason = f"a connection must open with AUTH_INIT or CHANNEL, not {o.name}"
+        self._refuse(o.sock, o.peer, reason)

@@ -8,9 +8,10 @@ proves it holds it too:
     dst -> src  AUTH_CHALLENGE  mode, nonce_d, HMAC(key, "vfmig dst" | nonce_s | nonce_d)
     src -> dst  AUTH_RESPONSE   HMAC(key, "vfmig src" | nonce_d | nonce_s)
 
-Both nonces are fresh per connection, so neither proof can be replayed. The session token that
-the page channels present is derived from the key and both nonces, so a page channel proves the
-key too. Mode "open" (no key) runs the same exchange with empty proofs; a destination on a
+Both nonces are fresh per connection, so neither proof can be replayed. Each page channel presents
+its own token, derived from the key, both nonces and its index (and never sent before that
+channel opens), so a page channel proves the key too, and seeing one channel's token does not
+open another. Mode "open" (no key) runs the same exchange with empty proofs; a destination on a
 non-loopback address refuses it unless the operator opted in. PSK authenticates the peers at the
 start of each connection; it does not encrypt or sign the stream that follows
 (docs/stream-format.md, section 1a).
@@ -73,16 +74,35 @@ def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Session:
-    """What an authenticated control connection yields: the token its page channels present."""
+    """What an authenticated control connection yields: the tokens its page channels present.
+    Keyed: a per-session secret both sides derived (never sent), and HELLO's token field is zero.
+    Open: one random token chosen by the source and carried in HELLO (no secret at all)."""
 
     mode: int
-    token: bytes  # open mode: chosen by the source, carried in its HELLO (empty on the destination until then)
+    secret: bytes | None
+    hello_token: bytes  # open mode, destination side: empty until HELLO arrives
 
     @classmethod
     def derive(cls, key: bytes | None, nonce_s: bytes, nonce_d: bytes, source: bool) -> Session:
         if key is None:
-            return cls(MODE_OPEN, os.urandom(_core.TOKEN_LEN) if source else b"")
-        return cls(MODE_PSK, _mac(key, b"vfmig session", nonce_s, nonce_d)[: _core.TOKEN_LEN])
+            return cls(MODE_OPEN, None, os.urandom(_core.TOKEN_LEN) if source else b"")
+        return cls(MODE_PSK, _mac(key, b"vfmig session", nonce_s, nonce_d), bytes(_core.TOKEN_LEN))
+
+    def with_hello_token(self, token: bytes) -> Session:
+        """The destination learns an open session's token from HELLO; a keyed HELLO carries zeros."""
+        if self.secret is not None:
+            if token != bytes(_core.TOKEN_LEN):
+                raise AuthError("the stream header carries a session token, which a keyed session never sends")
+            return self
+        return Session(self.mode, None, token)
+
+    def channel_token(self, index: int) -> bytes:
+        if self.secret is None:
+            return self.hello_token
+        return _mac(self.secret, b"vfmig channel", index.to_bytes(2, "little"))[: _core.TOKEN_LEN]
+
+    def channel_matches(self, index: int, token: bytes) -> bool:
+        return hmac.compare_digest(self.channel_token(index), token)
 
 
 def _check_reserved(reserved: int, what: str) -> None:

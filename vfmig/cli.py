@@ -180,6 +180,20 @@ def _open_report(path: str | None) -> tuple[TextIO | None, bool]:
         raise VfmigError(f"cannot write the report to {path}: {e.strerror or e}") from None
 
 
+def _write_report(out: TextIO | None, path: str | None, doc: dict[str, Any]) -> None:
+    """Write the report into the file _open_report opened (replacing what was there)."""
+    if out is None:
+        return
+    try:
+        with out:
+            if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                out.seek(0)
+                out.truncate()
+            out.write(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise VfmigError(f"its report was not written to {path}: {e.strerror or e}") from None
+
+
 def _drop_report(f: TextIO | None, created: bool) -> None:
     """No report after all: close, and remove the file if it was ours."""
     if f is not None:
@@ -235,20 +249,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2) if args.json == "-" else Report.from_dict(doc).summary(), flush=True)
     except (ValueError, KeyError, TypeError) as e:
         print(f"vfmig: warning: the migration completed; its summary failed: {e!r}", file=sys.stderr)
-    if out is not None:
-        try:
-            with out:
-                if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
-                    out.seek(0)
-                    out.truncate()
-                out.write(json.dumps(doc, indent=2) + "\n")
-        except OSError as e:
-            print(
-                f"vfmig: error: the migration completed, but its report was not written to {args.json}: "
-                f"{e.strerror or e}",
-                file=sys.stderr,
-            )
-            return 2
+    try:
+        _write_report(out, args.json, doc)
+    except VfmigError as e:
+        print(f"vfmig: error: the migration completed, but {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -268,8 +273,10 @@ def _failure_line(answer: dict[str, Any], path: str) -> str:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    from vfmig import _core
     from vfmig.auth import Authenticator, is_loopback, read_key
     from vfmig.destination import Limits, Listener, describe
+
     auth = Authenticator(
         read_key(args.psk_file) if args.psk_file else None,
         allow_open=args.allow_unauthenticated or is_loopback(parse_uri_host(args.listen)),
@@ -279,23 +286,37 @@ def cmd_receive(args: argparse.Namespace) -> int:
         limits.max_memory = parse_size(args.max_memory)
     if args.max_vcpus is not None:
         limits.max_vcpus = args.max_vcpus
-    if limits.max_memory <= 0 or limits.max_vcpus < 1:
-        raise VfmigError("--max-memory and --max-vcpus must be positive")
-    with Listener(args.listen, auth, limits) as lst:
-        print(f"vfmig: listening on {lst.address}", flush=True)
-        inc = lst.receive(args.timeout, run_seconds=args.run_seconds)
-        for why in lst.refused:
-            print(f"vfmig: refused a connection from {why}", file=sys.stderr)
-    with inc.vm:
+    if limits.max_memory <= 0 or not 1 <= limits.max_vcpus <= _core.MAX_VCPUS:
+        raise VfmigError(f"--max-memory must be positive and --max-vcpus 1..{_core.MAX_VCPUS}")
+    report, created = _open_report(args.json)  # a path we cannot write fails before anything arrives
+    try:
+        with Listener(args.listen, auth, limits) as lst:
+            print(f"vfmig: listening on {lst.address}", flush=True)
+            try:
+                inc = lst.receive(args.timeout, run_seconds=args.run_seconds)
+            finally:
+                for why in lst.refused:
+                    print(f"vfmig: refused a connection from {why}", file=sys.stderr)
+    except BaseException:
+        _drop_report(report, created)
+        raise
+    with inc.vm:  # the guest runs here now: nothing below may end it but the operator
         g = inc.guest
         if inc.source_lost:
             print(f"vfmig: warning: {inc.source_lost}", file=sys.stderr, flush=True)
-        if g:
+        if "touches_after" in g:
             print(
                 f"vfmig: guest running here; counter {g['touches_after']:,}, wrap edges {g['wrap_edges']}",
                 flush=True,
             )
-        _write_json(args.json, describe(inc))
+        elif g.get("error"):
+            print(f"vfmig: warning: {g['error']}", file=sys.stderr, flush=True)
+        if args.json == "-":
+            print(json.dumps(describe(inc), indent=2), flush=True)
+        try:
+            _write_report(report, args.json, describe(inc))
+        except VfmigError as e:
+            print(f"vfmig: warning: the guest runs here, but {e}", file=sys.stderr, flush=True)
         if args.keep_running:
             while True:
                 time.sleep(1)
@@ -431,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make this host build and run a VM)",
     )
     rcv.add_argument("--max-memory", metavar="SIZE", help="refuse VMs with more RAM (default: this host's RAM)")
-    rcv.add_argument("--max-vcpus", type=int, metavar="N", help="refuse VMs with more vCPUs (default 64)")
+    rcv.add_argument("--max-vcpus", type=int, metavar="N", help="refuse VMs with more vCPUs (default: all vfmig runs)")
     rcv.set_defaults(func=cmd_receive)
 
     demo = sub.add_parser("demo", help="the main job: live-migrate the built-in micro-VM between two processes")

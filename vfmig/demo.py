@@ -18,8 +18,9 @@ from vfmig.vm import MicroVM
 DESTINATION_START_TIMEOUT_S = 30
 
 
-def start_destination(run_seconds: float) -> tuple[subprocess.Popen[str], str]:
-    """A `vfmig receive` process on a free loopback port; returns it and its address."""
+def start_destination(run_seconds: float, extra: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """A `vfmig receive` process on a free loopback port (with `extra` options; later ones win);
+    returns it and its address."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -32,6 +33,7 @@ def start_destination(run_seconds: float) -> tuple[subprocess.Popen[str], str]:
             str(run_seconds),
             "--timeout",
             "60",
+            *(extra or []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

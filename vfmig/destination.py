@@ -12,6 +12,7 @@ source only leaves the source's report incomplete (Incoming.source_lost says so)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfmig import _core
-from vfmig.acceptor import Acceptor, Opening
-from vfmig.auth import Authenticator, AuthError, Session, is_loopback
+from vfmig.acceptor import REFUSALS_KEPT, Acceptor, Opening
+from vfmig.auth import MAC_LEN, Authenticator, AuthError, Session, is_loopback
 from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.transport import (
     ControlChannel,
@@ -47,7 +48,7 @@ class Limits:
     """What a source may ask this destination to build; checked before anything is allocated."""
 
     max_memory: int = field(default_factory=_host_memory)
-    max_vcpus: int = 64
+    max_vcpus: int = _core.MAX_VCPUS
 
     def check(self, hello: Hello) -> None:
         if hello.mem_bytes > self.max_memory:
@@ -114,12 +115,12 @@ class Listener:
             raise VfmigError(f"cannot listen on {listen}: {e.strerror or e}") from None
         self.address = f"tcp://{host}:{self.sock.getsockname()[1]}"
         self.acceptor = Acceptor(self.sock, opening_timeout_s=min(10.0, self.timeouts.setup_s))
-        self.auth_failures: list[str] = []
+        self.auth_failures: collections.deque[str] = collections.deque(maxlen=REFUSALS_KEPT)
 
     @property
     def refused(self) -> list[str]:
         """Every connection turned away, with the reason: strays, busy, failed authentication."""
-        return self.acceptor.refused + self.auth_failures
+        return [*self.acceptor.refused, *self.auth_failures]
 
     def close(self) -> None:
         self.acceptor.close()
@@ -140,7 +141,9 @@ class Listener:
             try:
                 opening = self.acceptor.controls.get(timeout=timeout)
             except queue.Empty:
-                raise MigrationError("no connection from the source in time") from None
+                refused = self.refused
+                last = f"; {len(refused)} connection(s) refused, the last: {refused[-1]}" if refused else ""
+                raise MigrationError(f"no source authenticated in time{last}") from None
             try:
                 ctrl = ControlChannel(opening.sock, f"source {opening.peer}")
                 try:
@@ -160,7 +163,8 @@ class Listener:
         ctrl.rx.add(opening.header)
         challenge, nonce_s, nonce_d = self.auth.server_challenge(opening.payload)
         ctrl.send("AUTH_CHALLENGE", challenge)
-        response = ctrl.expect("AUTH_RESPONSE", self.acceptor.opening_timeout_s)
+        # The listener is claimed until this answer: a short record, within one short deadline.
+        response = ctrl.expect("AUTH_RESPONSE", self.acceptor.opening_timeout_s, max_len=MAC_LEN)
         return self.auth.server_verify(response, nonce_s, nonce_d)
 
     def _serve(self, ctrl: ControlChannel, session: Session, run_seconds: float) -> Incoming:
@@ -168,14 +172,13 @@ class Listener:
         chans: list[socket.socket] = []
         try:
             hello = Hello.decode(ctrl.expect("HELLO", self.timeouts.setup_s, max_len=64 + 16384))
-            if session.token and hello.token != session.token:
-                raise AuthError("the stream header carries a session token the key did not derive")
+            session = session.with_hello_token(hello.token)
             self.limits.check(hello)
             config = VMConfig.from_dict(hello.config)
             if config.memory != hello.mem_bytes or config.vcpus != hello.vcpus:
                 raise MigrationError("stream header and VM config disagree on the VM's shape")
             vm = MicroVM.from_config(config)
-            chans = self._accept_channels(ctrl, hello)
+            chans = self._accept_channels(ctrl, hello, session)
             cps, pages, extra = self._load(ctrl, hello, vm, chans)
             ctrl.expect("GO", self.timeouts.go_s)
         except BaseException as e:
@@ -196,17 +199,27 @@ class Listener:
         # The commit: the source has promised never to resume this guest. From here it is ours.
         inc = self._start(vm, cps, pages)
         try:
-            ctrl.send_json("RESUMED", {"checkpoints": cps, "pages_received": pages["pages"], **extra})
-            inc.guest = observe_guest(vm, cps["dst-vm-started"], extra["touches_at_resume"], run_seconds)
-            ctrl.send_json("GUEST", inc.guest)
-        except Exception as e:  # noqa: BLE001 - whatever it was, the guest must live on
-            why = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
-            inc.source_lost = f"the guest runs here, but the source could not be told: {why}"
+            self._tell(ctrl, inc, "RESUMED", {"checkpoints": cps, "pages_received": pages["pages"], **extra})
+            try:
+                inc.guest = observe_guest(vm, cps["dst-vm-started"], extra["touches_at_resume"], run_seconds)
+            except Exception as e:  # noqa: BLE001 - observing failed; the guest must live on all the same
+                inc.guest = {"error": f"observing the guest failed: {type(e).__name__}: {e}"}
+            self._tell(ctrl, inc, "GUEST", inc.guest)
         finally:
             ctrl.close()
         return inc
 
-    def _accept_channels(self, ctrl: ControlChannel, hello: Hello) -> list[socket.socket]:
+    @staticmethod
+    def _tell(ctrl: ControlChannel, inc: Incoming, rtype: str, doc: dict[str, Any]) -> None:
+        """After the commit: report to the source if it still listens; a failure is noted, never raised."""
+        if inc.source_lost:
+            return
+        try:
+            ctrl.send_json(rtype, doc)
+        except VfmigError as e:
+            inc.source_lost = f"the guest runs here, but the source could not be told: {e}"
+
+    def _accept_channels(self, ctrl: ControlChannel, hello: Hello, session: Session) -> list[socket.socket]:
         """Take this session's page channels from the acceptor. A channel with a wrong token or
         index is refused on its own connection and does not disturb the migration; the source
         giving up (an ERROR on the control channel) ends the wait at once."""
@@ -230,11 +243,11 @@ class Listener:
                 except MigrationError as e:
                     self.acceptor.refuse(o, str(e))
                     continue
-                if token != hello.token:
-                    self.acceptor.refuse(o, "a page channel presented the wrong session token")
-                    continue
                 if index >= hello.channels or index in socks:
                     self.acceptor.refuse(o, f"bad page channel index {index}")
+                    continue
+                if not session.channel_matches(index, token):
+                    self.acceptor.refuse(o, "a page channel presented the wrong session token")
                     continue
                 ControlChannel(o.sock, f"page channel {index}").send("HELLO_ACK")
                 o.sock.settimeout(None)  # the C receiver sets its own timeout
@@ -347,10 +360,12 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
     gaps = [[list(g) for g in s.gaps] for s in vm.vcpu_stats()]  # per vCPU
     time.sleep(max(0.0, run_seconds - (time.monotonic() - t0)))
     vm.pause()
-    stats = vm.vcpu_stats()
-    edges = vm.wrap_edges() if vm.config.params.pattern == "sequential" else []
+    try:  # a consistent snapshot of the counters; the guest runs on whatever happens
+        stats = vm.vcpu_stats()
+        edges = vm.wrap_edges() if vm.config.params.pattern == "sequential" else []
+    finally:
+        vm.resume()
     touches = sum(s.touches for s in stats)
-    vm.resume()
     return {
         "gaps": gaps,
         "touches_after": touches,

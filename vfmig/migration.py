@@ -10,6 +10,7 @@ Any failure before the destination says it resumed leaves the source VM running 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import select
@@ -76,6 +77,12 @@ class MigrationOptions:
         self.authenticator()  # an unreadable key file fails before anything connects
 
 
+IN_DOUBT = (
+    "after the commit point, so the source VM stays paused: resume it (`vfmig vm resume --control PATH`) "
+    "only if the destination is known not to run the guest"
+)
+
+
 class CommitError(MigrationError):
     """Failed after the commit point: the guest is stopped here and may or may not run there."""
 
@@ -98,6 +105,7 @@ class Migration:
         self._ctrl: ControlChannel | None = None
         self._chans: list[socket.socket] = []
         self._paused_by_us = False
+        self._committed = False  # GO is on its way: from here the source never resumes
         self._local_crcs: bytes | None = None  # our RAM at stop, for --verify
         self.report = Report(status="running")
 
@@ -128,13 +136,19 @@ class Migration:
             self._wait_resumed()
         except BaseException as e:
             reason = self._peer_reason(e)
-            self._abort()
-            self._close()
-            committed = isinstance(e, CommitError)
+            try:
+                not_resumed = self._abort()
+            finally:
+                self._close()
+            committed = self._committed
             r.status = "in_doubt" if committed else "cancelled" if self._cancel.is_set() else "failed"
             r.error = reason or (str(e) if isinstance(e, VfmigError) else _describe(e))
             if isinstance(e, KeyboardInterrupt):
                 raise
+            if committed and not isinstance(e, CommitError):  # whatever broke after GO, the outcome is in doubt
+                r.error = f"{r.error}; {IN_DOUBT}"
+            if not_resumed:
+                r.error = f"{r.error}; {not_resumed}"
             raise (CommitError if committed else MigrationError)(r.error) from e
         # The guest runs on the destination now: nothing below can fail the migration.
         r.status = "completed"
@@ -162,7 +176,7 @@ class Migration:
         ctrl.send("AUTH_RESPONSE", response)
         cfg = self.vm.config
         hello = Hello(
-            VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, session.token, cfg.to_dict()
+            VERSION, self.opts.channels, cfg.memory, cfg.vcpus, self.opts.verify, session.hello_token, cfg.to_dict()
         )
         ctrl.send("HELLO", hello.encode())
         ctrl.expect("HELLO_ACK", self.opts.handshake_timeout_s)
@@ -170,7 +184,7 @@ class Migration:
             s = connect(host, port, self.opts.connect_timeout_s)
             self._chans.append(s)
             chan = ControlChannel(s, f"destination {self.to}, page channel {i}")
-            chan.send("CHANNEL", encode_channel(session.token, i))
+            chan.send("CHANNEL", encode_channel(session.channel_token(i), i))
             chan.expect("HELLO_ACK", self.opts.handshake_timeout_s)  # or the reason it was refused
             s.settimeout(None)  # the C sender sets its own send timeout
         self._sender = _core.PageSender(self.vm.core, [s.fileno() for s in self._chans], self.opts.bandwidth)
@@ -287,16 +301,16 @@ class Migration:
         # discards the guest, and the migration fails with the guest stopped on both sides
         # rather than running on two.
         self._paused_by_us = False
+        self._committed = True
         try:
             ctrl.send("GO")
             doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
-        except VfmigError as e:
-            raise CommitError(
-                f"{e}; after the commit point, so the source VM stays paused: resume it (`vfmig vm resume "
-                "--control PATH`) only if the destination is known not to run the guest"
-            ) from None
-        for name in ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started"):
-            self.report.checkpoints.append(Checkpoint(name, int(doc["checkpoints"][name])))
+            names = ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started")
+            cps = [Checkpoint(n, int(doc["checkpoints"][n])) for n in names]
+        except (VfmigError, ValueError, KeyError, TypeError) as e:
+            why = str(e) if isinstance(e, VfmigError) else f"malformed RESUMED record ({type(e).__name__}: {e})"
+            raise CommitError(f"{why}; {IN_DOUBT}") from None
+        self.report.checkpoints += cps
         self.report.destination = {k: v for k, v in doc.items() if k != "checkpoints"}
         self.progress("resumed", {"on": self.to})
 
@@ -393,23 +407,31 @@ class Migration:
         # The watcher stopped the sender because the destination spoke out of turn.
         return f"{self._ctrl.peer} sent an unexpected {name} record"
 
-    def _abort(self) -> None:
-        """Leave the source exactly as it was: tracking off, throttle off, vCPUs running."""
-        if self._sender is not None:
-            self._sender.cancel()
-        if self._ctrl is not None:
-            with contextlib.suppress(VfmigError):
-                self._ctrl.send("ERROR", b"source aborted the migration")
-        for s in self._chans:  # unblocks the peer's receivers
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        if self._sender is not None:
-            self._sender.stop_tracking()
-        with contextlib.suppress(_core.CoreError):
-            self.vm.core.set_throttle(0)
+    def _abort(self) -> str | None:
+        """Leave the source exactly as it was: tracking off, throttle off, vCPUs running. Each
+        step runs even if an earlier one failed. Returns why the source is not running again,
+        if it should be and is not."""
+        sender, ctrl = self._sender, self._ctrl
+        steps: list[Callable[[], object]] = []
+        if sender is not None:
+            steps.append(sender.cancel)
+        if ctrl is not None:
+            steps.append(lambda: ctrl.send("ERROR", b"source aborted the migration"))
+        steps += [functools.partial(s.shutdown, socket.SHUT_RDWR) for s in self._chans]  # unblocks the peer
+        if sender is not None:
+            steps.append(sender.stop_tracking)
+        steps.append(lambda: self.vm.core.set_throttle(0))
         if self._paused_by_us:
-            self.vm.resume()
-            self._paused_by_us = False
+            steps.append(self.vm.resume)
+        first: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except (VfmigError, OSError) as e:  # CoreError and StreamError are OSErrors
+                first = first or e
+        stuck = self._paused_by_us and self.vm.paused
+        self._paused_by_us = False
+        return f"the source VM could not be resumed: {first}" if stuck else None
 
     def _close(self) -> None:
         if self._sender is not None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -163,11 +164,13 @@ class ControlChannel:
         if rtype != "EOS":
             self.tx.add(rec[:HDR_LEN])
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int, deadline: float | None) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            if deadline is not None:  # one deadline for the whole record: a trickle can't stretch it
+                self.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             try:
                 r = self.sock.recv_into(view[got:])
             except TimeoutError:
@@ -180,12 +183,14 @@ class ControlChannel:
         return bytes(buf)
 
     def recv(self, timeout: float | None, max_len: int = _core.CTRL_MAX) -> tuple[str, bytes]:
-        """Next record as (type name, payload). An ERROR record raises PeerError."""
+        """Next record as (type name, payload), within `timeout` seconds for the whole record.
+        An ERROR record raises PeerReported."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.sock.settimeout(timeout)
-        hdr = self._read(HDR_LEN)
+        hdr = self._read(HDR_LEN, deadline)
         try:
             rtype, length = _core.check_header(hdr, max_len)
-            payload = self._read(length) if length else b""
+            payload = self._read(length, deadline) if length else b""
             _core.check_crc(hdr, payload)
         except _core.StreamError as e:
             raise MigrationError(f"control channel from {self.peer}: {e.strerror}") from None
