@@ -275,8 +275,12 @@ class ControlServer:
         try:
             report = m.run().to_dict()
             error: BaseException | None = None
-        except (VfmigError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure is reported; the server lives on
             report, error = m.report.to_dict(), e
+        except BaseException:
+            with self._lock:
+                self._migration = None
+            raise
         finally:
             os.write(wake_w, b"x")
             watcher.join()
@@ -289,7 +293,7 @@ class ControlServer:
                 self.last_migration = {"status": "completed", "to": to, "downtime_ms": report.get("downtime_ms")}
                 return {"ok": True, "report": report}
             # Failed before the commit (the source runs again), cancelled, or in doubt after it.
-            in_doubt = isinstance(error, CommitError) or isinstance(error.__cause__, CommitError)
+            in_doubt = m.report.status == "in_doubt" or isinstance(error, CommitError)
             kind = "in_doubt" if in_doubt else str(report.get("status") or "failed")
             source = "stopped" if self._stop else self._state()  # the process ends with the VM
             msg = str(error).replace("--control PATH", f"--control {shlex.quote(self.path)}")
