@@ -532,7 +532,10 @@ def _run_source_process(case: Case) -> Verdict:
                         problems.append(f"the source exited {src.returncode}, not by SIGKILL")
                 else:
                     outcome = "completed" if answer.get("ok") else "failed"
-                    state = _source_state(path)[0] if src.poll() is None else "exited"
+                    try:
+                        state = _source_state(path)[0] if src.poll() is None else "exited"
+                    except (OSError, VfmigError):  # it exits once migrated away
+                        state = "exited" if src.wait(10) is not None else "unknown"
                     details["source_state"] = state
                     if isinstance(res, Incoming):
                         # GO reached the destination: the source must not run (paused, or exited
