@@ -85,6 +85,8 @@ class FaultProxy:
         return self
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close() alone does not
         self.sock.close()
         with self._lock:
             for s in self._socks:
