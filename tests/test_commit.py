@@ -195,3 +195,26 @@ def test_a_malformed_resumed_after_go_is_in_doubt_not_failed(monkeypatch: pytest
         assert vm.paused
         inc = dst.wait()
         assert isinstance(inc, Incoming) and keeps_running(inc.vm)
+
+
+@pytest.mark.parametrize(
+    ("fault", "match"),
+    [
+        # GO arrives corrupted: the destination gives up with an ERROR after the source sent GO.
+        (Fault(record="GO", action="flip", at_byte=12), "GO record: CRC mismatch.*; the destination never started"),
+        # A duplicated control EOS is seen only while the destination waits for GO; depending on
+        # timing the source reads the ERROR just before or just after it sends GO.
+        (Fault(record="EOS", action="duplicate"), "expected GO .* got EOS"),
+    ],
+)
+def test_an_error_instead_of_resumed_gives_the_guest_back_to_the_source(fault: Fault, match: str) -> None:
+    # The destination sends ERROR only before it starts a guest, so the source, even after its
+    # GO, must take its guest back rather than leave it running nowhere.
+    with idle_vm() as vm, serve_destination() as dst:
+        before = vm.core.page_crcs()
+        with FaultProxy(("127.0.0.1", dst.port), fault) as proxy, pytest.raises(MigrationError, match=match) as ei:
+            migrate(vm, proxy.address)
+        assert proxy.hit["record"] == fault.record
+        assert not isinstance(ei.value, CommitError)
+        assert isinstance(dst.wait(), MigrationError)
+        assert not vm.paused and vm.core.page_crcs() == before

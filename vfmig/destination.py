@@ -196,7 +196,9 @@ class Listener:
         finally:
             for s in chans:
                 s.close()
-        # The commit: the source has promised never to resume this guest. From here it is ours.
+        # The commit: the source has promised never to resume this guest. From here it is ours,
+        # and this side never sends ERROR again: the source reads an ERROR after its GO as proof
+        # that the guest never started here, and resumes it.
         inc = self._start(vm, cps, pages)
         try:
             self._tell(ctrl, inc, "RESUMED", {"checkpoints": cps, "pages_received": pages["pages"], **extra})

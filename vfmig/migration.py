@@ -307,6 +307,12 @@ class Migration:
             doc = json.loads(ctrl.expect("RESUMED", self.opts.resume_timeout_s))
             names = ("dst-ram-loaded", "dst-device-loaded", "dst-vm-started")
             cps = [Checkpoint(n, int(doc["checkpoints"][n])) for n in names]
+        except PeerReported as e:
+            # The destination sends ERROR only before it starts a guest (after that it only
+            # reports), so this one never ran there: the commit did not happen, and the source
+            # takes its guest back.
+            self._committed, self._paused_by_us = False, True
+            raise MigrationError(f"{e}; the destination never started the guest") from None
         except (VfmigError, ValueError, KeyError, TypeError) as e:
             why = str(e) if isinstance(e, VfmigError) else f"malformed RESUMED record ({type(e).__name__}: {e})"
             raise CommitError(f"{why}; {IN_DOUBT}") from None
