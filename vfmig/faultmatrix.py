@@ -7,8 +7,8 @@ with both dirty trackers and 1 or 4 page channels, and a verdict per case.
 * before GO, the migration fails with an error that names what happened, the source VM runs
   (not paused) with its memory unchanged (CRC32C of every page, before vs after), and the
   destination never ran a vCPU (Listener.receive raised; no Incoming);
-* at GO (the commit record itself is hit) the source stays paused, and the guest runs on the
-  destination or nowhere, never on two;
+* at GO (the commit record itself is hit) the guest runs on exactly one side, or, if the link
+  died with GO, on neither (the source stays paused, in doubt); never on two;
 * after GO the destination runs the guest (Incoming, its vCPU entered the guest, its memory is
   the source's at stop) and the source stays paused, whatever the source's error says.
 
@@ -329,7 +329,10 @@ def _judge_source(
 ) -> None:
     phase = case.pos.phase
     if outcome == "failed":
-        if phase not in BEFORE_GO:
+        # A fault at GO may still end before the commit: the destination answers a GO it cannot
+        # read with an ERROR, which proves it never started the guest, and the source takes it
+        # back (_judge_destination checks that the guest then runs on one side only).
+        if phase not in BEFORE_GO and phase != "go":
             problems.append(f"the source failed as if before the commit, but the fault hit {phase}: {error}")
         _check_error(case, error, problems)
         if vm.paused:
