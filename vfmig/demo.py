@@ -15,38 +15,31 @@ from vfmig.migration import Migration, MigrationOptions
 from vfmig.units import parse_size
 from vfmig.vm import MicroVM
 
-DESTINATION_START_TIMEOUT_S = 30
+PROCESS_START_TIMEOUT_S = 30
+
+
+def start_process(args: list[str], ready: str, what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `vfmig ARGS` and wait for its first line of output, which must contain `ready`;
+    returns the process and that line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfmig", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + PROCESS_START_TIMEOUT_S
+    line = proc.stdout.readline()
+    if ready not in line or time.monotonic() > deadline:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise MigrationError(f"the {what} process did not start: {(line + err).strip()}")
+    return proc, line
 
 
 def start_destination(run_seconds: float, extra: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """A `vfmig receive` process on a free loopback port (with `extra` options; later ones win);
     returns it and its address."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vfmig",
-            "receive",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--run-seconds",
-            str(run_seconds),
-            "--timeout",
-            "60",
-            *(extra or []),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + DESTINATION_START_TIMEOUT_S
-    line = proc.stdout.readline()  # "vfmig: listening on tcp://127.0.0.1:PORT"
-    if "listening on" not in line or time.monotonic() > deadline:
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise MigrationError(f"the destination process did not start: {(line + err).strip()}")
-    return proc, line.rsplit(" ", 1)[1].strip()
+    args = ["receive", "--listen", "tcp://127.0.0.1:0", "--run-seconds", str(run_seconds), "--timeout", "60"]
+    proc, line = start_process([*args, *(extra or [])], "listening on", "destination")
+    return proc, line.rsplit(" ", 1)[1].strip()  # "vfmig: listening on tcp://127.0.0.1:PORT"
 
 
 def run_demo(

@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vfmig import control
+from vfmig.demo import start_destination, start_process
 from vfmig.destination import Incoming, Listener, Timeouts
 from vfmig.errors import MigrationError, VfmigError
 from vfmig.migration import CommitError, MigrationOptions, migrate
@@ -387,20 +387,9 @@ def _judge_destination(
 
 # the destination as a `vfmig receive` process -----------------------------------------------------
 def _start_receiver(json_path: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "receive", "--listen", "tcp://127.0.0.1:0", "--run-seconds", str(RUN_S)]
-        + ["--timeout", str(ACCEPT_S + 5), "--json", json_path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # "vfmig: listening on tcp://127.0.0.1:PORT"
-    if "listening on" not in line:
-        proc.kill()
-        why = proc.stderr.read() if proc.stderr else ""
-        raise VfmigError(f"the destination process did not start: {line.strip()} {why}")
-    return proc, int(line.rsplit(":", 1)[1])
+    extra = ["--timeout", str(ACCEPT_S + 5), "--json", json_path]
+    proc, address = start_destination(RUN_S, extra)
+    return proc, int(address.rsplit(":", 1)[1])
 
 
 def _run_destination_process(case: Case) -> Verdict:
@@ -464,21 +453,10 @@ def _run_destination_process(case: Case) -> Verdict:
 
 # the source as a `vfmig vm run --control` process ------------------------------------------------
 def _start_source(case: Case, path: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", str(MEMORY >> 20) + "M", "--guest", "dirtier"]
-        # Fast and random, so that the final round has pages on every page channel to fault.
-        + ["--rate", "40000", "--pattern", "random", "--tracker", case.tracker, "--control", path, "--seconds", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # "vfmig: VM running; control socket PATH"
-    if "control socket" not in line:
-        proc.kill()
-        why = proc.stderr.read() if proc.stderr else ""
-        raise VfmigError(f"the source process did not start: {line.strip()} {why}")
-    return proc
+    vm = ["vm", "run", "--memory", str(MEMORY >> 20) + "M", "--guest", "dirtier", "--tracker", case.tracker]
+    # Fast and random, so that the final round has pages on every page channel to fault.
+    workload = ["--rate", "40000", "--pattern", "random", "--control", path, "--seconds", "0"]
+    return start_process([*vm, *workload], "control socket", "source")[0]
 
 
 def _source_state(path: str) -> tuple[str, int]:
