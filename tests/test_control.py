@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli
-from tests.helpers import destination
 from vfmig import control
 from vfmig.demo import start_destination
 from vfmig.destination import Incoming
@@ -107,7 +106,7 @@ def test_migration_fails_at_the_pause_deadline_then_the_same_vm_migrates() -> No
                 vm.core.hold_clock("clock", 1)
                 assert vm.core.wait_clock_held("clock", 1)
 
-        with destination() as dst:
+        with serve_destination() as dst:
             with pytest.raises(MigrationError) as ei:
                 migrate(vm, dst.address, MigrationOptions(pause_timeout_ms=100), progress=stick_at_first_iteration)
             assert isinstance(dst.wait(), BaseException)  # it discarded the unstarted VM
@@ -119,7 +118,7 @@ def test_migration_fails_at_the_pause_deadline_then_the_same_vm_migrates() -> No
         assert not vm.paused
         vm.core.hold_clock("clock", 0)
         _wait_moving(vm)  # the source guest runs on after the release
-        with destination() as dst:
+        with serve_destination() as dst:
             r = migrate(vm, dst.address, MigrationOptions(verify=True))
             assert isinstance(dst.wait(), Incoming)
         assert r.status == "completed" and r.verification.memory_match is True

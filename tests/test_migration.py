@@ -10,13 +10,14 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.helpers import CountingRelay, Destination, Fault, Proxy, destination, keeps_running, wait_running, wait_until
+from tests.helpers import CountingRelay, keeps_running, wait_running, wait_until
 from vfmig import _core, migration
 from vfmig.demo import start_destination
 from vfmig.destination import Incoming
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import Migration, MigrationOptions, migrate
 from vfmig.policy import Policy
+from vfmig.testing import Destination, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 
 pytestmark = pytest.mark.usefixtures("kvm")
@@ -48,7 +49,7 @@ def _read(vm: MicroVM, gpa: int, length: int, chunk: int = 64 << 10) -> bytes:
 @pytest.mark.parametrize("channels", [1, 4])
 @pytest.mark.parametrize("guest", ["dirtier", "idle"])
 def test_verified_migration(tracker: str, channels: int, guest: str) -> None:
-    with MicroVM(memory=MEM, guest=guest, tracker=tracker, rate_pps=50_000) as vm, destination() as dst:
+    with MicroVM(memory=MEM, guest=guest, tracker=tracker, rate_pps=50_000) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm)
         if guest == "idle":  # so that the destination's halted guest has the source's RAM
@@ -78,7 +79,7 @@ def test_verified_migration(tracker: str, channels: int, guest: str) -> None:
 
 def test_ring_at_full_dirty_rate_loses_nothing() -> None:
     # The dirtier as fast as it can go: the harvester must keep up or fall back to "all dirty".
-    with MicroVM(memory="256M", tracker="ring", rate_pps=0) as vm, destination() as dst:
+    with MicroVM(memory="256M", tracker="ring", rate_pps=0) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm, passes=1)
         report = migrate(vm, dst.address, MigrationOptions(verify=True, channels=2))
@@ -92,7 +93,7 @@ def test_ring_at_full_dirty_rate_loses_nothing() -> None:
 def test_two_vcpus_and_dma_writes_arrive() -> None:
     # Pages written only by a device's DMA (not by any vCPU) must reach the destination through
     # the device's dirty log.
-    with MicroVM(memory=MEM, vcpus=2, rate_pps=40_000, wss_bytes=64 << 20) as vm, destination() as dst:
+    with MicroVM(memory=MEM, vcpus=2, rate_pps=40_000, wss_bytes=64 << 20) as vm, serve_destination() as dst:
         vm.core.add_dma_engine("dma0")
         vm.start()
         stop, wrapped = threading.Event(), threading.Event()
@@ -133,7 +134,7 @@ def test_downtime_measures_agree() -> None:
     def observe(event: str, data: dict) -> None:
         events[event] = time.monotonic_ns()  # the last of each kind: the test's own clock
 
-    with MicroVM(memory="256M", rate_pps=200_000) as vm, destination() as dst:
+    with MicroVM(memory="256M", rate_pps=200_000) as vm, serve_destination() as dst:
         vm.start()
         # A full pass first: pages the guest never wrote arrive as holes, and its first writes
         # to them on the destination would fault them in inside the gap its clock measures.
@@ -167,7 +168,7 @@ def migration_checkpoints() -> tuple[str, ...]:
 
 def test_report_has_the_documented_keys() -> None:
     channels = 2
-    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination() as dst:
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, serve_destination() as dst:
         relay = CountingRelay(_dst_addr(dst)).start()
         vm.start()
         wait_running(vm)
@@ -228,7 +229,7 @@ def test_bandwidth_limit_is_honoured_at_the_receiver(limit: int, channels: int) 
     RAM) from 10% to 90% of it: past any start-up burst and before the round's tail. limit=0 is
     the negative: the same measurement of an unlimited migration must break the upper bound."""
     ram = 128 << 20
-    with MicroVM(memory=ram, guest="idle") as vm, destination() as dst:
+    with MicroVM(memory=ram, guest="idle") as vm, serve_destination() as dst:
         relay = CountingRelay(_dst_addr(dst)).start()
         vm.start()
         wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to touch its RAM and halt")
@@ -281,7 +282,7 @@ def test_auto_converge_slows_the_guests_own_dirty_rate(auto_converge: bool) -> N
     throttle levels auto-converge would have used, must fire."""
     samples: list[tuple[int, int]] = []
     policy = Policy(max_downtime_ms=1, max_iterations=3, auto_converge=auto_converge, throttle_initial=60)
-    with MicroVM(memory=MEM, rate_pps=0) as vm, destination() as dst:
+    with MicroVM(memory=MEM, rate_pps=0) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm, passes=1)
         opts = MigrationOptions(bandwidth=200 << 20, policy=policy)
@@ -323,11 +324,11 @@ def _fails_cleanly(vm: MicroVM, to: str, match: str, **opts: object) -> Migratio
 def test_corrupt_or_truncated_stream_is_refused(fault: Fault, match: str) -> None:
     # A destination that refuses a bad opening connection goes on listening for a good one; 5 s
     # (not 30) bounds that wait, the source having connected at once.
-    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination(accept_timeout=5) as dst:
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, serve_destination(accept_timeout=5) as dst:
         vm.start()
         wait_running(vm)
         host, port = dst.listener.sock.getsockname()[:2]
-        proxy = Proxy((host, port), fault).start()
+        proxy = FaultProxy((host, port), fault).start()
         try:
             _fails_cleanly(vm, proxy.address, match, verify=True)
         finally:
@@ -339,7 +340,7 @@ def test_corrupt_or_truncated_stream_is_refused(fault: Fault, match: str) -> Non
 
 def test_wrong_protocol_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(migration, "VERSION", _core.STREAM_VERSION + 1)
-    with MicroVM(memory=MEM) as vm, destination() as dst:
+    with MicroVM(memory=MEM) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm)
         err = _fails_cleanly(vm, dst.address, "unsupported stream version")
@@ -350,7 +351,7 @@ def test_wrong_protocol_version(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_wrong_session_token_on_a_channel(monkeypatch: pytest.MonkeyPatch) -> None:
     real = migration.encode_channel
     monkeypatch.setattr(migration, "encode_channel", lambda token, i: real(b"\0" * 16, i))
-    with MicroVM(memory=MEM) as vm, destination() as dst:
+    with MicroVM(memory=MEM) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm)
         _fails_cleanly(vm, dst.address, "wrong session token")
@@ -376,7 +377,7 @@ def test_destination_killed_mid_stream_then_source_migrates_intact() -> None:
         assert relay.page_bytes()[0] < ram, "killed mid-stream, before round 1 was through"
         assert keeps_running(vm)
         # Intact: a fresh migration afterwards verifies page for page.
-        with destination() as dst:
+        with serve_destination() as dst:
             r = migrate(vm, dst.address, MigrationOptions(verify=True))
             assert isinstance(dst.wait(), Incoming)
         assert r.verification.memory_match is True
@@ -387,7 +388,7 @@ def test_cancel_leaves_the_source_running(when: str) -> None:
     """Cancel from another thread in the middle of a round (8 MiB into channel 0, seen at the
     destination's side), or at a phase boundary (the first "iteration" progress event)."""
     ram = 256 << 20
-    with MicroVM(memory=ram, rate_pps=0) as vm, destination() as dst:
+    with MicroVM(memory=ram, rate_pps=0) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm)
         m: Migration | None = None
@@ -473,7 +474,7 @@ def test_lost_go_never_runs_the_guest_twice(monkeypatch: pytest.MonkeyPatch) -> 
         real(self, rtype, payload)
 
     monkeypatch.setattr(transport.ControlChannel, "send", send)
-    with MicroVM(memory=MEM, rate_pps=20_000) as vm, destination() as dst:
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm)
         with pytest.raises(MigrationError, match="stays paused"):
@@ -486,7 +487,7 @@ def test_sparse_guest_above_4g_migrates_without_touching_holes() -> None:
     # 5 GiB: RAM above 3 GiB lives in a second memslot at 4 GiB. The guest uses 16 MiB; pages it
     # never wrote are memfd holes and must be sent as zero without being read (a read would
     # allocate them on the source), and verification must not allocate them either.
-    with MicroVM(memory="5G", wss_bytes=16 << 20, rate_pps=50_000) as vm, destination() as dst:
+    with MicroVM(memory="5G", wss_bytes=16 << 20, rate_pps=50_000) as vm, serve_destination() as dst:
         vm.core.add_dma_engine("dma0")  # a device write above 4 GiB, only visible through its log
         vm.start()
         wait_running(vm)
@@ -509,7 +510,7 @@ def test_ring_overrun_is_detected_and_loses_nothing() -> None:
     # A ring far too small for the dirtier at full rate: this KVM overruns it (see docs/host-facts.md).
     # The tracker must notice and send everything for those rounds; verification must hold.
     npages = (128 << 20) // 4096
-    with MicroVM(memory="128M", tracker="ring", ring_entries=1024, rate_pps=0) as vm, destination() as dst:
+    with MicroVM(memory="128M", tracker="ring", ring_entries=1024, rate_pps=0) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm, passes=1)  # full rate needs RAM faulted in: a first pass is far slower
         r = migrate(vm, dst.address, MigrationOptions(verify=True, policy=Policy(max_iterations=3)))
