@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli
+from tests.helpers import wait_until
 from vfmig import control
 from vfmig.demo import start_destination
 from vfmig.destination import Incoming
@@ -36,10 +36,8 @@ def _wait_moving(vm: MicroVM, vcpu: int | None = None, timeout: float = 10.0) ->
         stats = vm.vcpu_stats()
         return stats[vcpu].touches if vcpu is not None else sum(s.touches for s in stats)
 
-    start, deadline = count(), time.monotonic() + timeout
-    while count() == start:
-        assert time.monotonic() < deadline, "the guest does not run"
-        time.sleep(0.005)
+    start = count()
+    wait_until(lambda: count() != start, "the guest to run", timeout)
 
 
 def _pause_expecting_timeout(vm: MicroVM, device: str, timeout_ms: int) -> str:
@@ -154,10 +152,8 @@ def wait_guest_moving(sock: str, timeout: float = 10.0) -> None:
     def touches() -> int:
         return int(control.request(sock, {"cmd": "stats"}, timeout=10)["stats"]["touches"])
 
-    start, deadline = touches(), time.monotonic() + timeout
-    while touches() == start:
-        assert time.monotonic() < deadline, "the guest does not run"
-        time.sleep(0.01)
+    start = touches()
+    wait_until(lambda: touches() != start, "the guest to run", timeout)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str] | tuple[int, str], needle: str) -> str:
@@ -253,10 +249,7 @@ def test_interrupted_migrate_cancels_and_the_source_keeps_running(tmp_path: Path
                 line = one_line_error((mig.returncode, err), "migration cancelled")
                 assert line == "vfmig: error: migration cancelled; the source VM keeps running"
             else:  # the client vanished: its closed connection cancels
-                deadline = time.monotonic() + 60
-                while status(sock)["state"] == "migrating":
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                wait_until(lambda: status(sock)["state"] != "migrating", "the migration to be cancelled", 60)
             st = status(sock)
             assert st["state"] == "running" and st["last_migration"]["status"] == "cancelled", st
             wait_guest_moving(sock)
