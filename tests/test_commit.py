@@ -46,8 +46,34 @@ def test_source_lost_right_after_go_keeps_the_guest_at_the_destination() -> None
         assert isinstance(inc, Incoming), f"the destination lost the guest: {inc!r}"
         assert inc.vm.core.first_run_ns > 0
         assert keeps_running(inc.vm), "the migrated guest must keep running at the destination"
-        assert inc.source_lost and "the guest runs here" in inc.source_lost
         assert vm.paused, "after GO the source must never resume"
+        # Whether RESUMED's send fails here depends on TCP timing (the proxy may still drain
+        # it); the deterministic check of that report is the next test.
+
+
+def test_a_report_that_cannot_be_sent_after_go_is_noted_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfmig import transport
+
+    real = transport.ControlChannel.send_json
+
+    def send_json(self: transport.ControlChannel, rtype: str, doc: dict) -> None:
+        if rtype == "RESUMED" and self.peer.startswith("source"):
+            raise transport.PeerError(f"{self.peer} went away: Broken pipe")
+        real(self, rtype, doc)
+
+    monkeypatch.setattr(transport.ControlChannel, "send_json", send_json)
+    with MicroVM(memory="64M", rate_pps=20_000) as vm, serve_destination() as dst:
+        vm.start()
+        wait_until(lambda: vm.touches() > 0, "the guest to run")
+        with pytest.raises(CommitError, match="stays paused"):
+            migrate(vm, dst.address, MigrationOptions(resume_timeout_s=5))
+        inc = dst.wait()
+        assert isinstance(inc, Incoming), f"the destination lost the guest: {inc!r}"
+        assert inc.source_lost is not None
+        assert inc.source_lost.startswith("the guest runs here, but the source could not be told: ")
+        assert inc.source_lost.endswith("went away: Broken pipe")
+        assert keeps_running(inc.vm)
+        assert vm.paused
 
 
 def test_cli_receive_keeps_the_guest_when_the_source_goes_away_after_go() -> None:
@@ -65,7 +91,7 @@ def test_cli_receive_keeps_the_guest_when_the_source_goes_away_after_go() -> Non
             proc.kill()
         assert proxy.fired.is_set()
         assert proc.returncode == 0, err
-        assert "the guest runs here, but the source could not be told" in err, err
+        assert "vfmig: guest running here" in out, out + err  # it observed its guest running
         assert vm.paused
 
 
