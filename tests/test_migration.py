@@ -510,7 +510,7 @@ def test_ring_overrun_is_detected_and_loses_nothing() -> None:
     # A ring far too small for the dirtier at full rate: this KVM overruns it (see docs/host-facts.md).
     # The tracker must notice and send everything for those rounds; verification must hold.
     npages = (128 << 20) // 4096
-    with MicroVM(memory="128M", tracker="ring", ring_entries=1024, rate_pps=0) as vm, serve_destination() as dst:
+    with MicroVM(memory="128M", tracker="ring", ring_entries=256, rate_pps=0) as vm, serve_destination() as dst:
         vm.start()
         wait_running(vm, passes=1)  # full rate needs RAM faulted in: a first pass is far slower
         r = migrate(vm, dst.address, MigrationOptions(verify=True, policy=Policy(max_iterations=3)))
