@@ -150,7 +150,7 @@ def cases(
 
 def applicable(action: str, p: Position) -> bool:
     # The source's page sender gives up on a destination that stops reading only after its fixed
-    # 30 s send timeout (csrc/send.c); stopping the destination while round 1 still has most of
+    # 30 s send timeout (csrc/stream/send.c); stopping the destination while round 1 still has most of
     # RAM to push would only measure that constant.
     return not (action == "stop_dst" and p.name == "PAGES_round1")
 

@@ -1,6 +1,6 @@
 """TCP transport: addresses, the control channel and the stream's control records.
 
-The record format itself (header, CRC32C, limits) lives in C (csrc/stream.c) and is used here
+The record format itself (header, CRC32C, limits) lives in C (csrc/stream/stream.c) and is used here
 through vfmig._core, so the page channels and the control channel share one implementation.
 """
 
@@ -64,7 +64,7 @@ class Hello:
 
     @classmethod
     def decode(cls, raw: bytes) -> Hello:
-        # The fixed header is checked in C (csrc/hello.c, fuzzed); the JSON config here.
+        # The fixed header is checked in C (csrc/stream/hello.c, fuzzed); the JSON config here.
         try:
             version, channels, mem, vcpus, flags, token, _ = _core.decode_hello(raw)
         except _core.StreamError as e:

@@ -21,7 +21,7 @@ mkdir -p "$OUT/obj"
 stamp=$OUT/.built
 if [ ! -f "$stamp" ] || [ -n "$(find csrc -name '*.[ch]' -newer "$stamp" | head -n1)" ]; then
     rm -f "$OUT"/obj/*.o "$OUT/libvfmig_fuzz.a"
-    for src in csrc/*.c csrc/devices/*.c; do
+    for src in csrc/*.c csrc/vmm/*.c csrc/dirty/*.c csrc/stream/*.c csrc/devices/*.c; do
         # Coverage for libFuzzer in the core, whose code the harnesses reach.
         $CC $CFLAGS -fsanitize=fuzzer-no-link -c "$src" -o "$OUT/obj/$(echo "$src" | tr / _).o"
     done
