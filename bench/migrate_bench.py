@@ -27,7 +27,7 @@ from qemu import Qemu, available  # noqa: E402
 from vfmig import _core  # noqa: E402
 from vfmig.demo import start_destination  # noqa: E402
 from vfmig.migration import MigrationOptions, migrate  # noqa: E402
-from vfmig.policy import Policy  # noqa: E402
+from vfmig.migration.policy import Policy  # noqa: E402
 from vfmig.vm import MicroVM  # noqa: E402
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11

@@ -27,11 +27,11 @@ from common import RESULTS, write_results  # noqa: E402
 
 from vfmig import _core  # noqa: E402
 from vfmig.auth import Authenticator  # noqa: E402
-from vfmig.destination import Incoming, Listener  # noqa: E402
 from vfmig.errors import MigrationError  # noqa: E402
 from vfmig.faultmatrix import PROXY_ACTIONS, SIGNALS, Verdict, cases, run_case, sample, summarize  # noqa: E402
 from vfmig.migration import MigrationOptions, migrate  # noqa: E402
-from vfmig.policy import Policy  # noqa: E402
+from vfmig.migration.destination import Incoming, Listener  # noqa: E402
+from vfmig.migration.policy import Policy  # noqa: E402
 from vfmig.testing import serve_destination  # noqa: E402
 from vfmig.vm import MicroVM  # noqa: E402
 

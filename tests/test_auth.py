@@ -18,11 +18,11 @@ from tests.helpers import wait_until
 from vfmig import _core, auth
 from vfmig import vm as vm_module
 from vfmig.auth import Authenticator
-from vfmig.destination import Incoming, Limits, Listener
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import MigrationOptions, migrate
+from vfmig.migration.destination import Incoming, Limits, Listener
+from vfmig.migration.wire import ControlChannel, encode_channel
 from vfmig.testing import serve_destination
-from vfmig.transport import ControlChannel, encode_channel
 from vfmig.vm import MicroVM
 
 
@@ -278,8 +278,18 @@ def test_migration_between_two_network_namespaces(two_hosts: tuple[str, str, str
         _, err = open_dst.communicate(timeout=60)
         assert open_dst.returncode == 2 and "not a loopback address" in err, err
 
-        dst = _in_ns(dst_ns, "receive", "--listen", f"tcp://{dst_addr}:0", "--psk-file", str(key_file),
-                     "--timeout", "60", "--run-seconds", "0.3")
+        dst = _in_ns(
+            dst_ns,
+            "receive",
+            "--listen",
+            f"tcp://{dst_addr}:0",
+            "--psk-file",
+            str(key_file),
+            "--timeout",
+            "60",
+            "--run-seconds",
+            "0.3",
+        )
         procs.append(dst)
         assert dst.stdout is not None
         line = dst.stdout.readline()
@@ -293,8 +303,7 @@ def test_migration_between_two_network_namespaces(two_hosts: tuple[str, str, str
         res = run_cli("migrate", "--control", sock, "--to", to)
         assert res.returncode != 0 and "requires a pre-shared key" in res.stderr, res.stderr
         # With the key: a verified migration across the veth pair.
-        res = run_cli("migrate", "--control", sock, "--to", to, "--psk-file", str(key_file), "--verify",
-                      "--json", "-")
+        res = run_cli("migrate", "--control", sock, "--to", to, "--psk-file", str(key_file), "--verify", "--json", "-")
         assert res.returncode == 0, res.stderr
         assert '"memory_match": true' in res.stdout
         _, err = dst.communicate(timeout=60)
@@ -319,7 +328,7 @@ def _authenticated_raw(port: int, key: bytes) -> ControlChannel:
 
 
 def test_keyed_hello_with_a_token_is_refused(key_file: Path, vm_builds: list[object]) -> None:
-    from vfmig.transport import Hello
+    from vfmig.migration.wire import Hello
 
     key = auth.read_key(str(key_file))
     lst = Listener("tcp://127.0.0.1:0", Authenticator(key))
@@ -336,7 +345,7 @@ def test_keyed_hello_with_a_token_is_refused(key_file: Path, vm_builds: list[obj
 
 @pytest.mark.usefixtures("kvm")
 def test_a_peer_that_stalls_authentication_cannot_hold_the_listener(key_file: Path) -> None:
-    from vfmig.destination import Timeouts
+    from vfmig.migration.destination import Timeouts
 
     key = auth.read_key(str(key_file))
     lst = Listener("tcp://127.0.0.1:0", Authenticator(key), timeouts=Timeouts(setup_s=1.0))

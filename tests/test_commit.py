@@ -15,14 +15,13 @@ from tests.conftest import run_cli
 from tests.helpers import keeps_running, wait_until
 from vfmig import _core
 from vfmig.demo import start_destination
-from vfmig.destination import Incoming, Listener
 from vfmig.errors import MigrationError
 from vfmig.migration import CommitError, Migration, MigrationOptions, migrate
+from vfmig.migration.destination import Incoming, Listener
 from vfmig.testing import DOWN, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 
 pytestmark = pytest.mark.usefixtures("kvm")
-
 
 
 def idle_vm(**kw: object) -> MicroVM:
@@ -52,7 +51,7 @@ def test_source_lost_right_after_go_keeps_the_guest_at_the_destination() -> None
 
 
 def test_a_report_that_cannot_be_sent_after_go_is_noted_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vfmig import transport
+    from vfmig.migration import wire as transport
 
     real = transport.ControlChannel.send_json
 
@@ -144,9 +143,10 @@ def test_verify_that_cannot_run_fails_the_migration() -> None:
     with idle_vm() as vm, serve_destination() as dst:
         before = vm.core.page_crcs()
         fault = Fault(direction=DOWN, record="PAGE_HASHES", action="drop")
-        with FaultProxy(("127.0.0.1", dst.port), fault) as proxy, pytest.raises(
-            MigrationError, match="expected PAGE_HASHES .* got READY"
-        ) as ei:
+        with (
+            FaultProxy(("127.0.0.1", dst.port), fault) as proxy,
+            pytest.raises(MigrationError, match="expected PAGE_HASHES .* got READY") as ei,
+        ):
             migrate(vm, proxy.address, MigrationOptions(verify=True))
         assert proxy.hit["record"] == "PAGE_HASHES"
         assert "paused" not in str(ei.value)
@@ -202,7 +202,7 @@ def test_zero_page_crc_is_what_a_hole_hashes_to() -> None:
 def test_a_malformed_resumed_after_go_is_in_doubt_not_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     # Whatever breaks after GO, the source must not call it a plain failure (whose advice is to
     # resume the source): the destination may run the guest.
-    from vfmig import transport
+    from vfmig.migration import wire as transport
 
     real = transport.ControlChannel.expect
 

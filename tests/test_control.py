@@ -20,9 +20,9 @@ from tests.conftest import run_cli
 from tests.helpers import wait_until
 from vfmig import control
 from vfmig.demo import start_destination
-from vfmig.destination import Incoming
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import MigrationOptions, migrate
+from vfmig.migration.destination import Incoming
 from vfmig.testing import DOWN, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM, PauseTimeoutError
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 import pytest
 
 from tests.helpers import CountingRelay, keeps_running, wait_running, wait_until
-from vfmig import _core, migration
+from vfmig import _core
 from vfmig.demo import start_destination
-from vfmig.destination import Incoming
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import Migration, MigrationOptions, migrate
-from vfmig.policy import Policy
+from vfmig.migration import source as migration
+from vfmig.migration.destination import Incoming
+from vfmig.migration.policy import Policy
 from vfmig.testing import Destination, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 
@@ -161,7 +162,7 @@ def test_downtime_measures_agree() -> None:
 
 
 def migration_checkpoints() -> tuple[str, ...]:
-    from vfmig.report import CHECKPOINTS
+    from vfmig.report.model import CHECKPOINTS
 
     return CHECKPOINTS
 
@@ -463,7 +464,7 @@ def test_bad_address() -> None:
 def test_lost_go_never_runs_the_guest_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the commit (GO) is lost, the destination discards the guest and the source does not
     resume it either: stopped on both sides beats running on two."""
-    from vfmig import transport
+    from vfmig.migration import wire as transport
 
     real = transport.ControlChannel.send
 

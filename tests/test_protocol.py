@@ -9,7 +9,7 @@ import pytest
 
 from vfmig import _core
 from vfmig.errors import MigrationError
-from vfmig.transport import (
+from vfmig.migration.wire import (
     Digest,
     Hello,
     decode_channel,

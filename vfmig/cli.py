@@ -126,8 +126,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
 
 
 def migration_options(args: argparse.Namespace) -> Any:
-    from vfmig.migration import MigrationOptions
-    from vfmig.policy import Policy
+    from vfmig.migration.policy import Policy
+    from vfmig.migration.source import MigrationOptions
     from vfmig.units import parse_rate
 
     extra = {} if args.pause_timeout is None else {"pause_timeout_ms": args.pause_timeout}
@@ -148,7 +148,7 @@ def migration_options(args: argparse.Namespace) -> Any:
 
 
 def parse_uri_host(uri: str) -> str:
-    from vfmig.transport import parse_uri
+    from vfmig.migration.wire import parse_uri
 
     return parse_uri(uri)[0]
 
@@ -223,7 +223,7 @@ def _progress(event: str, data: dict[str, Any]) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from vfmig import control
-    from vfmig.report import Report
+    from vfmig.report.model import Report
     from vfmig.vm import check_pause_timeout
 
     opts = migration_options(args)
@@ -275,7 +275,7 @@ def _failure_line(answer: dict[str, Any], path: str) -> str:
 def cmd_receive(args: argparse.Namespace) -> int:
     from vfmig import _core
     from vfmig.auth import Authenticator, is_loopback, read_key
-    from vfmig.destination import Limits, Listener, describe
+    from vfmig.migration.destination import Limits, Listener, describe
 
     auth = Authenticator(
         read_key(args.psk_file) if args.psk_file else None,

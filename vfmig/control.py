@@ -25,8 +25,8 @@ from dataclasses import asdict
 from typing import Any
 
 from vfmig.errors import MigrationError, VfmigError
-from vfmig.migration import CommitError, Migration, MigrationOptions
-from vfmig.policy import Policy
+from vfmig.migration.policy import Policy
+from vfmig.migration.source import CommitError, Migration, MigrationOptions
 from vfmig.vm import MicroVM
 
 DEFAULT_PATH = f"/tmp/vfmig-{os.getuid()}.sock"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vfmig.errors import MigrationError
-from vfmig.migration import Migration, MigrationOptions
+from vfmig.migration.source import Migration, MigrationOptions
 from vfmig.units import parse_size
 from vfmig.vm import MicroVM
 

@@ -37,11 +37,11 @@ from typing import Any
 
 from vfmig import control
 from vfmig.demo import start_destination, start_process
-from vfmig.destination import Incoming, Listener, Timeouts
 from vfmig.errors import MigrationError, VfmigError
-from vfmig.migration import CommitError, MigrationOptions, migrate
-from vfmig.policy import Policy
-from vfmig.report import Report
+from vfmig.migration.destination import Incoming, Listener, Timeouts
+from vfmig.migration.policy import Policy
+from vfmig.migration.source import CommitError, MigrationOptions, migrate
+from vfmig.report.model import Report
 from vfmig.testing import DOWN, UP, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from vfmig import _core
-from vfmig.destination import Incoming, Listener
+from vfmig.migration.destination import Incoming, Listener
 
 HDR_LEN = _core.REC_HEADER_LEN
 UP, DOWN = "up", "down"  # source -> destination, destination -> source

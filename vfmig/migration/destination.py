@@ -27,7 +27,7 @@ from vfmig import _core
 from vfmig.acceptor import REFUSALS_KEPT, Acceptor, Opening
 from vfmig.auth import MAC_LEN, Authenticator, AuthError, Session, is_loopback
 from vfmig.errors import ConfigError, MigrationError, VfmigError
-from vfmig.transport import (
+from vfmig.migration.wire import (
     ControlChannel,
     Hello,
     decode_channel,

@@ -24,9 +24,8 @@ from typing import Any
 from vfmig import _core
 from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
-from vfmig.policy import Policy
-from vfmig.report import Checkpoint, Iteration, Report
-from vfmig.transport import (
+from vfmig.migration.policy import Policy
+from vfmig.migration.wire import (
     ControlChannel,
     Hello,
     PeerError,
@@ -37,6 +36,7 @@ from vfmig.transport import (
     encode_vcpu,
     parse_uri,
 )
+from vfmig.report.model import Checkpoint, Iteration, Report
 from vfmig.vm import MicroVM, check_pause_timeout
 
 VERSION = _core.STREAM_VERSION
