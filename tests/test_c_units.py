@@ -13,7 +13,16 @@ import pytest
 
 from tests.conftest import REPO
 
-C_TESTS = [("vm", ["{guests}/dirtier.bin"]), ("crc32c", []), ("stream", []), ("threads", ["{guests}/dirtier.bin"])]
+C_TESTS = [
+    ("vm", ["{guests}/dirtier.bin"]),
+    ("crc32c", []),
+    ("stream", []),
+    ("threads", ["{guests}/dirtier.bin"]),
+    ("migstate", []),
+    ("pci", []),
+    ("simvf", ["{guests}/vfdrv.bin"]),
+    ("dma_log", []),
+]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
 

@@ -7,6 +7,8 @@
 
 struct vfmig_vm;
 struct vfmig_vcpu;
+struct vfmig_migration; /* migstate.h */
+struct vfmig_dma_log;   /* dma_log.h */
 
 enum vfmig_space { VFMIG_SPACE_PIO = 1, VFMIG_SPACE_MMIO = 2, VFMIG_SPACE_NONE = 3 };
 
@@ -39,6 +41,13 @@ struct vfmig_device {
     void (*set_running)(struct vfmig_device *d, int running);
 
     void (*destroy)(struct vfmig_device *d);
+
+    /* Migration in the VFIO v2 model (migstate.h): the state machine, chunked data and precopy.
+     * When set, the engine moves the device through it instead of save/load/set_running, and a
+     * VM pause or resume maps onto it (vfmig_mig_set_running). NULL: save/load as above. */
+    struct vfmig_migration *mig;
+    /* The device's DMA dirty log (dma_log.h), drained by the dirty tracker. NULL: no DMA. */
+    struct vfmig_dma_log *dma_log;
 };
 
 #endif

@@ -1,0 +1,125 @@
+/* A minimal PCI host and the generic parts of a PCI function: 4 KiB config space with per-byte
+ * writable and write-1-to-clear masks (QEMU's wmask/w1cmask), memory BARs the guest sizes and
+ * places, a PCIe capability, MSI-X delivered through KVM MSI routing and irqfd (no exit to the
+ * VMM per interrupt), doorbells as ioeventfds, the generic migration capability (migration=on,
+ * simvf_abi.h), and the function's config-space state for migration. Device models (simvf, a
+ * future VFIO function) embed struct vfmig_pci_func and add their BAR handlers. */
+#ifndef VFMIG_PCI_H
+#define VFMIG_PCI_H
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "vfmig/device.h"
+#include "vfmig/simvf_abi.h"
+#include "vfmig/util.h"
+
+#define VFMIG_PCI_CONFIG_SIZE 4096u
+#define VFMIG_PCI_MAX_BARS 6u
+#define VFMIG_PCI_MAX_FUNCS 32u      /* bus 0, function 0 of devices 0..31 */
+#define VFMIG_PCI_MSIX_MAX 32u
+#define VFMIG_PCI_MAX_DOORBELLS 4u
+
+struct vfmig_vm;
+struct vfmig_vcpu;
+struct vfmig_pci_func;
+
+/* A BAR's register handler: a vCPU thread, no lock held, must not block. off is from the BAR's
+ * start; len 1..8; data little-endian. 0, or -errno to stop the vCPU. */
+typedef int (*vfmig_pci_bar_fn)(struct vfmig_pci_func *f, struct vfmig_vcpu *cpu, uint64_t off, uint8_t *data,
+                                uint32_t len, int is_write);
+
+struct vfmig_pci_ids {
+    uint16_t vendor, device;
+    uint8_t revision;
+    uint32_t class_code;            /* 24 bits: base class, subclass, prog-if */
+    uint16_t subsys_vendor, subsys;
+};
+
+struct vfmig_pci_bar {
+    uint32_t size;                  /* power of two >= 4096; 0: not implemented (reads 0) */
+    vfmig_pci_bar_fn access;        /* NULL for the MSI-X BAR: pci.c serves it */
+    _Atomic uint64_t addr;          /* where it decodes now; 0 while memory decode is off */
+};
+
+struct vfmig_pci_msix_entry {
+    uint32_t addr_lo, addr_hi, data, ctrl; /* ctrl bit 0: vector masked */
+};
+
+struct vfmig_pci_doorbell {
+    uint32_t bar, off;
+    int fd;                         /* the device's eventfd; KVM signals it on a 4-byte write */
+    uint64_t at;                    /* registered KVM_IOEVENTFD address, 0 when none */
+};
+
+struct vfmig_pci_func {
+    struct vfmig_device dev;        /* registered with the VM; dev.opaque is the device model */
+    struct vfmig_vm *vm;
+    uint8_t devfn;                  /* dev << 3, assigned by vfmig_pci_attach */
+    uint8_t config[VFMIG_PCI_CONFIG_SIZE], wmask[VFMIG_PCI_CONFIG_SIZE], w1cmask[VFMIG_PCI_CONFIG_SIZE];
+    uint16_t next_cap;              /* where the next capability goes (builder) */
+    struct vfmig_pci_bar bars[VFMIG_PCI_MAX_BARS];
+
+    uint16_t msix_cap;              /* 0: no MSI-X */
+    uint32_t msix_nvec, msix_bar, msix_table_off, msix_pba_off;
+    struct vfmig_pci_msix_entry msix[VFMIG_PCI_MSIX_MAX];
+    uint32_t msix_pba;              /* pending bits (vectors < 32) */
+    int irqfd[VFMIG_PCI_MSIX_MAX];  /* eventfd per vector, bound to gsi[] with KVM_IRQFD */
+    uint32_t gsi[VFMIG_PCI_MSIX_MAX];
+    pthread_mutex_t msix_lock;      /* table, PBA and routes: held briefly, never across a blocking call */
+
+    uint16_t migcap;                /* config offset of the migration capability; 0: migration=off */
+
+    uint32_t ndoorbells;
+    struct vfmig_pci_doorbell doorbells[VFMIG_PCI_MAX_DOORBELLS];
+    pthread_mutex_t config_lock;    /* config space writes vs. the VMM's migcap updates and save */
+
+    /* Optional: after the guest wrote config [off, off + len). vCPU thread, config_lock held. */
+    void (*config_written)(struct vfmig_pci_func *f, uint32_t off, uint32_t len);
+};
+
+/* Builder, before vfmig_pci_attach; lifecycle thread. Each returns 0 or -errno with err. */
+int vfmig_pci_func_init(struct vfmig_pci_func *f, struct vfmig_vm *vm, const char *name,
+                        const struct vfmig_pci_ids *ids, struct vfmig_err *err);
+int vfmig_pci_add_bar(struct vfmig_pci_func *f, uint32_t bar, uint32_t size, vfmig_pci_bar_fn access,
+                      struct vfmig_err *err);
+int vfmig_pci_add_pcie_cap(struct vfmig_pci_func *f, struct vfmig_err *err);
+/* MSI-X with nvec vectors, table and PBA at these offsets of BAR bar (which must have been added
+ * with access == NULL). Allocates a GSI and an irqfd per vector. */
+int vfmig_pci_add_msix(struct vfmig_pci_func *f, uint32_t nvec, uint32_t bar, uint32_t table_off,
+                       uint32_t pba_off, struct vfmig_err *err);
+/* migration=on: the generic migration capability (simvf_abi.h VFMIG_MIGCAP_*). */
+int vfmig_pci_add_migcap(struct vfmig_pci_func *f, struct vfmig_err *err);
+/* A 4-byte guest write to BAR bar + off signals fd through KVM_IOEVENTFD (no exit to user space)
+ * whenever the BAR decodes; the registration follows the BAR when the guest moves it. */
+int vfmig_pci_add_doorbell(struct vfmig_pci_func *f, uint32_t bar, uint32_t off, int fd, struct vfmig_err *err);
+
+/* Put f on bus 0 at the next free device number, creating the host (config ports and the BAR
+ * window) on first use, and add f->dev to the VM (which then destroys it). Lifecycle thread. */
+int vfmig_pci_attach(struct vfmig_vm *vm, struct vfmig_pci_func *f, struct vfmig_err *err);
+/* Release irqfds, ioeventfds and routes; the device model's destroy hook calls it. */
+void vfmig_pci_func_release(struct vfmig_pci_func *f);
+
+/* Raise MSI-X vector vec: writes its irqfd, or sets its PBA bit while the vector or function is
+ * masked or MSI-X is off (delivered on unmask). Any thread; takes msix_lock briefly. 1 if it was
+ * delivered, 0 if left pending, -EINVAL for a bad vector. */
+int vfmig_pci_msix_notify(struct vfmig_pci_func *f, uint32_t vec);
+
+/* Config space as the guest reads it (little-endian, len 1/2/4). Any thread; config_lock. */
+uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t len);
+/* The VMM's side of the migration capability: set/clear VMM status bits the guest cannot write,
+ * read the device status the driver wrote. Any thread; config_lock. */
+void vfmig_pci_migcap_update(struct vfmig_pci_func *f, uint8_t set_bits, uint8_t clear_bits);
+uint8_t vfmig_pci_migcap_reg(struct vfmig_pci_func *f, uint32_t reg);
+
+/* Migration of the function's PCI state: config space, MSI-X table and PBA. The blob layout is
+ * docs/device-state.md § PCI. save: device stopped; returns bytes written or -ENOSPC.
+ * check: pure, any thread: sizes, then every bit the guest cannot write (identity, BAR sizes,
+ * capability chain, MSI-X table size) equal to this function's; err says which. apply: before
+ * the vCPUs run, after check; restores BAR decode, MSI-X routes and doorbells. */
+size_t vfmig_pci_state_size(const struct vfmig_pci_func *f);
+long vfmig_pci_save(struct vfmig_pci_func *f, uint8_t *buf, size_t cap);
+int vfmig_pci_check(const struct vfmig_pci_func *f, const uint8_t *buf, size_t len, struct vfmig_err *err);
+int vfmig_pci_apply(struct vfmig_pci_func *f, const uint8_t *buf, size_t len, struct vfmig_err *err);
+
+#endif
