@@ -11,6 +11,24 @@ static inline uint32_t inl(uint16_t port)
     __asm__ volatile("inl %1,%0" : "=a"(v) : "Nd"(port));
     return v;
 }
+static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0,%1" ::"a"(v), "Nd"(port)); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0,%1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1,%0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline uint16_t inw(uint16_t port)
+{
+    uint16_t v;
+    __asm__ volatile("inw %1,%0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+/* 32-bit device registers (no paging: a GPA is the address). */
+static inline uint32_t mmio_read32(uint32_t gpa) { return *(volatile uint32_t *)gpa; }
+static inline void mmio_write32(uint32_t gpa, uint32_t v) { *(volatile uint32_t *)gpa = v; }
 
 static inline const volatile struct vfmig_boot_params *boot_params(void)
 {

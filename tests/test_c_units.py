@@ -58,7 +58,12 @@ def _build(build_dir: Path, options: dict[str, str], extra: list[str]) -> None:
         ]
         subprocess.run(setup, cwd=REPO, check=True, capture_output=True, text=True, env=ENV)
     # ninja (not `meson compile TARGET`): a changed meson.build regenerates before targets resolve.
-    targets = [f"csrc/tests/test_{n}" for n, _ in C_TESTS] + ["guest/dirtier.bin", "guest/idle.bin", *extra]
+    targets = [f"csrc/tests/test_{n}" for n, _ in C_TESTS] + [
+        "guest/dirtier.bin",
+        "guest/idle.bin",
+        "guest/vfdrv.bin",
+        *extra,
+    ]
     r = subprocess.run([ninja, "-C", str(build_dir), *targets], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
