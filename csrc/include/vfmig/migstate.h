@@ -64,8 +64,9 @@ struct vfmig_migration {
 };
 
 /* Pure: the next state on the way from cur to target, computed as the kernel's
- * vfio_mig_get_next_state does. 0 with *next set, or -EINVAL (target unreachable: ERROR is never
- * a target, nothing leaves ERROR, flags lack the state). Any thread. */
+ * vfio_mig_get_next_state does. 0 with *next set (cur itself when cur == target), or -EINVAL
+ * with *next untouched (target unreachable: ERROR is never a target, nothing leaves ERROR, flags
+ * lack cur or target, STOP_COPY never returns to PRE_COPY*). Any thread. */
 int vfmig_mig_next_state(uint32_t flags, enum vfmig_mig_state cur, enum vfmig_mig_state target,
                          enum vfmig_mig_state *next);
 const char *vfmig_mig_state_name(int state); /* "RUNNING", ...; "?" when out of range */
@@ -78,12 +79,19 @@ void vfmig_mig_destroy(struct vfmig_migration *m);
  * blocking on vCPUs. Each returns 0 (or bytes) or -errno with err filled. Any failure of a
  * transition, an invalid request (unreachable target, reading or writing in the wrong state), or
  * a data error in read/write puts the device in ERROR, keeping the first reason in m->err; only
- * vfmig_mig_reset leaves ERROR. */
+ * vfmig_mig_reset leaves ERROR. In ERROR every call but reset and prestop fails with -EINVAL.
+ * Not device errors, so the state stays: a NULL buffer or a 0-byte read (0 means end of
+ * stream), precopy_info outside PRE_COPY* or failing in the device (as the kernel's ioctl), and
+ * prestop. Requesting the current state succeeds without an arc. */
 int vfmig_mig_set_state(struct vfmig_migration *m, enum vfmig_mig_state target, struct vfmig_err *err);
+/* Bytes (1..cap), 0 at end of stream, -ENOMSG in PRE_COPY* when the device has nothing for
+ * now (no ERROR); -ENOMSG in STOP_COPY is a device error. */
 long vfmig_mig_read(struct vfmig_migration *m, uint8_t *buf, size_t cap, struct vfmig_err *err);
+/* len (the hook may answer 0 or len for "all of it"); 0 for an empty write in RESUMING. */
 long vfmig_mig_write(struct vfmig_migration *m, const uint8_t *buf, size_t len, struct vfmig_err *err);
 int vfmig_mig_precopy_info(struct vfmig_migration *m, uint64_t *initial_bytes, uint64_t *dirty_bytes,
                            struct vfmig_err *err);
+/* RUNNING with m->err cleared; if the device's reset fails, ERROR with that as the reason. */
 int vfmig_mig_reset(struct vfmig_migration *m, struct vfmig_err *err);
 /* The pre-stop hook with a deadline; 0 when the device has none. Does not change the state. */
 int vfmig_mig_prestop(struct vfmig_migration *m, uint64_t deadline_ns, struct vfmig_err *err);
