@@ -7,6 +7,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "vfmig/irq.h"
+#include "vfmig/pci.h"
 #include "vfmig/vm.h"
 
 #ifndef KVM_CAP_DIRTY_LOG_RING_ACQ_REL
@@ -314,6 +316,8 @@ void vfmig_vm_destroy(struct vfmig_vm *vm)
     for (uint32_t i = 0; i < vm->ndevices; i++)
         if (vm->devices[i]->destroy)
             vm->devices[i]->destroy(vm->devices[i]);
+    vfmig_pci_host_destroy(vm);
+    vfmig_irq_destroy(vm->irq);
     for (uint32_t i = 0; i < VFMIG_MAX_VCPUS; i++) {
         struct vfmig_vcpu *cpu = &vm->vcpus[i];
         if (cpu->ring)

@@ -78,7 +78,9 @@ struct vfmig_pci_func {
     void (*config_written)(struct vfmig_pci_func *f, uint32_t off, uint32_t len);
 };
 
-/* Builder, before vfmig_pci_attach; lifecycle thread. Each returns 0 or -errno with err. */
+/* Builder, before vfmig_pci_attach; lifecycle thread. Each returns 0 or -errno with err.
+ * vfmig_pci_func_init zeroes all of f first: set dev.opaque, dev's hooks and config_written
+ * after it. Capabilities are laid out from 0x40 in the order they are added. */
 int vfmig_pci_func_init(struct vfmig_pci_func *f, struct vfmig_vm *vm, const char *name,
                         const struct vfmig_pci_ids *ids, struct vfmig_err *err);
 int vfmig_pci_add_bar(struct vfmig_pci_func *f, uint32_t bar, uint32_t size, vfmig_pci_bar_fn access,
@@ -97,8 +99,18 @@ int vfmig_pci_add_doorbell(struct vfmig_pci_func *f, uint32_t bar, uint32_t off,
 /* Put f on bus 0 at the next free device number, creating the host (config ports and the BAR
  * window) on first use, and add f->dev to the VM (which then destroys it). Lifecycle thread. */
 int vfmig_pci_attach(struct vfmig_vm *vm, struct vfmig_pci_func *f, struct vfmig_err *err);
-/* Release irqfds, ioeventfds and routes; the device model's destroy hook calls it. */
+/* Release irqfds, ioeventfds and routes; the device model's destroy hook calls it. Lifecycle
+ * thread, vCPUs stopped; blocks in KVM ioctls. A second call does nothing. */
 void vfmig_pci_func_release(struct vfmig_pci_func *f);
+/* Frees the host after every device's destroy hook ran; vfmig_vm_destroy calls it. */
+void vfmig_pci_host_destroy(struct vfmig_vm *vm);
+
+/* Whether the guest lets f master the bus (command register bit 2): a device model checks it
+ * before each DMA. Any thread, lock-free (config bytes are stored atomically). */
+static inline int vfmig_pci_bus_master(const struct vfmig_pci_func *f)
+{
+    return (__atomic_load_n(&f->config[0x04], __ATOMIC_RELAXED) & 0x04) != 0;
+}
 
 /* Raise MSI-X vector vec: writes its irqfd, or sets its PBA bit while the vector or function is
  * masked or MSI-X is off (delivered on unmask). Any thread; takes msix_lock briefly. 1 if it was

@@ -26,6 +26,9 @@ enum vfmig_exit_kind {
     VFMIG_EXIT_SHUTDOWN, VFMIG_EXIT_INTERNAL, VFMIG_EXIT_OTHER, VFMIG_EXIT__COUNT
 };
 
+struct vfmig_irq;      /* irq.h */
+struct vfmig_pci_host; /* pci.c */
+
 struct vfmig_vm_config {
     uint64_t mem_bytes;
     uint32_t vcpus;
@@ -90,6 +93,11 @@ struct vfmig_vm {
     _Atomic int throttle_pct;
     pthread_t throttle_thread;
     int throttle_live;
+
+    /* Created on first use by irq.c (GSIs, the KVM routing table) and pci.c (the PCI host);
+     * freed by vfmig_vm_destroy after the devices, whose destroy hooks still use them. */
+    struct vfmig_irq *irq;
+    struct vfmig_pci_host *pci;
 };
 
 /* Lifecycle. Every call returns 0 or -errno with err filled; none is thread-safe against
