@@ -218,7 +218,8 @@ long vfmig_mig_read(struct vfmig_migration *m, uint8_t *buf, size_t cap, struct 
             rc = enter_error(m, err, EIO, "device data read in STOP_COPY: the device had nothing for now, "
                              "which only PRE_COPY may say");
         else if (rc < 0)
-            rc = enter_error(m, err, errno_of(rc), "device data read in %s failed: %s", names[s], reason(&why, (int)rc));
+            rc = enter_error(m, err, errno_of(rc), "device data read in %s failed: %s", names[s],
+                             reason(&why, (int)rc));
         else if ((size_t)rc > cap)
             rc = enter_error(m, err, EIO, "device data read in %s: the device returned %ld bytes for %zu", names[s],
                              rc, cap);

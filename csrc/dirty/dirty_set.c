@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "vfmig/dirty.h"
+#include "vfmig/dma_log.h"
 
 int vfmig_dirty_set_init(struct vfmig_dirty_set *s, uint64_t npages)
 {
@@ -47,6 +48,21 @@ uint64_t vfmig_dirty_set_take(struct vfmig_dirty_set *s, uint64_t *out, int accu
     return n;
 }
 
+/* Stops the DMA logs of the first `started` devices and frees t. */
+static void tracker_free(struct vfmig_tracker *t, uint32_t started)
+{
+    if (!t)
+        return;
+    for (uint32_t i = 0; t->vm && i < started && i < t->vm->ndevices; i++)
+        if (t->vm->devices[i]->dma_log)
+            vfmig_dma_log_stop(t->vm->devices[i]->dma_log);
+    if (t->ops)
+        t->ops->stop(t);
+    vfmig_dirty_set_free(&t->set);
+    free(t->scratch);
+    free(t);
+}
+
 int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct vfmig_err *err)
 {
     struct vfmig_tracker *t = calloc(1, sizeof(*t));
@@ -57,21 +73,26 @@ int vfmig_tracker_open(struct vfmig_vm *vm, struct vfmig_tracker **out, struct v
     t->vm = vm;
     t->scratch = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
     if (!t->scratch) {
-        vfmig_tracker_close(t);
+        tracker_free(t, 0);
         return vfmig_fail(err, ENOMEM, "out of memory for the dirty set");
     }
     t->ops = vm->ring_entries ? &vfmig_tracker_ring : &vfmig_tracker_bitmap;
     int r = t->ops->start(t);
     if (r < 0) {
         vfmig_fail(err, -r, "%s", t->err.msg);
-        vfmig_tracker_close(t);
+        tracker_free(t, 0);
         return r;
     }
+    /* Device DMA is logged from here on; what it wrote before, the first round covers. */
+    for (uint32_t i = 0; i < vm->ndevices; i++) {
+        struct vfmig_device *d = vm->devices[i];
+        if (d->dma_log && (r = vfmig_dma_log_start_all(d->dma_log, &t->err)) < 0) {
+            vfmig_fail(err, -r, "device %s: %s", d->name, t->err.msg);
+            tracker_free(t, i);
+            return r;
+        }
+    }
     atomic_store(&t->set.all, 1); /* the first round sends everything */
-    /* Drain DMA logs from before tracking: the first round covers those pages anyway. */
-    for (uint32_t i = 0; i < vm->ndevices; i++)
-        if (vm->devices[i]->dirty_log)
-            vm->devices[i]->dirty_log(vm->devices[i], t->scratch, vm->npages);
     *out = t;
     return 0;
 }
@@ -87,10 +108,14 @@ int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out, int accumu
     struct vfmig_vm *vm = t->vm;
     uint64_t words = (vm->npages + 63) / 64;
     for (uint32_t i = 0; i < vm->ndevices; i++) {
-        if (!vm->devices[i]->dirty_log)
+        struct vfmig_device *d = vm->devices[i];
+        if (!d->dma_log)
             continue;
         memset(t->scratch, 0, words * 8);
-        vm->devices[i]->dirty_log(vm->devices[i], t->scratch, vm->npages);
+        struct vfmig_err why;
+        r = vfmig_dma_log_drain_all(d->dma_log, t->scratch, &why);
+        if (r < 0)
+            return vfmig_fail(&t->err, -r, "device %s: %s", d->name, why.msg);
         vfmig_dirty_set_or(&t->set, t->scratch, 0, vm->npages);
     }
     return (int64_t)vfmig_dirty_set_take(&t->set, out, accumulate);
@@ -98,11 +123,5 @@ int64_t vfmig_tracker_collect(struct vfmig_tracker *t, uint64_t *out, int accumu
 
 void vfmig_tracker_close(struct vfmig_tracker *t)
 {
-    if (!t)
-        return;
-    if (t->ops)
-        t->ops->stop(t);
-    vfmig_dirty_set_free(&t->set);
-    free(t->scratch);
-    free(t);
+    tracker_free(t, t ? t->vm->ndevices : 0);
 }

@@ -31,10 +31,6 @@ struct vfmig_device {
      * returns 0 or -errno. */
     int (*load)(struct vfmig_device *d, const uint8_t *buf, size_t len);
 
-    /* OR the pages this device wrote by DMA since the last call into bits (one bit per RAM
-     * page index) and clear its log. Any thread; the device serialises internally. NULL: no DMA. */
-    void (*dirty_log)(struct vfmig_device *d, uint64_t *bits, uint64_t npages);
-
     /* The VM stops (running = 0) after its vCPUs park, and starts (1) before they run again,
      * like VFIO's RUNNING <-> STOP. When it returns 0, the device issues no more DMA and raises
      * no interrupts. The pausing thread calls it; no VM lock held. NULL: nothing to quiesce. */

@@ -30,8 +30,9 @@ int vfmig_platform_check(const uint8_t *buf, size_t len);
 
 
 /* A DMA engine: writes guest RAM from the host side, as a device's DMA would, and logs the
- * pages it wrote; the dirty set drains that log through the device's dirty_log hook. The
- * emulated VF's DMA plugs into the same mechanism. */
+ * pages it wrote in its DMA dirty log (d->dma_log, dma_log.h), which the dirty tracker starts,
+ * drains and stops like every device's (a write before tracking starts is not logged: the first
+ * round sends all RAM). The emulated VF's DMA logs the same way. */
 struct vfmig_vm;
 struct vfmig_device *vfmig_dma_engine_new(struct vfmig_vm *vm, const char *name);
 /* Fill [gpa, gpa+len) with value and log the pages. Any thread, lock-free. 0, -EFAULT outside
