@@ -113,22 +113,25 @@ static inline int vfmig_pci_bus_master(const struct vfmig_pci_func *f)
 }
 
 /* Raise MSI-X vector vec: writes its irqfd, or sets its PBA bit while the vector or function is
- * masked or MSI-X is off (delivered on unmask). Any thread; takes msix_lock briefly. 1 if it was
- * delivered, 0 if left pending, -EINVAL for a bad vector. */
+ * masked or MSI-X is off (delivered on unmask), or while the vector's new route is still on its
+ * way into KVM (delivered when that commit completes). Any thread; takes msix_lock briefly.
+ * 1 if it was delivered, 0 if left pending, -EINVAL for a bad vector. */
 int vfmig_pci_msix_notify(struct vfmig_pci_func *f, uint32_t vec);
 
 /* Config space as the guest reads it (little-endian, len 1/2/4). Any thread; config_lock. */
 uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t len);
-/* The VMM's side of the migration capability: set/clear VMM status bits the guest cannot write,
- * read the device status the driver wrote. Any thread; config_lock. */
+/* The VMM's side of the migration capability: set/clear VMM status bits the guest cannot write
+ * (a bit in both ends set), read any of its registers (reg < VFMIG_MIGCAP_SIZE; 0 otherwise or
+ * without the capability). Any thread; config_lock. */
 void vfmig_pci_migcap_update(struct vfmig_pci_func *f, uint8_t set_bits, uint8_t clear_bits);
 uint8_t vfmig_pci_migcap_reg(struct vfmig_pci_func *f, uint32_t reg);
 
 /* Migration of the function's PCI state: config space, MSI-X table and PBA. The blob layout is
- * docs/device-state.md § PCI. save: device stopped; returns bytes written or -ENOSPC.
- * check: pure, any thread: sizes, then every bit the guest cannot write (identity, BAR sizes,
- * capability chain, MSI-X table size) equal to this function's; err says which. apply: before
- * the vCPUs run, after check; restores BAR decode, MSI-X routes and doorbells. */
+ * docs/device-state.md § PCI function state. save: device stopped; returns bytes written or
+ * -ENOSPC. check: pure, any thread: sizes (BAR sizes included), then every bit the guest cannot
+ * write (identity, capability chain, MSI-X table size) equal to this function's; err says
+ * which. apply: before the vCPUs run; runs check itself and changes nothing if it fails;
+ * restores BAR decode, MSI-X routes and doorbells (blocks in KVM ioctls). */
 size_t vfmig_pci_state_size(const struct vfmig_pci_func *f);
 long vfmig_pci_save(struct vfmig_pci_func *f, uint8_t *buf, size_t cap);
 int vfmig_pci_check(const struct vfmig_pci_func *f, const uint8_t *buf, size_t len, struct vfmig_err *err);
