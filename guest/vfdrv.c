@@ -65,6 +65,7 @@ struct vfdrv_priv {
     uint64_t tx_ring_full;         /* TX packets not sent: no free descriptor */
     uint64_t tx_irqs, mig_irqs, misc_irqs, spurious_irqs, other_irqs;
     uint64_t drops_without_gap;    /* seq == next_seq but the drops field moved (accepted) */
+    uint32_t rx_bad_run;           /* bad packets since the last good one: each used a sequence number */
     /* The first RX error, as seen: for reporting a device bug with evidence. */
     uint32_t err_desc, err_desc_len, err_pkt_len, err_magic;
     uint64_t err_seq, err_next_seq, err_drops, err_last_drops;
@@ -178,10 +179,12 @@ static void tx_send(void)
 static void rx_error(uint32_t err, uint32_t desc, uint32_t dlen, const volatile struct simvf_pkt *pkt, uint32_t want)
 {
     volatile struct simvf_guest_stats *gs = gstats();
+    volatile struct vfdrv_priv *p = priv();
     gs->errors = gs->errors + 1;
+    if (err != SIMVF_ERR_GAP)
+        p->rx_bad_run = p->rx_bad_run + 1;
     if (gs->first_error != SIMVF_ERR_NONE)
         return;
-    volatile struct vfdrv_priv *p = priv();
     p->err_desc = desc;
     p->err_desc_len = dlen;
     p->err_magic = pkt->magic;
@@ -222,16 +225,20 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
         rx_error(SIMVF_ERR_CSUM, desc, dlen, pkt, want);
         return;
     }
-    uint64_t next = gs->next_seq, last_drops = gs->last_drops;
+    /* A bad packet since the last good one was offered too: it takes a sequence number but is
+     * neither received nor a drop, so one corrupt packet makes one error, not two. */
+    volatile struct vfdrv_priv *p = priv();
+    uint64_t next = gs->next_seq + p->rx_bad_run, last_drops = gs->last_drops;
     if (seq == next) {
         if (drops != last_drops)
-            priv()->drops_without_gap = priv()->drops_without_gap + 1;
+            p->drops_without_gap = p->drops_without_gap + 1;
     } else if (seq < next || seq - next != drops - last_drops) {
         rx_error(SIMVF_ERR_GAP, desc, dlen, pkt, 0);
         /* Resynchronise forward, so one bad gap is one error, not one per packet after it. */
         if (seq > next) {
             gs->last_drops = drops;
             gs->next_seq = seq + 1;
+            p->rx_bad_run = 0;
         }
         return;
     }
@@ -239,6 +246,7 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
     gs->dropped_seen = gs->dropped_seen + (seq - next);
     gs->last_drops = drops;
     gs->next_seq = seq + 1;
+    p->rx_bad_run = 0;
 }
 
 /* Take every completed RX descriptor in ring order, up to budget, re-posting each buffer.
