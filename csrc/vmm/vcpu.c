@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vfmig/migstate.h"
 #include "vfmig/vm.h"
 
 #define KICK_SIGNAL SIGUSR2
@@ -232,11 +233,35 @@ int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct)
     return 0;
 }
 
+/* Stop or start every device, as VFIO's RUNNING <-> STOP: migratable devices through their state
+ * machine, the rest through set_running. Lifecycle thread. 0, or the first device's error
+ * (in vm->err); the others are still moved. */
+static int set_devices_running(struct vfmig_vm *vm, int running)
+{
+    int rc = 0;
+    for (uint32_t i = 0; i < vm->ndevices; i++) {
+        struct vfmig_device *d = vm->devices[i];
+        if (d->mig) {
+            struct vfmig_err e;
+            int r = vfmig_mig_set_running(d->mig, running, &e);
+            if (r < 0 && rc == 0)
+                rc = vfmig_fail(&vm->err, -r, "device %s: %s", d->name, e.msg);
+        } else if (d->set_running) {
+            d->set_running(d, running);
+        }
+    }
+    return rc;
+}
+
 int vfmig_vm_start(struct vfmig_vm *vm)
 {
     if (vm->started)
         return vfmig_fail(&vm->err, EALREADY, "VM already started");
     install_kick_handler();
+    /* A device loaded by a migration waits in STOP until its VM starts. */
+    int r = set_devices_running(vm, 1);
+    if (r < 0)
+        return r;
     for (uint32_t i = 0; i < vm->nvcpus; i++) {
         struct vfmig_vcpu *cpu = &vm->vcpus[i];
         if (pthread_create(&cpu->thread, NULL, vcpu_thread, cpu) != 0)
@@ -245,13 +270,6 @@ int vfmig_vm_start(struct vfmig_vm *vm)
     }
     vm->started = 1;
     return 0;
-}
-
-static void set_devices_running(struct vfmig_vm *vm, int running)
-{
-    for (uint32_t i = 0; i < vm->ndevices; i++)
-        if (vm->devices[i]->set_running)
-            vm->devices[i]->set_running(vm->devices[i], running);
 }
 
 /* Spin this long for the vCPUs to park (a healthy pause takes tens of us), then poll gently. */
@@ -325,7 +343,16 @@ int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms)
         pthread_mutex_lock(&vm->lock);
     }
     pthread_mutex_unlock(&vm->lock);
-    set_devices_running(vm, 0);
+    int r = set_devices_running(vm, 0);
+    if (r < 0) {
+        /* A device that cannot stop fails the pause: everything runs again, as on a timeout. */
+        set_devices_running(vm, 1);
+        pthread_mutex_lock(&vm->lock);
+        atomic_store(&vm->pause_req, 0);
+        pthread_cond_broadcast(&vm->cond);
+        pthread_mutex_unlock(&vm->lock);
+        return r;
+    }
     vm->last_pause_ns = vfmig_now_ns() - t0;
     return 0;
 }
@@ -335,13 +362,13 @@ int vfmig_vm_resume(struct vfmig_vm *vm)
     uint64_t t0 = vfmig_now_ns();
     if (atomic_load(&vm->failed))
         return -EIO;
-    set_devices_running(vm, 1);
+    int r = set_devices_running(vm, 1);
     pthread_mutex_lock(&vm->lock);
     atomic_store(&vm->pause_req, 0);
     pthread_cond_broadcast(&vm->cond);
     pthread_mutex_unlock(&vm->lock);
     vm->last_resume_ns = vfmig_now_ns() - t0;
-    return 0;
+    return r; /* the vCPUs run even if a device could not: the guest sees a broken device, not a hang */
 }
 
 void vfmig_vcpus_stop(struct vfmig_vm *vm)
