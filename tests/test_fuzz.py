@@ -33,6 +33,7 @@ HARNESSES = {
     "channel": 64,
     "vcpu_state": 16384,  # all nine fixed sections and up to 512 MSRs
     "device_state": 2048,  # the 1616-byte platform blob
+    "simvf_state": 72 << 10,  # a whole 64 KiB-state stream: the table, PCI, REGS and END
 }
 CRASH_PREFIXES = ("crash-", "leak-", "timeout-", "oom-")
 

@@ -8,6 +8,8 @@
 #include "vfmig/channels.h"
 #include "vfmig/devices.h"
 #include "vfmig/hello.h"
+#include "vfmig/simvf_abi.h"
+#include "vfmig/simvf_state.h"
 #include "vfmig/vcpu_state.h"
 
 static const char *root;
@@ -243,6 +245,49 @@ static void devices(void)
     put("device_state", "stateless", b, 1);
 }
 
+/* A destination of 64 KiB state with migration=on (fuzz_simvf_state.c): a whole stream, as a
+ * source with precopy would send it (IDENT, table, a re-sent dirty chunk, PCI, REGS, END). */
+static size_t simvf_stream(uint8_t *b, uint32_t bad)
+{
+    static uint8_t table[(64 << 10) - SIMVF_REGS_BYTES], pci[4096 + 64];
+    for (size_t i = 0; i < sizeof(table); i++)
+        table[i] = (uint8_t)(i * 13);
+    struct simvf_ident id = {.vendor = SIMVF_VENDOR_ID, .device = SIMVF_DEVICE_ID, .revision = SIMVF_REVISION,
+                             .migration = 1, .nvec = SIMVF_NUM_VECTORS,
+                             .bar_size = {SIMVF_BAR_REGS_SIZE, SIMVF_BAR_MSIX_SIZE}, .state_bytes = 64 << 10};
+    struct simvf_regs r = {.ctrl = SIMVF_CTRL_ENABLE, .rx_size = 256, .rx_head = 3, .rx_ring = 0x200000,
+                           .sent = 10, .delivered = 4, .dropped = 6};
+    if (bad == 1)
+        r.dropped = 5; /* sent != delivered + dropped */
+    if (bad == 2)
+        id.state_bytes = 128 << 10; /* another device's identity */
+    size_t n = simvf_sec_put(b, SIMVF_SEC_IDENT, 0, &id, sizeof(id));
+    n += simvf_sec_put(b + n, SIMVF_SEC_TABLE, 0, table, sizeof(table));
+    n += simvf_sec_put(b + n, SIMVF_SEC_TABLE, SIMVF_CHUNK, table, SIMVF_CHUNK);
+    n += simvf_sec_put(b + n, SIMVF_SEC_PCI, 0, pci, sizeof(pci));
+    n += simvf_sec_put(b + n, SIMVF_SEC_REGS, 0, &r, sizeof(r));
+    n += simvf_sec_put(b + n, SIMVF_SEC_END, 0, NULL, 0);
+    return n;
+}
+
+static void simvf(void)
+{
+    static uint8_t b[2 + (128 << 10)];
+    struct vfmig_simvf_config cfg = {.state_bytes = 64 << 10, .precopy = 1, .migration = 1};
+    struct vfmig_err err;
+    size_t n = simvf_stream(b + 2, 0);
+    FUZZ_ASSERT(vfmig_simvf_check_stream(&cfg, b + 2, n, 0, &err) == 0);
+    b[0] = 0, b[1] = 1;
+    put("simvf_state", "whole", b, n + 2);
+    b[0] = 7;
+    put("simvf_state", "split-7", b, n + 2);
+    put("simvf_state", "edge-truncated", b, n + 2 - 24);
+    n = simvf_stream(b + 2, 1);
+    put("simvf_state", "edge-counters", b, n + 2);
+    n = simvf_stream(b + 2, 2);
+    put("simvf_state", "edge-identity", b, n + 2);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -256,5 +301,6 @@ int main(int argc, char **argv)
     hello();
     vcpu();
     devices();
+    simvf();
     return 0;
 }
