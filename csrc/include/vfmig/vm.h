@@ -110,8 +110,12 @@ int vfmig_vm_start(struct vfmig_vm *vm);
 /* Parks every vCPU, then stops every device; waits at most timeout_ms (1..VFMIG_PAUSE_TIMEOUT_MS_MAX)
  * for the vCPUs. Lifecycle thread; takes vm->lock only between checks. 0; -EINVAL (bad timeout,
  * nothing changed); -ETIMEDOUT: err names the vCPUs that did not park and the access each is in,
- * and every vCPU was let go again, so the VM keeps running and no device was stopped. */
+ * and every vCPU was let go again, so the VM keeps running and no device was stopped; or a
+ * migratable device's error (err names it): devices and vCPUs were started again.
+ * Migratable devices stop through migstate (PRE_COPY -> STOP_COPY, else STOP). */
 int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms);
+/* Starts every device (migratable ones -> RUNNING), then lets the vCPUs go. Lifecycle thread.
+ * 0, -EIO after a vCPU failed, or a device's error (the vCPUs run anyway). */
 int vfmig_vm_resume(struct vfmig_vm *vm);
 void vfmig_vm_destroy(struct vfmig_vm *vm);
 
