@@ -52,9 +52,10 @@ static uint32_t next_page(uint32_t pattern, uint32_t pages, uint32_t *rng, uint3
     return xorshift(rng) % pages;
 }
 
-/* Run the workload on vCPU id forever. poll, if not NULL, is called after every clock read of
- * the batch loop (a driver's fallback for work no interrupt announced). Always inlined, so a
- * constant NULL leaves no trace in the code of a guest without one. */
+/* Run the workload on vCPU id forever. poll, if not NULL, is called after every clock read (a
+ * driver's deferred work: once per batch, and while the throttle waits, so a rate-limited
+ * workload leaves its idle time to it). Always inlined, so a constant NULL leaves no trace in
+ * the code of a guest without one. */
 static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_t id, void (*poll)(void))
 {
     const volatile struct vfmig_boot_params *bp = boot_params();
@@ -100,8 +101,11 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
             if (poll)
                 poll();
             /* Throttle: wait until `done` pages are due. Picoseconds avoid 64-bit division. */
-            while (ps_per_page && (now - t0) * 1000 < done * ps_per_page)
+            while (ps_per_page && (now - t0) * 1000 < done * ps_per_page) {
                 now = clock_tick(st, threshold);
+                if (poll)
+                    poll();
+            }
             /* After a long stop (migration, pause), don't sprint to catch up. */
             if (ps_per_page && (now - t0) * 1000 > done * ps_per_page + 50000000000ull) {
                 t0 = now;
