@@ -2,9 +2,10 @@
  *
  * vCPU 0 finds simvf on PCI bus 0, places its BARs, programs MSI-X and the migration
  * capability, posts an RX ring and a TX ring, and enables the device; then every vCPU runs the
- * dirtier loop (workload.h). Received packets are checked in the RX interrupt handler (magic,
- * length, checksum, and the sequence oracle: every gap must equal the growth of the device's
- * drop count) and the results kept in struct simvf_guest_stats, in guest RAM so they migrate.
+ * dirtier loop (workload.h). Received packets are checked in the RX interrupt handler, or under
+ * load in the workload's poll (magic, length, checksum, and the sequence oracle: every gap must
+ * equal the growth of the device's drop count), and the results kept in struct
+ * simvf_guest_stats, in guest RAM so they migrate.
  * Every VFDRV_TX_EVERY good packets it sends one on TX.
  *
  * Interrupts go to vCPU 0 only; the other vCPUs keep IF clear. Every handler runs with IF
@@ -26,6 +27,9 @@
 #define VFDRV_END_GPA     0x2B0000u
 #define VFDRV_RX_N        256u
 #define VFDRV_TX_N        64u
+_Static_assert(VFDRV_RX_BUF_GPA + VFDRV_RX_N * SIMVF_BUF_MAX <= VFDRV_TX_BUF_GPA &&
+               VFDRV_TX_BUF_GPA + VFDRV_TX_N * SIMVF_BUF_MAX <= VFDRV_END_GPA && VFDRV_END_GPA <= VFMIG_DATA_GPA,
+               "vfdrv's buffers overlap");
 
 /* Vectors: MSI-X entry i raises VFDRV_VEC_BASE + i. */
 #define VFDRV_VEC_BASE    0x30u
