@@ -21,6 +21,39 @@ cdef extern from "vfmig/device.h":
         const char *name
         long (*save)(vfmig_device *d, uint8_t *buf, size_t cap) nogil
         int (*load)(vfmig_device *d, const uint8_t *buf, size_t len) nogil
+        vfmig_migration *mig
+        vfmig_dma_log *dma_log
+
+cdef extern from "vfmig/migstate.h":
+    enum vfmig_mig_state:
+        VFMIG_MIG_ERROR
+        VFMIG_MIG_STOP
+        VFMIG_MIG_RUNNING
+        VFMIG_MIG_STOP_COPY
+        VFMIG_MIG_RESUMING
+        VFMIG_MIG_RUNNING_P2P
+        VFMIG_MIG_PRE_COPY
+        VFMIG_MIG_PRE_COPY_P2P
+        VFMIG_MIG__COUNT
+    enum:
+        VFMIG_MIGF_STOP_COPY
+        VFMIG_MIGF_P2P
+        VFMIG_MIGF_PRE_COPY
+    struct vfmig_migration:
+        uint32_t flags
+    const char *vfmig_mig_state_name(int state) nogil
+    int vfmig_mig_set_state(vfmig_migration *m, vfmig_mig_state target, vfmig_err *err) nogil
+    long vfmig_mig_read(vfmig_migration *m, uint8_t *buf, size_t cap, vfmig_err *err) nogil
+    long vfmig_mig_write(vfmig_migration *m, const uint8_t *buf, size_t len, vfmig_err *err) nogil
+    int vfmig_mig_precopy_info(vfmig_migration *m, uint64_t *initial_bytes, uint64_t *dirty_bytes,
+                               vfmig_err *err) nogil
+    int vfmig_mig_reset(vfmig_migration *m, vfmig_err *err) nogil
+    vfmig_mig_state vfmig_mig_get_state(vfmig_migration *m) nogil
+
+cdef extern from "vfmig/dma_log.h":
+    struct vfmig_dma_log:
+        int broken
+        uint64_t pages_logged
 
 cdef extern from "vfmig/devices.h":
     vfmig_device *vfmig_console_new()
@@ -192,3 +225,58 @@ cdef extern from "vfmig/channels.h":
 cdef extern from "vfmig/devices.h":
     vfmig_device *vfmig_dma_engine_new(vfmig_vm *vm, const char *name)
     int vfmig_dma_fill(vfmig_device *d, uint64_t gpa, uint8_t value, uint64_t len) nogil
+
+cdef extern from "vfmig/devices.h":
+    # simvf, the emulated NIC VF
+    struct vfmig_simvf_config:
+        uint64_t state_bytes
+        uint32_t dma_rate
+        int precopy
+        int migration
+    uint64_t VFMIG_SIMVF_STATE_MIN
+    uint64_t VFMIG_SIMVF_STATE_MAX
+    uint32_t VFMIG_SIMVF_RATE_MAX
+    vfmig_device *vfmig_simvf_new(vfmig_vm *vm, const char *name, const vfmig_simvf_config *cfg,
+                                  vfmig_err *err) nogil
+    struct simvf_counters "vfmig_simvf_counters":
+        uint64_t sent
+        uint64_t delivered
+        uint64_t dropped
+        uint64_t tx_ok
+        uint64_t tx_bad
+        uint64_t table_updates
+        uint64_t interrupts
+    int vfmig_simvf_counters(vfmig_device *d, simvf_counters *out) nogil
+    int vfmig_simvf_set_rate(vfmig_device *d, uint32_t pps) nogil
+    long vfmig_simvf_state(vfmig_device *d, uint8_t *buf, size_t cap) nogil
+    size_t vfmig_simvf_state_size(vfmig_device *d) nogil
+    int vfmig_simvf_keep_stop_state(vfmig_device *d, int on) nogil
+    long vfmig_simvf_stop_state(vfmig_device *d, uint8_t *buf, size_t cap) nogil
+
+cdef extern from "vfmig/simvf_abi.h":
+    enum:
+        SIMVF_GUEST_STATS_GPA
+        SIMVF_GUEST_MAGIC_C "SIMVF_GUEST_MAGIC"
+    enum simvf_guest_state:
+        SIMVF_GUEST_PROBING
+        SIMVF_GUEST_RUNNING
+        SIMVF_GUEST_NO_DEVICE
+        SIMVF_GUEST_FAILED
+    enum simvf_guest_error:
+        SIMVF_ERR_NONE
+        SIMVF_ERR_MAGIC
+        SIMVF_ERR_LEN
+        SIMVF_ERR_CSUM
+        SIMVF_ERR_GAP
+    struct simvf_guest_stats:
+        uint32_t magic
+        uint32_t state
+        uint64_t received
+        uint64_t dropped_seen
+        uint64_t errors
+        uint64_t next_seq
+        uint64_t last_drops
+        uint64_t tx_sent
+        uint64_t interrupts
+        uint32_t bdf
+        uint32_t first_error

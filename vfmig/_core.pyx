@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Bindings to the vfmig C core. Every call that loops over pages or waits releases the GIL."""
+from libc.errno cimport EBUSY, ENOMSG
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -204,9 +205,11 @@ cdef class VM:
             raise_err(rc, err.msg)
 
     def stateful_devices(self):
-        """Devices with state to migrate (a save hook)."""
+        """Devices with state to migrate through save/load (a save hook and no migration state
+        machine: those migrate through mig_read/mig_write)."""
         cdef vfmig_vm *vm = self._vm()
-        return [vm.devices[i].name.decode() for i in range(vm.ndevices) if vm.devices[i].save != NULL]
+        return [vm.devices[i].name.decode() for i in range(vm.ndevices)
+                if vm.devices[i].save != NULL and vm.devices[i].mig == NULL]
 
     def device_names(self):
         cdef vfmig_vm *vm = self._vm()
@@ -220,7 +223,7 @@ cdef class VM:
         cdef uint8_t buf[65536]
         if d == NULL:
             raise KeyError(name)
-        if d.save == NULL:
+        if d.save == NULL or d.mig != NULL:
             return None
         with nogil:
             n = d.save(d, buf, sizeof(buf))
@@ -234,8 +237,8 @@ cdef class VM:
         cdef int rc
         if d == NULL:
             raise KeyError(f"stream carries state for unknown device {name!r}")
-        if d.load == NULL:
-            raise ValueError(f"device {name!r} takes no state")
+        if d.load == NULL or d.mig != NULL:
+            raise ValueError(f"device {name!r} takes no state in a DEVICE record")
         with nogil:
             rc = d.load(d, &blob[0], blob.shape[0])
         if rc < 0:
@@ -315,6 +318,227 @@ cdef class VM:
         if rc == -22:  # EINVAL
             raise ValueError(f"{name} is not a clock device")
         return rc == 0
+
+    # Device migration in the VFIO v2 model (migstate.h): any device with d->mig ---------------
+    cdef vfmig_device *_dev(self, str name) except NULL:
+        cdef bytes b = name.encode()
+        cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b)
+        if d == NULL:
+            raise KeyError(f"no device named {name!r}")
+        return d
+
+    cdef vfmig_migration *_mig(self, str name) except NULL:
+        cdef vfmig_device *d = self._dev(name)
+        if d.mig == NULL:
+            raise ValueError(f"device {name!r} has no migration state machine")
+        return d.mig
+
+    def mig_devices(self):
+        """Devices that migrate through the state machine (d->mig), in bus order."""
+        cdef vfmig_vm *vm = self._vm()
+        return [vm.devices[i].name.decode() for i in range(vm.ndevices) if vm.devices[i].mig != NULL]
+
+    def mig_precopy_supported(self, str name):
+        """The device offers PRE_COPY (VFMIG_MIGF_PRE_COPY)."""
+        return bool(self._mig(name).flags & VFMIG_MIGF_PRE_COPY)
+
+    def mig_state(self, str name):
+        """The device's migration state: "RUNNING", "PRE_COPY", ... (MIG_STATES)."""
+        cdef vfmig_migration *m = self._mig(name)
+        return vfmig_mig_state_name(vfmig_mig_get_state(m)).decode()
+
+    def mig_set_state(self, str name, str state):
+        """Move the device to `state` (every arc on the way). CoreError with the device's reason;
+        a failed transition leaves it in ERROR (mig_reset leaves ERROR)."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef int rc
+        cdef vfmig_mig_state target
+        if state not in _MIG_STATE_VALUES:
+            raise ValueError(f"unknown migration state {state!r}: one of {', '.join(MIG_STATES)}")
+        target = <vfmig_mig_state>_MIG_STATE_VALUES[state]
+        err.msg[0] = 0
+        with nogil:
+            rc = vfmig_mig_set_state(m, target, &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+
+    def mig_read(self, str name, size_t cap):
+        """Up to cap bytes of the device's data stream (PRE_COPY or STOP_COPY). None: PRE_COPY
+        has nothing more for now; b"": the STOP_COPY stream is complete."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef long n
+        if cap == 0:
+            raise ValueError("mig_read needs a capacity of at least one byte")
+        cdef uint8_t *buf = <uint8_t *>malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+        err.msg[0] = 0
+        try:
+            with nogil:
+                n = vfmig_mig_read(m, buf, cap, &err)
+            if n == -ENOMSG:
+                return None
+            if n < 0:
+                raise_err(n, err.msg)
+            return (<char *>buf)[:n]
+        finally:
+            free(buf)
+
+    def mig_write(self, str name, const uint8_t[::1] data):
+        """Feed a RESUMING device the next piece of its stream (any split is valid)."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef long n
+        cdef size_t length = data.shape[0]
+        cdef const uint8_t *p = &data[0] if length else NULL
+        err.msg[0] = 0
+        with nogil:
+            n = vfmig_mig_write(m, p, length, &err)
+        if n < 0:
+            raise_err(n, err.msg)
+
+    def mig_precopy_info(self, str name):
+        """(initial bytes not yet read, bytes dirtied since read), in a PRE_COPY state."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef uint64_t initial = 0, dirty = 0
+        cdef int rc
+        err.msg[0] = 0
+        with nogil:
+            rc = vfmig_mig_precopy_info(m, &initial, &dirty, &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+        return initial, dirty
+
+    def mig_reset(self, str name):
+        """Back to RUNNING from any state, ERROR included (a function-level reset)."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef int rc
+        err.msg[0] = 0
+        with nogil:
+            rc = vfmig_mig_reset(m, &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+
+    # simvf, the emulated NIC VF (devices.h) ---------------------------------------------------
+    def add_simvf(self, str name, uint64_t state_bytes, uint32_t dma_rate, bint precopy=True,
+                  bint migration=True):
+        """Create a simvf on the VM's PCI bus (before the VM starts). CoreError with the reason."""
+        cdef bytes b = name.encode()
+        cdef const char *cname = b
+        cdef vfmig_simvf_config cfg
+        cdef vfmig_err err
+        cdef vfmig_device *d
+        cdef vfmig_vm *vm = self._vm()
+        cfg.state_bytes = state_bytes
+        cfg.dma_rate = dma_rate
+        cfg.precopy = precopy
+        cfg.migration = migration
+        err.msg[0] = 0
+        with nogil:
+            d = vfmig_simvf_new(vm, cname, &cfg, &err)
+        if d == NULL:
+            raise CoreError(22, err.msg.decode("utf-8", "replace") or f"cannot create simvf {name!r}")
+
+    cdef vfmig_device *_simvf(self, str name) except NULL:
+        cdef vfmig_device *d = self._dev(name)
+        cdef simvf_counters c
+        if vfmig_simvf_counters(d, &c) < 0:
+            raise ValueError(f"device {name!r} is not a simvf")
+        return d
+
+    def simvf_counters(self, str name):
+        """The device's counters: sent (offered by the wire) = delivered + dropped, tx_ok,
+        tx_bad, table_updates, interrupts."""
+        cdef vfmig_device *d = self._dev(name)
+        cdef simvf_counters c
+        if vfmig_simvf_counters(d, &c) < 0:
+            raise ValueError(f"device {name!r} is not a simvf")
+        return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "tx_ok": c.tx_ok,
+                "tx_bad": c.tx_bad, "table_updates": c.table_updates, "interrupts": c.interrupts}
+
+    def simvf_set_rate(self, str name, uint32_t pps):
+        """The wire's rate in packets/s; 0 stops it."""
+        cdef vfmig_device *d = self._simvf(name)
+        cdef int rc
+        if pps > VFMIG_SIMVF_RATE_MAX:
+            raise ValueError(f"simvf rate must be 0..{VFMIG_SIMVF_RATE_MAX} packets/s, got {pps}")
+        with nogil:
+            rc = vfmig_simvf_set_rate(d, pps)
+        if rc < 0:
+            raise CoreError(-rc, f"cannot set the rate of {name!r}")
+
+    def simvf_state(self, str name):
+        """The device's whole state as its canonical stop-copy stream (device not running)."""
+        cdef vfmig_device *d = self._simvf(name)
+        cdef size_t cap = vfmig_simvf_state_size(d)
+        cdef long n
+        cdef uint8_t *buf = <uint8_t *>malloc(cap if cap else 1)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                n = vfmig_simvf_state(d, buf, cap)
+            if n == -EBUSY:
+                raise CoreError(EBUSY, f"simvf {name!r} is running: its state is read only while it is stopped")
+            if n < 0:
+                raise CoreError(-n, f"cannot read the state of simvf {name!r}")
+            return (<char *>buf)[:n]
+        finally:
+            free(buf)
+
+    def simvf_keep_stop_state(self, str name, bint on):
+        """Test knob: keep a copy of simvf_state taken when the device enters STOP_COPY."""
+        cdef vfmig_device *d = self._simvf(name)
+        cdef int rc = vfmig_simvf_keep_stop_state(d, 1 if on else 0)
+        if rc < 0:
+            raise CoreError(-rc, f"cannot keep the stop state of {name!r}")
+
+    def simvf_stop_state(self, str name):
+        """The copy simvf_keep_stop_state kept when the device entered STOP_COPY."""
+        cdef vfmig_device *d = self._simvf(name)
+        cdef size_t cap = vfmig_simvf_state_size(d)
+        cdef long n
+        cdef uint8_t *buf = <uint8_t *>malloc(cap if cap else 1)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                n = vfmig_simvf_stop_state(d, buf, cap)
+            if n < 0:
+                raise CoreError(-n, f"simvf {name!r} kept no stop state")
+            return (<char *>buf)[:n]
+        finally:
+            free(buf)
+
+    def simvf_guest_stats(self):
+        """The VF driver's counters (struct simvf_guest_stats at SIMVF_GUEST_STATS_GPA in guest
+        RAM). `magic` equals SIMVF_GUEST_MAGIC once the driver started."""
+        cdef vfmig_vm *vm = self._vm()
+        cdef simvf_guest_stats s
+        cdef uint8_t *src = vfmig_vm_host(vm, SIMVF_GUEST_STATS_GPA, sizeof(simvf_guest_stats))
+        if src == NULL:
+            raise ValueError("the guest stats page is outside RAM")
+        memcpy(&s, src, sizeof(s))
+        return {"magic": s.magic, "state": s.state, "received": s.received, "dropped_seen": s.dropped_seen,
+                "errors": s.errors, "next_seq": s.next_seq, "last_drops": s.last_drops, "tx_sent": s.tx_sent,
+                "interrupts": s.interrupts, "bdf": s.bdf, "first_error": s.first_error}
+
+    def dma_pages_logged(self, str name):
+        """Pages the device's DMA dirty log reported since logging last started; None without
+        a DMA log."""
+        cdef vfmig_device *d = self._dev(name)
+        return None if d.dma_log == NULL else d.dma_log.pages_logged
+
+    def set_dma_log_broken(self, str name, bint on):
+        """Test knob: the device's DMA dirty log drops its marks (proves the log matters)."""
+        cdef vfmig_device *d = self._dev(name)
+        if d.dma_log == NULL:
+            raise ValueError(f"device {name!r} has no DMA dirty log")
+        d.dma_log.broken = 1 if on else 0
 
     def page_crcs(self):
         """CRC32C of every RAM page (4 bytes each): the verification digest."""
@@ -654,3 +878,19 @@ cdef class PageReceiver:
             out["records"] += self.r.ch[c].records
             out["iterations"] = max(out["iterations"], self.r.ch[c].iterations)
         return out
+
+
+# Device migration states (migstate.h): MIG_STATES[value] is the name -------------------------------
+MIG_STATES = tuple(vfmig_mig_state_name(i).decode() for i in range(VFMIG_MIG__COUNT))
+_MIG_STATE_VALUES = {n: i for i, n in enumerate(MIG_STATES)}
+
+
+# simvf's limits and its guest driver's contract (devices.h, simvf_abi.h) ---------------------------
+SIMVF_STATE_MIN = VFMIG_SIMVF_STATE_MIN
+SIMVF_STATE_MAX = VFMIG_SIMVF_STATE_MAX
+SIMVF_RATE_MAX = VFMIG_SIMVF_RATE_MAX
+SIMVF_GUEST_MAGIC = SIMVF_GUEST_MAGIC_C
+SIMVF_GUEST_STATES = {SIMVF_GUEST_PROBING: "probing", SIMVF_GUEST_RUNNING: "running",
+                      SIMVF_GUEST_NO_DEVICE: "no_device", SIMVF_GUEST_FAILED: "failed"}
+SIMVF_GUEST_ERRORS = {SIMVF_ERR_NONE: "none", SIMVF_ERR_MAGIC: "magic", SIMVF_ERR_LEN: "length",
+                      SIMVF_ERR_CSUM: "checksum", SIMVF_ERR_GAP: "gap"}

@@ -31,11 +31,63 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
         print(text)
 
 
+# devices ---------------------------------------------------------------------------------------
+DEVICE_HELP = (
+    "add a device: simvf[,name=vf0,state=SIZE,dma_rate=PPS,precopy=on|off,migration=on|off] "
+    "(repeatable; defaults: state=1M, dma_rate=10000, on, on)"
+)
+
+
+def device_arg(text: str) -> Any:
+    """argparse type of --device: a checked DeviceSpec, or "none"."""
+    from vfmig.errors import ConfigError
+    from vfmig.vm import parse_device
+
+    if text == "none":
+        return None
+    try:
+        return parse_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def devices_of(args: argparse.Namespace, default: Sequence[Any] = ()) -> tuple[Any, ...]:
+    """The --device specs (`--device none`: no device), or `default` when none was given."""
+    given = getattr(args, "device", None)
+    if given is None:
+        return tuple(default)
+    return tuple(d for d in given if d is not None)
+
+
+def guest_of(args: argparse.Namespace, devices: Sequence[Any]) -> str:
+    """--guest, or the VF driver when the VM has a simvf, else the dirtier."""
+    from vfmig.guests import DEVICE_GUEST
+
+    if args.guest:
+        return str(args.guest)
+    return DEVICE_GUEST if any(d.kind == "simvf" for d in devices) else "dirtier"
+
+
+def _device_lines(devices: dict[str, dict[str, int]], driver: dict[str, Any] | None) -> list[str]:
+    lines = [
+        f"  device {name:<8} sent {c['sent']:,} packets: delivered {c['delivered']:,}, dropped {c['dropped']:,}; "
+        f"tx {c['tx_ok']:,} ok, {c['tx_bad']:,} bad"
+        for name, c in devices.items()
+    ]
+    if driver is not None:
+        lines.append(
+            f"  VF driver       {driver['state_name']}: received {driver['received']:,}, dropped "
+            f"{driver['dropped_seen']:,}, errors {driver['errors']:,}; sent {driver['tx_sent']:,}"
+        )
+    return lines
+
+
 # vm run ----------------------------------------------------------------------------------------
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M; 64M..16G and more)")
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--guest", default="dirtier", help="dirtier or idle")
+    p.add_argument("--guest", default=None, help="dirtier, idle or vfdrv (default: vfdrv with a simvf, else dirtier)")
+    p.add_argument("--device", action="append", type=device_arg, metavar="SPEC", help=DEVICE_HELP)
     p.add_argument("--rate", type=int, default=0, help="dirtier pages/s over all vCPUs (0: as fast as it can)")
     p.add_argument("--pattern", default="sequential", help="sequential, random or hotcold")
     p.add_argument("--wss", default="0", help="working-set size (default: all RAM above 4 MiB)")
@@ -43,10 +95,12 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
 
 
 def guest_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    devices = devices_of(args)
     return {
         "memory": parse_size(args.memory),
         "vcpus": args.vcpus,
-        "guest": args.guest,
+        "guest": guest_of(args, devices),
+        "devices": devices,
         "tracker": args.tracker,
         "rate_pps": args.rate,
         "pattern": args.pattern,
@@ -88,6 +142,8 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
             "resume_latency_us": {"mean": sum(st["resume_latency_ns"]) / len(pauses) / 1e3},
             "moved_while_paused": moved,
             "max_gap_ms": st["max_gap_ns"] / 1e6,
+            "devices": st["devices"],
+            "vf_driver": st["vf_driver"],
         }
     text = (
         f"guest {doc['guest']} on {doc['vcpus']} vCPU(s), {doc['memory'] >> 20} MiB, {args.seconds:g} s\n"
@@ -97,6 +153,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         f"max {doc['pause_latency_us']['max']:.1f} us\n"
         f"  resume latency  mean {doc['resume_latency_us']['mean']:.1f} us"
     )
+    text = "\n".join([text, *_device_lines(doc["devices"], doc["vf_driver"])])
     _emit(args, doc, text)
     return 0
 
@@ -205,13 +262,15 @@ def _drop_report(f: TextIO | None, created: bool) -> None:
 
 def _progress(event: str, data: dict[str, Any]) -> None:
     if event == "iteration":
+        device = f", device state {data['device_bytes'] / 2**20:.1f} MiB" if data.get("device_bytes") else ""
         print(
             f"  iteration {data['index']}: {data['dirty_pages']:,} dirty pages, "
-            f"{data['bytes'] / 2**20:.1f} MiB in {data['duration_ms']:.1f} ms",
+            f"{data['bytes'] / 2**20:.1f} MiB in {data['duration_ms']:.1f} ms{device}",
             file=sys.stderr,
         )
     elif event == "stopped":
-        print(f"  stop-and-copy: {data['final_pages']:,} pages with the guest stopped", file=sys.stderr)
+        device = f", device state {data['device_bytes'] / 2**10:.1f} KiB" if data.get("device_bytes") else ""
+        print(f"  stop-and-copy: {data['final_pages']:,} pages with the guest stopped{device}", file=sys.stderr)
     elif event == "resumed":
         print(f"  guest resumed on {data['on']}", file=sys.stderr)
     elif event == "cancel":
@@ -311,6 +370,13 @@ def cmd_receive(args: argparse.Namespace) -> int:
             )
         elif g.get("error"):
             print(f"vfmig: warning: {g['error']}", file=sys.stderr, flush=True)
+        p = g.get("packets")
+        if p:
+            print(
+                f"vfmig: VF driver here: received {p['received']:,}, dropped {p['dropped']:,}, "
+                f"errors {p['errors']:,}; sent {p['tx']:,}",
+                flush=True,
+            )
         if args.json == "-":
             print(json.dumps(describe(inc), indent=2), flush=True)
         try:
@@ -355,6 +421,10 @@ def _control_request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
     return answer
 
 
+def _on(flag: object) -> str:
+    return "on" if flag else "off"
+
+
 def cmd_vm_status(args: argparse.Namespace) -> int:
     st = _control_request(args, "status")["status"]
     lines = [
@@ -362,6 +432,11 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
         f"uptime          {st['uptime_s']:.1f} s",
         f"VM              {st['guest']}, {st['memory'] >> 20} MiB, {st['vcpus']} vCPU(s); tracker {st['tracker']}",
     ]
+    for d in st.get("devices", []):
+        lines.append(
+            f"device          {d['name']}: {d['kind']}, state {d['state_bytes'] >> 10} KiB, "
+            f"{d['dma_rate']:,} packets/s, precopy {_on(d['precopy'])}, migration {_on(d['migration'])}"
+        )
     if st.get("migration"):
         lines.append(f"migration       to {st['migration']['to']}, at {st['migration']['phase']}")
     last = st.get("last_migration")
@@ -459,7 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_migration_options(demo)
     demo.add_argument("--memory", default="512M")
     demo.add_argument("--vcpus", type=int, default=1)
-    demo.add_argument("--guest", default="dirtier")
+    demo.add_argument("--guest", default=None, help="default: vfdrv with a simvf, else dirtier")
+    demo.add_argument(
+        "--device",
+        action="append",
+        type=device_arg,
+        metavar="SPEC",
+        help=DEVICE_HELP + "; default simvf,state=16M,dma_rate=20000; `none`: no device",
+    )
     demo.add_argument("--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)")
     demo.add_argument("--pattern", default="sequential")
     demo.set_defaults(func=cmd_demo)

@@ -214,6 +214,7 @@ class ControlServer:
             "vcpus": cfg.vcpus,
             "guest": cfg.guest,
             "tracker": cfg.tracker,
+            "devices": [asdict(d) for d in cfg.devices],
             "pid": os.getpid(),
             "failed": self.vm.core.failed,
             "migration": migration,

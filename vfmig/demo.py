@@ -11,11 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from vfmig.errors import MigrationError
+from vfmig.guests import DEVICE_GUEST
 from vfmig.migration.source import Migration, MigrationOptions
-from vfmig.units import parse_size
-from vfmig.vm import MicroVM
+from vfmig.units import human_bytes, parse_size
+from vfmig.vm import DeviceSpec, MicroVM
 
 PROCESS_START_TIMEOUT_S = 30
+# The demo's VM has a VF unless told otherwise (--device none): an emulated NIC VF whose wire
+# delivers 20k packets/s into the guest, with 16 MiB of device state to migrate.
+DEMO_DEVICES = (DeviceSpec("simvf", "vf0", state_bytes=16 << 20, dma_rate=20_000),)
 
 
 def start_process(args: list[str], ready: str, what: str) -> tuple[subprocess.Popen[str], str]:
@@ -50,14 +54,23 @@ def run_demo(
 ) -> int:
     memory = parse_size(args.memory)
     tracker = opts.tracker or "bitmap"
-    kw = {"vcpus": args.vcpus, "guest": args.guest, "tracker": tracker, "rate_pps": args.rate, "pattern": args.pattern}
-    with MicroVM(memory=memory, **kw) as vm:
+    given = getattr(args, "device", None)
+    devices = DEMO_DEVICES if given is None else tuple(d for d in given if d is not None)
+    guest = args.guest or (DEVICE_GUEST if devices else "dirtier")
+    kw = {"vcpus": args.vcpus, "guest": guest, "tracker": tracker, "rate_pps": args.rate, "pattern": args.pattern}
+    with MicroVM(memory=memory, devices=devices, **kw) as vm:
         opts.validate(vm)  # bad options fail before any process starts
         print(
-            f"vfmig demo: {args.guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
+            f"vfmig demo: {guest} guest, {memory >> 20} MiB, {args.vcpus} vCPU(s), "
             f"{args.rate:,} pages/s; tracker {tracker}, {opts.channels} channel(s)",
             file=sys.stderr,
         )
+        for d in devices:
+            print(
+                f"  device {d.name}: {d.kind}, {human_bytes(d.state_bytes)} of state, {d.dma_rate:,} packets/s, "
+                f"precopy {'on' if d.precopy else 'off'}",
+                file=sys.stderr,
+            )
         dst, address = start_destination(run_seconds=1.0)
         try:
             vm.start()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from vfmig.errors import ConfigError
 
-GUESTS = ("dirtier", "idle")
+GUESTS = ("dirtier", "idle", "vfdrv")  # vfdrv: simvf's driver plus the dirtier's workload
+DEVICE_GUEST = "vfdrv"  # the guest a VM with a simvf runs unless told otherwise
 PATTERNS = {"sequential": 0, "random": 1, "hotcold": 2}
 
 PAGE_SIZE = 4096

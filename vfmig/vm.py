@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,89 @@ def check_pause_timeout(timeout_ms: int) -> None:
         raise ConfigError(f"pause timeout must be 1..{_core.PAUSE_TIMEOUT_MS_MAX} ms, got {timeout_ms}")
 
 
+DEVICE_KINDS = ("simvf",)
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,31}")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A PCI device model added to the VM (today: simvf, the emulated NIC VF). It travels in the
+    stream header so that the destination builds the same device."""
+
+    kind: str = "simvf"
+    name: str = "vf0"
+    state_bytes: int = 1 << 20  # the device's internal state (queues, counters, flow table)
+    dma_rate: int = 10_000  # packets/s its wire offers the guest
+    precopy: bool = True  # offer PRE_COPY: the state streams while the VM runs
+    migration: bool = True  # the generic migration capability in config space
+
+    def validate(self) -> None:
+        if self.kind not in DEVICE_KINDS:
+            raise ConfigError(f"unknown device kind {self.kind!r}: choose one of {', '.join(DEVICE_KINDS)}")
+        if not isinstance(self.name, str) or not _DEVICE_NAME.fullmatch(self.name):
+            raise ConfigError(f"bad device name {self.name!r}: 1..31 of A-Z a-z 0-9 _ -")
+        lo, hi, page = _core.SIMVF_STATE_MIN, _core.SIMVF_STATE_MAX, PAGE_SIZE
+        if type(self.state_bytes) is not int or not lo <= self.state_bytes <= hi or self.state_bytes % page:
+            raise ConfigError(
+                f"device {self.name}: state size {self.state_bytes} must be {lo >> 10} KiB..{hi >> 20} MiB, "
+                f"a multiple of {page >> 10} KiB"
+            )
+        if type(self.dma_rate) is not int or not 0 <= self.dma_rate <= _core.SIMVF_RATE_MAX:
+            raise ConfigError(
+                f"device {self.name}: DMA rate {self.dma_rate} must be 0..{_core.SIMVF_RATE_MAX} packets/s"
+            )
+        if type(self.precopy) is not bool or type(self.migration) is not bool:
+            raise ConfigError(f"device {self.name}: precopy and migration must be on or off")
+
+    @classmethod
+    def from_dict(cls, d: object) -> DeviceSpec:
+        if not isinstance(d, dict):
+            raise ConfigError(f"malformed device in the VM config: {d!r}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"malformed device in the VM config: {e}") from None
+
+
+_ON_OFF = {"on": True, "off": False}
+
+
+def parse_device(text: str) -> DeviceSpec:
+    """`simvf[,name=N,state=SIZE,dma_rate=PPS,precopy=on|off,migration=on|off]` -> a checked
+    DeviceSpec. ConfigError naming the bad part otherwise."""
+    kind, *opts = text.split(",")
+    kind = kind.strip()
+    if kind not in DEVICE_KINDS:
+        raise ConfigError(f"unknown device kind {kind!r} in {text!r}: choose one of {', '.join(DEVICE_KINDS)}")
+    kw: dict[str, Any] = {}
+    keys = ("name", "state", "dma_rate", "precopy", "migration")
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in keys:
+            raise ConfigError(f"bad device option {opt!r} in {text!r}: use {', '.join(k + '=...' for k in keys)}")
+        if key in kw or (key == "state" and "state_bytes" in kw):
+            raise ConfigError(f"device option {key!r} given twice in {text!r}")
+        if key == "name":
+            kw["name"] = value
+        elif key == "state":
+            try:
+                kw["state_bytes"] = parse_size(value)
+            except ConfigError:
+                raise ConfigError(f"bad device option {opt!r} in {text!r}: not a size (e.g. 16M)") from None
+        elif key == "dma_rate":
+            if not value.isdigit():
+                raise ConfigError(f"bad device option {opt!r} in {text!r}: not a whole number of packets/s")
+            kw["dma_rate"] = int(value)
+        else:
+            if value not in _ON_OFF:
+                raise ConfigError(f"bad device option {opt!r} in {text!r}: use on or off")
+            kw[key] = _ON_OFF[value]
+    spec = DeviceSpec(kind, **kw)
+    spec.validate()
+    return spec
+
+
 @dataclass(frozen=True)
 class VMConfig:
     """Everything needed to build an identical VM elsewhere (it travels in the stream header)."""
@@ -46,15 +130,22 @@ class VMConfig:
     tracker: str = "bitmap"
     ring_entries: int = DEFAULT_RING_ENTRIES
     params: GuestParams = field(default_factory=GuestParams)
+    devices: tuple[DeviceSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["devices"] = [asdict(s) for s in self.devices]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMConfig:
+        devices = d.get("devices", [])
+        if not isinstance(devices, list):
+            raise ConfigError("malformed VM config: devices must be a list")
+        specs = tuple(DeviceSpec.from_dict(x) for x in devices)
         try:
             params = GuestParams(**d.get("params", {}))
-            return cls(**{**d, "params": params})
+            return cls(**{**d, "params": params, "devices": specs})
         except TypeError as e:
             raise ConfigError(f"malformed VM config: {e}") from None
 
@@ -75,6 +166,12 @@ class VMConfig:
         if self.memory < DATA_GPA + PAGE_SIZE * self.vcpus:
             raise ConfigError("memory too small for the guest's working set")
         self.params.validate(self.memory)
+        names = set()
+        for spec in self.devices:
+            spec.validate()
+            if spec.name in names:
+                raise ConfigError(f"two devices are named {spec.name!r}")
+            names.add(spec.name)
 
 
 @dataclass
@@ -143,13 +240,14 @@ class MicroVM:
         guest: str = "dirtier",
         tracker: str = "bitmap",
         ring_entries: int = DEFAULT_RING_ENTRIES,
+        devices: tuple[DeviceSpec, ...] | list[DeviceSpec] = (),
         **params: Any,
     ) -> None:
         try:
             gp = GuestParams(vcpus=vcpus, **params)
         except TypeError as e:
             raise ConfigError(f"unknown guest parameter: {e}") from None
-        self.config = VMConfig(parse_size(memory), vcpus, guest, tracker, ring_entries, gp)
+        self.config = VMConfig(parse_size(memory), vcpus, guest, tracker, ring_entries, gp, tuple(devices))
         self._open(self.config)
 
     @classmethod
@@ -169,6 +267,12 @@ class MicroVM:
             self.core = _core.VM(config.memory, config.vcpus, ring)
         except _core.CoreError as e:
             raise _core_error(e) from None
+        try:
+            for spec in config.devices:
+                self.core.add_simvf(spec.name, spec.state_bytes, spec.dma_rate, spec.precopy, spec.migration)
+        except _core.CoreError as e:
+            self.core.close()
+            raise ConfigError(f"cannot add device: {e.strerror}") from None
         self.started = False
         self.paused = False
         self._pause_ns: list[int] = []
@@ -257,7 +361,32 @@ class MicroVM:
             "resume_latency_ns": list(self._resume_ns),
             "failed": self.core.failed,
             "console": self.core.console(),
+            "devices": self.device_counters(),
+            "vf_driver": self.vf_driver(),
         }
+
+    def vf_driver(self) -> dict[str, Any] | None:
+        """The VF driver's counters in guest RAM (struct simvf_guest_stats), with its state by
+        name; None when the VM has no simvf or the driver has not started."""
+        if not any(d.kind == "simvf" for d in self.config.devices):
+            return None
+        st: dict[str, Any] = dict(self.core.simvf_guest_stats())
+        if st["magic"] != _core.SIMVF_GUEST_MAGIC:
+            return None
+        st["state_name"] = _core.SIMVF_GUEST_STATES.get(st["state"], str(st["state"]))
+        st["first_error_name"] = _core.SIMVF_GUEST_ERRORS.get(st["first_error"], str(st["first_error"]))
+        return st
+
+    def vf_packets(self) -> dict[str, int] | None:
+        """What the report calls the guest's packet counters (None without a running VF driver)."""
+        st = self.vf_driver()
+        if st is None:
+            return None
+        return {"received": st["received"], "dropped": st["dropped_seen"], "errors": st["errors"], "tx": st["tx_sent"]}
+
+    def device_counters(self) -> dict[str, dict[str, int]]:
+        """Each simvf's own counters (sent = delivered + dropped, ...)."""
+        return {d.name: self.core.simvf_counters(d.name) for d in self.config.devices if d.kind == "simvf"}
 
     # state --------------------------------------------------------------------------------------
     def save_state(self) -> VMState:

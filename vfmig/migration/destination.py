@@ -2,8 +2,9 @@
 it, and run it only after the source commits.
 
     AUTH_INIT/CHALLENGE/RESPONSE -> HELLO (limits checked before any VM exists) -> page channels
-    -> pages, devices, vCPUs, end-of-stream digests -> [PAGE_HASHES of our RAM] -> READY
-    -> GO (the commit) -> guest runs here -> RESUMED, GUEST
+    -> pages, device data (from precopy on), devices, vCPUs, end-of-stream digests
+    -> devices with a migration state machine check and apply their state (RESUMING -> STOP)
+    -> [PAGE_HASHES of our RAM] -> READY -> GO (the commit) -> guest runs here -> RESUMED, GUEST
 
 Before GO, any error destroys the VM unstarted and tells the source why. After GO this side owns
 the only running copy of the guest: nothing here closes it, and failing to report back to the
@@ -21,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from vfmig import _core
@@ -29,9 +31,11 @@ from vfmig.auth import MAC_LEN, Authenticator, AuthError, Session, is_loopback
 from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.migration.wire import (
     ControlChannel,
+    DeviceDataOrder,
     Hello,
     decode_channel,
     decode_device,
+    decode_device_data,
     decode_vcpu,
     parse_uri,
 )
@@ -85,6 +89,7 @@ class Incoming:
 
 
 AfterLoad = Callable[[MicroVM], None]
+ConfigOverride = Callable[[VMConfig], VMConfig]
 
 
 class Listener:
@@ -109,6 +114,8 @@ class Listener:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.after_load: AfterLoad | None = None  # test hook: runs on the loaded, unstarted VM
+        # Test hook: builds the VM from a changed config (a device unlike the source's, say).
+        self.config_override: ConfigOverride | None = None
         try:
             self.sock = socket.create_server((host, port), reuse_port=False, backlog=32)
         except OSError as e:
@@ -177,6 +184,8 @@ class Listener:
             config = VMConfig.from_dict(hello.config)
             if config.memory != hello.mem_bytes or config.vcpus != hello.vcpus:
                 raise MigrationError("stream header and VM config disagree on the VM's shape")
+            if self.config_override is not None:
+                config = self.config_override(config)
             vm = MicroVM.from_config(config)
             chans = self._accept_channels(ctrl, hello, session)
             cps, pages, extra = self._load(ctrl, hello, vm, chans)
@@ -283,6 +292,9 @@ class Listener:
     def _load(
         self, ctrl: ControlChannel, hello: Hello, vm: MicroVM, chans: list[socket.socket]
     ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+        # Devices with a migration state machine take their stream from the first chunk on.
+        mig = _MigDevices(vm)
+        mig.resuming()
         rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans])
         rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
@@ -291,7 +303,9 @@ class Listener:
             while True:
                 self._wait_control(ctrl, rx)
                 name, payload = ctrl.recv(self.timeouts.stream_s)
-                if name == "DEVICE":
+                if name == "DEVICE_DATA":
+                    mig.write(payload)
+                elif name == "DEVICE":
                     dname, blob = decode_device(payload)
                     if dname in devices:
                         raise MigrationError(f"repeated state for device {dname!r}")
@@ -323,11 +337,14 @@ class Listener:
         missing = set(vm.core.stateful_devices()) - set(devices)
         if missing:
             raise MigrationError(f"stream carried no state for device(s) {', '.join(sorted(missing))}")
+        mig.finish()  # every device checks and applies its whole stream; nothing runs yet
         vm.load_state(VMState(vm.config, [vcpus[i] for i in range(vm.config.vcpus)], devices))
         cps["dst-device-loaded"] = _core.checkpoint("dst-device-loaded")
         if self.after_load is not None:
             self.after_load(vm)
         extra: dict[str, Any] = {"touches_at_resume": vm.touches()}
+        if mig.names:
+            extra["devices"] = mig.report()
         if hello.verify:
             # Our RAM as it is now, every page (zero and never-sent ones too): the source
             # compares it with its own before it commits. Costs downtime; reported as such.
@@ -349,12 +366,55 @@ class Listener:
         return Incoming(vm, cps, pages)
 
 
+class _MigDevices:
+    """The destination's devices with a migration state machine: RESUMING before the stream,
+    each DEVICE_DATA chunk checked for order and written, and at the end of the stream the
+    RESUMING -> STOP arc, where each device checks and applies what it got. Every error is the
+    device's own message."""
+
+    def __init__(self, vm: MicroVM) -> None:
+        self.vm = vm
+        self.names = vm.core.mig_devices()
+        self.order = DeviceDataOrder(self.names)
+        self.load_ns = dict.fromkeys(self.names, 0)
+
+    def _call(self, name: str, what: str, fn: Callable[[], object]) -> None:
+        t = time.monotonic_ns()
+        try:
+            fn()
+        except _core.CoreError as e:
+            raise MigrationError(f"device {name} {what}: {e.strerror}") from None
+        finally:
+            self.load_ns[name] += time.monotonic_ns() - t
+
+    def resuming(self) -> None:
+        for name in self.names:
+            self._call(name, "cannot take a migration stream", partial(self.vm.core.mig_set_state, name, "RESUMING"))
+
+    def write(self, payload: bytes) -> None:
+        chunk = decode_device_data(payload)
+        self.order.accept(chunk)
+        if chunk.data:
+            self._call(chunk.name, "refused its state", partial(self.vm.core.mig_write, chunk.name, chunk.data))
+
+    def finish(self) -> None:
+        self.order.check_complete()
+        for name in self.names:
+            self._call(name, "refused its state", partial(self.vm.core.mig_set_state, name, "STOP"))
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {n: {"load_ms": round(self.load_ns[n] / 1e6, 3), "bytes": sum(self.order.bytes[n])} for n in self.names}
+
+
+CLOCK_GUESTS = ("dirtier", "vfdrv")  # guests that log their clock gaps
+
+
 def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seconds: float) -> dict[str, Any]:
     """Let the guest run, then report what it saw: its clock gaps, counter and wrap edges."""
     t0 = time.monotonic()
     deadline = t0 + max(run_seconds, 2.0)
     # Every vCPU must read its clock once after resuming for the downtime gap to be logged.
-    while time.monotonic() < deadline and vm.config.guest == "dirtier":
+    while time.monotonic() < deadline and vm.config.guest in CLOCK_GUESTS:
         if all(s.last_clock_ns > started_ns for s in vm.vcpu_stats()):
             break
         time.sleep(0.001)
@@ -365,16 +425,20 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
     try:  # a consistent snapshot of the counters; the guest runs on whatever happens
         stats = vm.vcpu_stats()
         edges = vm.wrap_edges() if vm.config.params.pattern == "sequential" else []
+        packets = vm.vf_packets()
     finally:
         vm.resume()
     touches = sum(s.touches for s in stats)
-    return {
+    doc = {
         "gaps": gaps,
         "touches_after": touches,
         "ran_s": time.monotonic() - t0,
         "wrap_edges": edges,
         "failed": vm.core.failed,
     }
+    if packets is not None:
+        doc["packets"] = packets
+    return doc
 
 
 def receive(listen: str, accept_timeout: float | None = None, run_seconds: float = 0.3) -> Incoming:

@@ -31,11 +31,14 @@ class Policy:
             raise ConfigError(f"time limit must be in (0, 86400] s, got {self.time_limit_s:g}")
 
     @staticmethod
-    def predict_downtime_ms(dirty_pages: int, bytes_per_page: float, bandwidth_Bps: float) -> float:
-        """Time to send what is dirty now at the measured bandwidth, plus the fixed stop cost."""
+    def predict_downtime_ms(
+        dirty_pages: int, bytes_per_page: float, bandwidth_Bps: float, device_bytes: int = 0
+    ) -> float:
+        """Time to send what is dirty now, and what the devices still hold (their stop-copy
+        data), at the measured bandwidth, plus the fixed stop cost."""
         if bandwidth_Bps <= 0:
             return float("inf")
-        return dirty_pages * bytes_per_page / bandwidth_Bps * 1e3 + STOP_OVERHEAD_MS
+        return (dirty_pages * bytes_per_page + device_bytes) / bandwidth_Bps * 1e3 + STOP_OVERHEAD_MS
 
     def should_stop(self, iteration: int, elapsed_s: float, predicted_ms: float) -> str | None:
         """The reason to go to stop-and-copy now, or None to iterate again."""

@@ -3,6 +3,10 @@
     setup -> precopy iterations -> stop -> final dirty pages -> device state -> vCPU state
           -> destination resumes -> completion (verification, guest-observed downtime)
 
+Devices with a migration state machine (migstate.h: simvf, later VFIO) go to PRE_COPY at setup
+and stream their state in DEVICE_DATA records after each page round; at the stop they go to
+STOP_COPY and their remaining stream follows the final pages.
+
 Python owns the order and the policy; every loop over pages or bytes runs in C without the GIL.
 Any failure before the destination says it resumed leaves the source VM running and unchanged.
 """
@@ -26,20 +30,25 @@ from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.migration.policy import Policy
 from vfmig.migration.wire import (
+    PHASE_PRECOPY,
+    PHASE_STOPCOPY,
     ControlChannel,
     Hello,
     PeerError,
     PeerReported,
     connect,
+    device_data_room,
     encode_channel,
     encode_device,
+    encode_device_data,
     encode_vcpu,
     parse_uri,
 )
-from vfmig.report.model import Checkpoint, Iteration, Report
+from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, Iteration, Report
 from vfmig.vm import MicroVM, check_pause_timeout
 
 VERSION = _core.STREAM_VERSION
+DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
 
 
 @dataclass
@@ -90,6 +99,20 @@ class CommitError(MigrationError):
 Progress = Callable[[str, dict[str, Any]], None]
 
 
+@dataclass
+class _Device:
+    """A device with a migration state machine, as this migration drives it."""
+
+    name: str
+    state_bytes: int  # the configured state size: what a device without precopy will send
+    precopy: bool = False  # moved to PRE_COPY by this migration
+    seq: int = 0  # the next DEVICE_DATA sequence number
+    precopy_bytes: int = 0
+    stopcopy_bytes: int = 0
+    save_ms: float = 0.0
+    dma_pages_logged: int | None = None
+
+
 class Migration:
     """One outgoing migration of a running MicroVM. run() returns the Report or raises."""
 
@@ -107,6 +130,8 @@ class Migration:
         self._paused_by_us = False
         self._committed = False  # GO is on its way: from here the source never resumes
         self._local_crcs: bytes | None = None  # our RAM at stop, for --verify
+        self._devices: list[_Device] = []  # the VM's devices with a migration state machine
+        self._reset_devices: list[str] = []  # devices the abort had to reset out of ERROR
         self.report = Report(status="running")
 
     def cancel(self) -> None:
@@ -123,7 +148,7 @@ class Migration:
             raise MigrationError("the VM must be running to be live-migrated")
         r = self.report
         cfg = self.vm.config
-        r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, cfg.guest, cfg.tracker
+        r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, GuestReport(cfg.guest), cfg.tracker
         r.channels, r.max_downtime_ms = self.opts.channels, self.opts.policy.max_downtime_ms
         r.bandwidth_limit_Bps = self.opts.bandwidth
         t0 = time.monotonic_ns()
@@ -190,6 +215,15 @@ class Migration:
         self._sender = _core.PageSender(self.vm.core, [s.fileno() for s in self._chans], self.opts.bandwidth)
         self._sender.start_tracking()
         self.report.tracker = self._sender.tracker or self.report.tracker
+        # Devices stream their state from here; DMA they do meanwhile is in the dirty log.
+        specs = {d.name: d for d in cfg.devices}
+        core = self.vm.core
+        for name in core.mig_devices():
+            dev = _Device(name, specs[name].state_bytes if name in specs else 0)
+            self._devices.append(dev)
+            if core.mig_precopy_supported(name):
+                dev.precopy = True  # before the call: if it fails halfway, the abort still takes it back
+                self._set_device_state(dev, "PRE_COPY")
 
     def _precopy(self, t0: int) -> None:
         policy, sender, r = self.opts.policy, self._sender, self.report
@@ -205,7 +239,11 @@ class Migration:
             now = time.monotonic_ns()
             dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
             last_collect = now
-            predicted = policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth) if index > 1 else float("inf")
+            predicted = (
+                policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth, self._device_pending())
+                if index > 1
+                else float("inf")
+            )
             if index > 1:
                 reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted)
                 if reason:
@@ -216,6 +254,7 @@ class Migration:
                     self.vm.core.set_throttle(throttle)
             st = sender.send_round(zero_copy=False)
             sender.send_marker(index, dirty)
+            device_bytes = self._drain_precopy()
             secs = st["ns"] / 1e9
             bandwidth = st["bytes"] / secs if secs > 0 else bandwidth
             raw = st["pages"] - st["zero_pages"]
@@ -231,15 +270,17 @@ class Migration:
                 bandwidth,
                 predicted,
                 throttle,
+                device_bytes=device_bytes,
             )
             r.iterations.append(it)
-            r.bytes_sent += st["bytes"]
+            r.bytes_sent += st["bytes"] + device_bytes
             self.progress(
                 "iteration",
                 {
                     "index": index,
                     "dirty_pages": dirty,
                     "bytes": st["bytes"],
+                    "device_bytes": device_bytes,
                     "duration_ms": it.duration_ms,
                     "predicted_downtime_ms": predicted,
                 },
@@ -255,9 +296,10 @@ class Migration:
         self._paused_by_us = True
         cps.append(Checkpoint("src-vm-stopped", _core.checkpoint("src-vm-stopped")))
         vm.core.set_throttle(0)
-        dirty = sender.collect(accumulate=True)
+        dirty = sender.collect(accumulate=True)  # devices are stopped too: their last DMA is in
         st = sender.send_round(zero_copy=True)  # vCPUs stopped: send straight from guest RAM
         cps.append(Checkpoint("src-ram-saved", _core.checkpoint("src-ram-saved")))
+        device_bytes = self._send_stop_copy()
         state = vm.save_state()
         for name, blob in state.devices.items():
             ctrl.send("DEVICE", encode_device(name, blob))
@@ -281,10 +323,112 @@ class Migration:
             st["bytes"] / (st["ns"] / 1e9) if st["ns"] else 0.0,
             0.0,
             final=True,
+            device_bytes=device_bytes,
         )
         r.iterations.append(it)
-        r.bytes_sent += st["bytes"]
-        self.progress("stopped", {"final_pages": dirty})
+        r.bytes_sent += st["bytes"] + device_bytes
+        r.devices = [
+            DeviceReport(
+                d.name,
+                d.state_bytes,
+                d.precopy,
+                d.precopy_bytes,
+                d.stopcopy_bytes,
+                round(d.save_ms, 3),
+                dma_pages_logged=d.dma_pages_logged,
+            )
+            for d in self._devices
+        ]
+        self.progress("stopped", {"final_pages": dirty, "device_bytes": device_bytes})
+
+    # devices with a migration state machine -------------------------------------------------
+    def _set_device_state(self, dev: _Device, state: str) -> None:
+        try:
+            self.vm.core.mig_set_state(dev.name, state)
+        except _core.CoreError as e:
+            raise MigrationError(f"device {dev.name}: {e.strerror}") from None
+
+    def _read_device(self, name: str, cap: int) -> bytes | None:
+        """The next piece of a device's data stream (None: nothing more in PRE_COPY for now;
+        b"": the stop-copy stream is complete)."""
+        try:
+            return self.vm.core.mig_read(name, cap)
+        except _core.CoreError as e:
+            raise MigrationError(f"device {name}: {e.strerror}") from None
+
+    def _send_device_data(self, dev: _Device, phase: int, data: bytes, last: bool = False) -> None:
+        ctrl = self._ctrl
+        assert ctrl is not None
+        ctrl.send("DEVICE_DATA", encode_device_data(dev.name, phase, last, dev.seq, data))
+        dev.seq += 1
+        if phase == PHASE_PRECOPY:
+            dev.precopy_bytes += len(data)
+        else:
+            dev.stopcopy_bytes += len(data)
+
+    def _device_pending(self) -> int:
+        """What the devices would still send at the stop: a PRE_COPY device's initial and dirty
+        bytes not yet read, and the whole configured state of the others."""
+        pending = 0
+        for dev in self._devices:
+            if dev.precopy:
+                try:
+                    initial, dirty = self.vm.core.mig_precopy_info(dev.name)
+                except _core.CoreError as e:
+                    raise MigrationError(f"device {dev.name}: {e.strerror}") from None
+                pending += initial + dirty
+            else:
+                pending += dev.state_bytes
+        return pending
+
+    def _drain_precopy(self) -> int:
+        """After a page round: send what each PRE_COPY device has now. A device that keeps
+        producing is read at most for what it had pending when the drain began (and one chunk),
+        so the round ends."""
+        sent = 0
+        for dev in self._devices:
+            if not dev.precopy:
+                continue
+            room = device_data_room(dev.name)
+            try:
+                initial, dirty = self.vm.core.mig_precopy_info(dev.name)
+            except _core.CoreError as e:
+                raise MigrationError(f"device {dev.name}: {e.strerror}") from None
+            budget, read = max(initial + dirty, room), 0
+            while read < budget:
+                self._check_cancel()
+                data = self._read_device(dev.name, room)
+                if not data:
+                    break
+                self._send_device_data(dev, PHASE_PRECOPY, data)
+                read += len(data)
+            sent += read
+        return sent
+
+    def _send_stop_copy(self) -> int:
+        """VM stopped: every device to STOP_COPY (a PRE_COPY one is there already: the pause
+        moved it), then its whole remaining stream, the last chunk flagged."""
+        sent = 0
+        for dev in self._devices:
+            t = time.monotonic_ns()
+            if self.vm.core.mig_state(dev.name) != DEVICE_STOP_STATE:
+                self._set_device_state(dev, DEVICE_STOP_STATE)
+            room = device_data_room(dev.name)
+            held: bytes | None = None  # the chunk read last: sent once we know if it ends the stream
+            while True:
+                data = self._read_device(dev.name, room)
+                if data is None:
+                    raise MigrationError(f"device {dev.name}: its stop-copy stream stalled (no data, no end)")
+                if not data:
+                    break
+                if held is not None:
+                    self._send_device_data(dev, PHASE_STOPCOPY, held)
+                held = data
+            self._send_device_data(dev, PHASE_STOPCOPY, held or b"", last=True)
+            sent += dev.stopcopy_bytes
+            dev.save_ms = (time.monotonic_ns() - t) / 1e6
+            dev.dma_pages_logged = self.vm.core.dma_pages_logged(dev.name)
+        return sent
 
     def _wait_resumed(self) -> None:
         ctrl = self._ctrl
@@ -317,7 +461,12 @@ class Migration:
             why = str(e) if isinstance(e, VfmigError) else f"malformed RESUMED record ({type(e).__name__}: {e})"
             raise CommitError(f"{why}; {IN_DOUBT}") from None
         self.report.checkpoints += cps
-        self.report.destination = {k: v for k, v in doc.items() if k != "checkpoints"}
+        self.report.destination = {k: v for k, v in doc.items() if k not in ("checkpoints", "devices")}
+        loaded = doc.get("devices")
+        for dev in self.report.devices:
+            if isinstance(loaded, dict) and isinstance(loaded.get(dev.name), dict):
+                load_ms = loaded[dev.name].get("load_ms")
+                dev.load_ms = float(load_ms) if isinstance(load_ms, (int, float)) else None
         self.progress("resumed", {"on": self.to})
 
     def _verify(self, remote: bytes) -> None:
@@ -347,7 +496,13 @@ class Migration:
         r.tracker_stats = self._sender.tracker_stats()
         self._sender.stop_tracking()
         guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
+        packets = guest.pop("packets", None)
         r.destination.update(guest)
+        if isinstance(packets, dict):
+            r.guest.packets_received = packets.get("received")
+            r.guest.packets_dropped = packets.get("dropped")
+            r.guest.packet_errors = packets.get("errors")
+            r.guest.tx_packets = packets.get("tx")
         start, end = r.checkpoint("src-downtime-start"), r.checkpoint("dst-vm-started")
         # Per vCPU, the logged clock gap that spans the downtime window. Downtime ends when the
         # first vCPU runs again, so the guest's figure is the shortest; the longest says how long
@@ -427,17 +582,44 @@ class Migration:
         if sender is not None:
             steps.append(sender.stop_tracking)
         steps.append(lambda: self.vm.core.set_throttle(0))
+        # A device the migration broke (ERROR) is reset first: resuming needs it out of ERROR.
+        steps += [functools.partial(self._device_out_of_error, d) for d in self._devices]
         if self._paused_by_us:
-            steps.append(self.vm.resume)
+            steps.append(self.vm.resume)  # devices in STOP or STOP_COPY run again with the VM
+        steps += [functools.partial(self._device_running, d) for d in self._devices]  # PRE_COPY
         first: BaseException | None = None
         for step in steps:
             try:
                 step()
-            except (VfmigError, OSError) as e:  # CoreError and StreamError are OSErrors
+            except (VfmigError, OSError, ValueError) as e:  # CoreError and StreamError are OSErrors
                 first = first or e
         stuck = self._paused_by_us and self.vm.paused
         self._paused_by_us = False
-        return f"the source VM could not be resumed: {first}" if stuck else None
+        if stuck:
+            return f"the source VM could not be resumed: {first}"
+        notes = [
+            f"device {name} was reset (only a reset leaves ERROR): it runs again with empty queues"
+            for name in self._reset_devices
+        ]
+        devices = self._devices_not_running()
+        if devices:
+            notes.append(f"device(s) not running again: {devices}")
+        return "; ".join(notes) or None
+
+    def _device_out_of_error(self, dev: _Device) -> None:
+        if self.vm.core.mig_state(dev.name) == "ERROR":
+            self.vm.core.mig_reset(dev.name)
+            self._reset_devices.append(dev.name)
+
+    def _device_running(self, dev: _Device) -> None:
+        if not self.vm.paused and self.vm.core.mig_state(dev.name) != "RUNNING":
+            self.vm.core.mig_set_state(dev.name, "RUNNING")
+
+    def _devices_not_running(self) -> str:
+        if self.vm.paused:
+            return ""
+        states = {d.name: self.vm.core.mig_state(d.name) for d in self._devices}
+        return ", ".join(f"{n} is {st}" for n, st in states.items() if st != "RUNNING")
 
     def _close(self) -> None:
         if self._sender is not None:

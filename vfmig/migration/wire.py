@@ -24,6 +24,11 @@ VERSION = _core.STREAM_VERSION
 HELLO_VERIFY = _core.HELLO_VERIFY
 CONFIG_MAX = _core.CONFIG_MAX
 _DEVICE = struct.Struct("<HH")
+# DEVICE_DATA: name_len u16, phase u8, flags u8, seq u32; then the name and the data.
+_DEVICE_DATA = struct.Struct("<HBBI")
+PHASE_PRECOPY, PHASE_STOPCOPY = 1, 2
+PHASES = {PHASE_PRECOPY: "precopy", PHASE_STOPCOPY: "stop-copy"}
+DD_LAST = 0x1  # the last chunk of this device's stop-copy stream
 _VCPU = struct.Struct("<II")
 _EOS = struct.Struct("<QQII")
 
@@ -99,6 +104,95 @@ def decode_device(raw: bytes) -> tuple[str, bytes]:
     if n == 0 or reserved or _DEVICE.size + n > len(raw):
         raise MigrationError("DEVICE record has a bad name length")
     return raw[_DEVICE.size : _DEVICE.size + n].decode(errors="replace"), raw[_DEVICE.size + n :]
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One chunk of a device's migration data stream (a DEVICE_DATA record)."""
+
+    name: str
+    phase: int  # PHASE_PRECOPY or PHASE_STOPCOPY
+    last: bool  # the last chunk of the device's stop-copy stream
+    seq: int  # per device, from 0, contiguous across both phases
+    data: bytes
+
+
+def device_data_room(name: str) -> int:
+    """The most data bytes one DEVICE_DATA record for this device can carry."""
+    return _core.CTRL_MAX - _DEVICE_DATA.size - len(name.encode())
+
+
+def encode_device_data(name: str, phase: int, last: bool, seq: int, data: bytes) -> bytes:
+    n = name.encode()
+    if not n:
+        raise ValueError("a DEVICE_DATA record needs a device name")
+    if phase not in PHASES or (last and phase != PHASE_STOPCOPY):
+        raise ValueError(f"bad DEVICE_DATA phase {phase} (last={last})")
+    if len(data) > device_data_room(name):
+        raise ValueError(f"{len(data)} bytes do not fit in one DEVICE_DATA record")
+    return _DEVICE_DATA.pack(len(n), phase, DD_LAST if last else 0, seq) + n + data
+
+
+def decode_device_data(raw: bytes) -> DeviceData:
+    """Check one DEVICE_DATA payload on its own (the order across records: DeviceDataOrder)."""
+    if len(raw) < _DEVICE_DATA.size:
+        raise MigrationError(f"DEVICE_DATA record of {len(raw)} bytes is too short")
+    n, phase, flags, seq = _DEVICE_DATA.unpack_from(raw)
+    if phase not in PHASES:
+        raise MigrationError(f"DEVICE_DATA record has a bad phase {phase} (1 precopy, 2 stop-copy)")
+    if flags & ~DD_LAST:
+        raise MigrationError(f"DEVICE_DATA record has unknown flags 0x{flags:02x}")
+    if n == 0:
+        raise MigrationError("DEVICE_DATA record has an empty device name")
+    if _DEVICE_DATA.size + n > len(raw):
+        raise MigrationError(f"DEVICE_DATA record has a bad name length {n}")
+    try:
+        name = raw[_DEVICE_DATA.size : _DEVICE_DATA.size + n].decode()
+    except UnicodeDecodeError:
+        raise MigrationError("DEVICE_DATA record has a device name that is not UTF-8") from None
+    last = bool(flags & DD_LAST)
+    if last and phase != PHASE_STOPCOPY:
+        raise MigrationError(f"DEVICE_DATA for {name!r}: a precopy chunk flagged as the last of the stop-copy stream")
+    data = raw[_DEVICE_DATA.size + n :]
+    if not data and not last:
+        raise MigrationError(f"DEVICE_DATA for {name!r}: chunk {seq} carries no data")
+    return DeviceData(name, phase, last, seq, data)
+
+
+class DeviceDataOrder:
+    """The receiver's check of the DEVICE_DATA order: only known devices; per device, seq from 0
+    without gaps; precopy chunks, then stop-copy chunks; nothing after the last; and, at the end,
+    a last chunk from every device."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.next_seq = dict.fromkeys(devices, 0)
+        self.phase = dict.fromkeys(devices, PHASE_PRECOPY)
+        self.done = dict.fromkeys(devices, False)
+        self.bytes = {d: [0, 0] for d in devices}  # precopy, stop-copy
+
+    def accept(self, c: DeviceData) -> None:
+        if c.name not in self.next_seq:
+            raise MigrationError(f"DEVICE_DATA for unknown device {c.name!r} (this VM migrates: {self._names()})")
+        if self.done[c.name]:
+            raise MigrationError(f"DEVICE_DATA for {c.name!r} after its last chunk")
+        if c.seq != self.next_seq[c.name]:
+            raise MigrationError(
+                f"DEVICE_DATA for {c.name!r}: chunk {c.seq} out of sequence (expected {self.next_seq[c.name]})"
+            )
+        if c.phase < self.phase[c.name]:
+            raise MigrationError(f"DEVICE_DATA for {c.name!r}: a precopy chunk after the stop-copy stream began")
+        self.next_seq[c.name] += 1
+        self.phase[c.name] = c.phase
+        self.done[c.name] = c.last
+        self.bytes[c.name][c.phase - 1] += len(c.data)
+
+    def check_complete(self) -> None:
+        missing = [d for d, done in self.done.items() if not done]
+        if missing:
+            raise MigrationError(f"stream ended before the last DEVICE_DATA chunk of device(s) {', '.join(missing)}")
+
+    def _names(self) -> str:
+        return ", ".join(self.next_seq) or "none"
 
 
 def encode_vcpu(index: int, blob: bytes) -> bytes:

@@ -33,6 +33,7 @@ class Iteration:
     predicted_downtime_ms: float
     throttle_pct: int = 0
     final: bool = False  # the stop-and-copy round, with vCPUs stopped
+    device_bytes: int = 0  # device state sent in DEVICE_DATA records after this round's pages
 
 
 @dataclass
@@ -47,6 +48,47 @@ class Verification:
     method: str
     mismatched_pages: int = 0
     digest_ms: float = 0.0  # hashing the source's RAM at stop, while the destination loads: inside the downtime
+
+
+@dataclass
+class DeviceReport:
+    """A device that migrated through its state machine (DEVICE_DATA records)."""
+
+    name: str
+    state_bytes: int = 0  # its configured state size
+    precopy: bool = False  # it streamed in PRE_COPY while the VM ran
+    precopy_bytes: int = 0
+    stopcopy_bytes: int = 0  # sent with the VM stopped: inside the downtime
+    save_ms: float = 0.0  # source: STOP_COPY and reading and sending its stop-copy stream
+    load_ms: float | None = None  # destination: writing its stream and RESUMING -> STOP (validate, apply)
+    dma_pages_logged: int | None = None  # pages its DMA dirty log reported during the migration
+
+    def summary(self) -> str:
+        pre = f"precopy {human_bytes(self.precopy_bytes)}, " if self.precopy else "no precopy, "
+        load = f"{self.load_ms:.2f} ms" if self.load_ms is not None else "?"
+        dma = f"; DMA log {self.dma_pages_logged:,} pages" if self.dma_pages_logged is not None else ""
+        return (
+            f"{self.name}: state {human_bytes(self.state_bytes)}; {pre}stop-copy {human_bytes(self.stopcopy_bytes)}; "
+            f"save {self.save_ms:.2f} ms, load {load}{dma}"
+        )
+
+
+@dataclass
+class GuestReport:
+    """The guest program, and the packets its VF driver counted on the destination after the
+    migration (None without a VF driver)."""
+
+    program: str = ""
+    packets_received: int | None = None
+    packets_dropped: int | None = None  # sequence gaps the driver saw, each explained by a device drop
+    packet_errors: int | None = None  # bad packets, or gaps no drop explains: must stay 0
+    tx_packets: int | None = None
+
+    @classmethod
+    def from_doc(cls, doc: object) -> GuestReport:
+        if isinstance(doc, str):  # reports written before the guest became an object
+            return cls(doc)
+        return cls(**doc) if isinstance(doc, dict) else cls()
 
 
 @dataclass
@@ -67,7 +109,7 @@ class Report:
     error: str | None = None
     memory: int = 0
     vcpus: int = 0
-    guest: str = ""
+    guest: GuestReport = field(default_factory=GuestReport)
     tracker: str = ""
     channels: int = 1
     max_downtime_ms: float = 0.0
@@ -85,6 +127,7 @@ class Report:
     downtime_breakdown: DowntimeBreakdown = field(default_factory=DowntimeBreakdown)
     verification: Verification = field(default_factory=lambda: Verification(None, "not requested"))
     tracker_stats: dict[str, int] = field(default_factory=dict)
+    devices: list[DeviceReport] = field(default_factory=list)
     destination: dict[str, Any] = field(default_factory=dict)
 
     def checkpoint(self, name: str) -> int | None:
@@ -116,8 +159,10 @@ class Report:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Report:
-        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification")
+        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification", "guest", "devices")
         r = cls(**{k: v for k, v in doc.items() if k not in nested})
+        r.guest = GuestReport.from_doc(doc.get("guest"))
+        r.devices = [DeviceReport(**d) for d in doc.get("devices", [])]
         r.iterations = [Iteration(**i) for i in doc.get("iterations", [])]
         r.checkpoints = [Checkpoint(**c) for c in doc.get("checkpoints", [])]
         r.downtime_breakdown = DowntimeBreakdown(**doc.get("downtime_breakdown", {}))
@@ -130,8 +175,8 @@ class Report:
     def summary(self) -> str:
         lines = [f"migration {self.status}" + (f": {self.error}" if self.error else "")]
         lines.append(
-            f"  VM            {self.guest}, {self.memory >> 20} MiB, {self.vcpus} vCPU(s); tracker {self.tracker}, "
-            f"{self.channels} channel(s)"
+            f"  VM            {self.guest.program}, {self.memory >> 20} MiB, {self.vcpus} vCPU(s); "
+            f"tracker {self.tracker}, {self.channels} channel(s)"
         )
         if self.status != "completed":
             return "\n".join(lines)
@@ -158,6 +203,14 @@ class Report:
             f"{b.device_state_ms:.2f} | to dst {b.to_destination_ms:.2f} | dst devices {b.dst_device_load_ms:.2f}"
             f" | start {b.dst_start_ms:.2f} ms"
         )
+        for dev in self.devices:
+            lines.append(f"  device        {dev.summary()}")
+        g = self.guest
+        if g.packets_received is not None:
+            lines.append(
+                f"  packets       destination guest: received {g.packets_received:,}, dropped {g.packets_dropped:,}, "
+                f"errors {g.packet_errors:,}; sent {g.tx_packets:,}"
+            )
         v = self.verification
         if v.memory_match is not None:
             lines.append(

@@ -1,0 +1,422 @@
+"""Devices with a migration state machine (simvf, the emulated NIC VF): the DEVICE_DATA record,
+the device configuration, and live migration of a VM whose VF keeps delivering packets, with
+the faults a device stream can have. The KVM tests run an in-process destination."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.helpers import keeps_running, wait_running, wait_until
+from vfmig import _core
+from vfmig.cli import build_parser
+from vfmig.errors import ConfigError, MigrationError
+from vfmig.migration import MigrationOptions, migrate, source
+from vfmig.migration.destination import Incoming, Listener
+from vfmig.migration.wire import (
+    PHASE_PRECOPY,
+    PHASE_STOPCOPY,
+    DeviceData,
+    DeviceDataOrder,
+    decode_device_data,
+    device_data_room,
+    encode_device_data,
+)
+from vfmig.report.model import DeviceReport, GuestReport, Report
+from vfmig.testing import serve_destination
+from vfmig.vm import DeviceSpec, MicroVM, VMConfig, parse_device
+
+# The DEVICE_DATA record -------------------------------------------------------------------------
+
+
+def test_device_data_round_trip_and_room() -> None:
+    raw = encode_device_data("vf0", PHASE_STOPCOPY, True, 7, b"state")
+    assert raw[:8] == struct.pack("<HBBI", 3, 2, 1, 7) and raw[8:11] == b"vf0"
+    assert decode_device_data(raw) == DeviceData("vf0", PHASE_STOPCOPY, True, 7, b"state")
+    # The largest chunk fills a control record exactly.
+    room = device_data_room("vf0")
+    assert len(encode_device_data("vf0", PHASE_PRECOPY, False, 0, bytes(room))) == _core.CTRL_MAX
+    with pytest.raises(ValueError, match="do not fit"):
+        encode_device_data("vf0", PHASE_PRECOPY, False, 0, bytes(room + 1))
+    assert decode_device_data(encode_device_data("vf0", PHASE_STOPCOPY, True, 0, b"")).data == b""
+
+
+def _dd(name_len: int, phase: int, flags: int, seq: int, rest: bytes) -> bytes:
+    return struct.pack("<HBBI", name_len, phase, flags, seq) + rest
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x03\x00\x01", "DEVICE_DATA record of 3 bytes is too short"),
+        (_dd(3, 0, 0, 0, b"vf0data"), "DEVICE_DATA record has a bad phase 0 (1 precopy, 2 stop-copy)"),
+        (_dd(3, 3, 0, 0, b"vf0data"), "DEVICE_DATA record has a bad phase 3"),
+        (_dd(3, 2, 0x02, 0, b"vf0data"), "DEVICE_DATA record has unknown flags 0x02"),
+        (_dd(3, 2, 0x81, 0, b"vf0data"), "DEVICE_DATA record has unknown flags 0x81"),
+        (_dd(0, 1, 0, 0, b"data"), "DEVICE_DATA record has an empty device name"),
+        (_dd(9, 1, 0, 0, b"vf0"), "DEVICE_DATA record has a bad name length 9"),
+        (_dd(2, 1, 0, 0, b"\xff\xfedata"), "DEVICE_DATA record has a device name that is not UTF-8"),
+        (_dd(3, 1, 1, 0, b"vf0data"), "DEVICE_DATA for 'vf0': a precopy chunk flagged as the last"),
+        (_dd(3, 1, 0, 4, b"vf0"), "DEVICE_DATA for 'vf0': chunk 4 carries no data"),
+    ],
+)
+def test_device_data_rejects(raw: bytes, message: str) -> None:
+    with pytest.raises(MigrationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        decode_device_data(raw)
+
+
+def _chunk(name: str, phase: int, seq: int, last: bool = False, data: bytes = b"x") -> DeviceData:
+    return decode_device_data(encode_device_data(name, phase, last, seq, data))
+
+
+def test_device_data_order_accepts_a_whole_stream() -> None:
+    order = DeviceDataOrder(["vf0", "vf1"])
+    for c in [
+        _chunk("vf0", PHASE_PRECOPY, 0, data=b"ab"),
+        _chunk("vf1", PHASE_STOPCOPY, 0),  # a device without precopy starts at stop-copy
+        _chunk("vf0", PHASE_PRECOPY, 1),
+        _chunk("vf0", PHASE_STOPCOPY, 2, data=b"cde"),  # seq runs on across the phases
+        _chunk("vf1", PHASE_STOPCOPY, 1, last=True, data=b""),
+    ]:
+        order.accept(c)
+    with pytest.raises(MigrationError, match=r"stream ended before the last DEVICE_DATA chunk of device\(s\) vf0$"):
+        order.check_complete()
+    order.accept(_chunk("vf0", PHASE_STOPCOPY, 3, last=True))
+    order.check_complete()
+    assert order.bytes == {"vf0": [3, 4], "vf1": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([_chunk("vf0", 1, 0), _chunk("vf0", 1, 2)], "DEVICE_DATA for 'vf0': chunk 2 out of sequence (expected 1)"),
+        ([_chunk("vf0", 1, 1)], "DEVICE_DATA for 'vf0': chunk 1 out of sequence (expected 0)"),
+        ([_chunk("vf0", 1, 0), _chunk("vf0", 1, 0)], "DEVICE_DATA for 'vf0': chunk 0 out of sequence (expected 1)"),
+        ([_chunk("nic9", 1, 0)], "DEVICE_DATA for unknown device 'nic9' (this VM migrates: vf0)"),
+        (
+            [_chunk("vf0", 2, 0), _chunk("vf0", 1, 1)],
+            "DEVICE_DATA for 'vf0': a precopy chunk after the stop-copy stream began",
+        ),
+        ([_chunk("vf0", 2, 0, last=True), _chunk("vf0", 2, 1)], "DEVICE_DATA for 'vf0' after its last chunk"),
+    ],
+)
+def test_device_data_order_rejects(chunks: list[DeviceData], message: str) -> None:
+    order = DeviceDataOrder(["vf0"])
+    with pytest.raises(MigrationError) as ei:
+        for c in chunks:
+            order.accept(c)
+    assert str(ei.value) == message
+
+
+# Configuration ----------------------------------------------------------------------------------
+
+
+def test_device_spec_parses_and_travels_in_the_config() -> None:
+    spec = parse_device("simvf,state=16M,dma_rate=20000,precopy=off,name=nic1")
+    assert spec == DeviceSpec("simvf", "nic1", 16 << 20, 20_000, precopy=False, migration=True)
+    assert parse_device("simvf") == DeviceSpec()
+    cfg = VMConfig(256 << 20, devices=(spec, DeviceSpec()))
+    back = VMConfig.from_dict(cfg.to_dict())
+    assert back == cfg and back.devices[0] is not spec
+    assert VMConfig.from_dict({"memory": 256 << 20}).devices == ()  # a config from before devices
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nic", "unknown device kind 'nic' in 'nic': choose one of simvf"),
+        ("simvf,state=abc", "bad device option 'state=abc' in 'simvf,state=abc': not a size"),
+        ("simvf,stat=1M", "bad device option 'stat=1M' in 'simvf,stat=1M': use name=..."),
+        ("simvf,precopy=yes", "bad device option 'precopy=yes' in 'simvf,precopy=yes': use on or off"),
+        ("simvf,dma_rate=fast", "bad device option 'dma_rate=fast' in 'simvf,dma_rate=fast': not a whole number"),
+        ("simvf,state=1M,state=2M", "device option 'state' given twice"),
+        ("simvf,state=6K", "device vf0: state size 6144 must be 4 KiB..256 MiB, a multiple of 4 KiB"),
+        ("simvf,state=512M", "device vf0: state size 536870912 must be 4 KiB..256 MiB"),
+        ("simvf,dma_rate=1000001", "device vf0: DMA rate 1000001 must be 0..1000000 packets/s"),
+        ("simvf,name=a b", "bad device name 'a b'"),
+    ],
+)
+def test_bad_device_strings(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_device(text)
+    assert message in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_config_rejects_two_devices_with_one_name_and_malformed_devices() -> None:
+    with pytest.raises(ConfigError, match="two devices are named 'vf0'"):
+        VMConfig(256 << 20, devices=(DeviceSpec(), DeviceSpec(dma_rate=5))).validate()
+    with pytest.raises(ConfigError, match="malformed device in the VM config"):
+        VMConfig.from_dict({"memory": 256 << 20, "devices": [{"kind": "simvf", "colour": "red"}]})
+    with pytest.raises(ConfigError, match="devices must be a list"):
+        VMConfig.from_dict({"memory": 256 << 20, "devices": "simvf"})
+    with pytest.raises(ConfigError, match="state size"):  # a hostile peer's JSON is checked too
+        VMConfig.from_dict({"memory": 256 << 20, "devices": [{"state_bytes": "16M"}]}).validate()
+
+
+def test_cli_device_option() -> None:
+    p = build_parser()
+    args = p.parse_args(["vm", "run", "--device", "simvf,state=16M", "--device", "simvf,name=vf1"])
+    assert [d.name for d in args.device] == ["vf0", "vf1"] and args.device[0].state_bytes == 16 << 20
+    from vfmig.cli import devices_of, guest_of
+
+    assert guest_of(args, devices_of(args)) == "vfdrv"  # a simvf and no --guest: its driver
+    assert guest_of(p.parse_args(["vm", "run"]), ()) == "dirtier"
+    demo = p.parse_args(["demo", "--device", "none"])
+    assert devices_of(demo, default=[DeviceSpec()]) == ()
+
+
+def test_report_guest_and_devices_round_trip() -> None:
+    r = Report(status="completed", guest=GuestReport("vfdrv", 10, 2, 0, 5))
+    r.devices = [DeviceReport("vf0", 16 << 20, True, 17 << 20, 1 << 20, 3.5, 4.25, 100)]
+    back = Report.from_dict(r.to_dict())
+    assert back.guest == r.guest and back.devices == r.devices
+    assert Report.from_dict({"status": "failed", "guest": "dirtier"}).guest.program == "dirtier"  # old reports
+
+
+# Live migration with a VF (KVM) -----------------------------------------------------------------
+needs_kvm = pytest.mark.usefixtures("kvm")
+VF = "vf0"
+
+
+def _driver(vm: MicroVM) -> dict[str, Any]:
+    st = vm.vf_driver()
+    assert st is not None, "the VF driver has not started"
+    return st
+
+
+def _driver_running(vm: MicroVM, packets: int = 100) -> None:
+    """The guest's VF driver found the device and took `packets` good packets from it."""
+
+    def up() -> bool:
+        st = vm.vf_driver()
+        return st is not None and st["state_name"] == "running" and st["received"] >= packets
+
+    wait_until(up, f"the VF driver to receive {packets} packets")
+
+
+def _packets_flow(vm: MicroVM) -> None:
+    """The guest keeps receiving, without a packet error."""
+    before = _driver(vm)["received"]
+    wait_until(lambda: _driver(vm)["received"] > before + 50, "more packets to reach the guest")
+    assert _driver(vm)["errors"] == 0, _driver(vm)
+
+
+def _wire_drained(vm: MicroVM) -> None:
+    """Stop the VF's wire and wait until the guest has accounted for every packet it offered.
+    Packets dropped at the very end (no RX buffer free in the last tick) are a gap the guest
+    sees only in the next packet, so after the stop a slow trickle, which finds buffers free,
+    reveals that gap before the wire stops for good."""
+    vm.core.simvf_set_rate(VF, 0)
+    wait_until(lambda: _driver(vm)["received"] == vm.core.simvf_counters(VF)["delivered"], "the guest to catch up")
+    delivered = vm.core.simvf_counters(VF)["delivered"]
+    vm.core.simvf_set_rate(VF, 200)
+    wait_until(lambda: vm.core.simvf_counters(VF)["delivered"] >= delivered + 2, "a packet after the stop")
+    vm.core.simvf_set_rate(VF, 0)
+    wait_until(
+        lambda: _driver(vm)["next_seq"] == vm.core.simvf_counters(VF)["sent"],
+        "the guest's next sequence number to reach the device's sent count",
+    )
+
+
+def _source_intact(vm: MicroVM) -> None:
+    """After a failed migration: the source VM runs, its VF is RUNNING and delivers packets."""
+    assert not vm.paused
+    assert vm.core.mig_state(VF) == "RUNNING"
+    assert keeps_running(vm), "the source's vCPUs must keep running"
+    _packets_flow(vm)
+
+
+@needs_kvm
+def test_vf_migrates_live_and_keeps_every_packet_accounted() -> None:
+    """Acceptance: 1 GiB, 2 vCPUs, the VF driver with a 16 MiB-state VF at 50k packets/s,
+    migrated with verification while the wire runs. The destination's device state right after
+    loading is the source's at stop byte for byte; its guest goes on receiving with no error and,
+    once the wire stops, has every packet the device offered either received or seen dropped."""
+    spec = DeviceSpec(state_bytes=16 << 20, dma_rate=50_000)
+    loaded: dict[str, bytes] = {}
+    states: list[str] = []
+    listener = Listener("tcp://127.0.0.1:0")
+    listener.after_load = lambda v: loaded.update(state=v.core.simvf_state(VF), mig=v.core.mig_state(VF).encode())
+
+    def progress(event: str, data: dict[str, Any]) -> None:
+        if event == "iteration":
+            states.append(vm.core.mig_state(VF))
+
+    with (
+        MicroVM(memory="1G", vcpus=2, guest="vfdrv", devices=[spec], rate_pps=20_000) as vm,
+        serve_destination(listener, run_seconds=0.5) as dst,
+    ):
+        vm.core.simvf_keep_stop_state(VF, True)
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm, packets=1000)
+        report = migrate(vm, dst.address, MigrationOptions(verify=True), progress=progress)
+        inc = dst.wait()
+        assert isinstance(inc, Incoming), inc
+        assert report.status == "completed" and report.verification.memory_match is True, report.verification
+        assert states and all(st == "PRE_COPY" for st in states), states  # streamed while the VM ran
+        assert loaded["mig"] == b"STOP"  # loaded, applied, not yet running
+        assert loaded["state"] == vm.core.simvf_stop_state(VF), "device state differs after the migration"
+        # The destination's guest receives from its own device, with no error.
+        _packets_flow(inc.vm)
+        _wire_drained(inc.vm)
+        final, sent = _driver(inc.vm), inc.vm.core.simvf_counters(VF)["sent"]
+        assert final["errors"] == 0, final
+        assert final["received"] + final["dropped_seen"] == sent, (final, sent)
+    (dev,) = report.devices
+    assert dev.name == VF and dev.state_bytes == 16 << 20 and dev.precopy
+    assert dev.precopy_bytes >= 16 << 20, "the initial image goes in precopy"
+    assert 0 < dev.stopcopy_bytes < dev.precopy_bytes
+    assert dev.load_ms is not None and dev.load_ms > 0 and dev.save_ms > 0
+    assert dev.dma_pages_logged, "the VF's DMA must show in its dirty log"
+    g = report.guest
+    assert g.program == "vfdrv" and g.packets_received and g.packet_errors == 0, g
+    summary = report.summary()
+    assert "  device        vf0: state 16.0 MiB" in summary and "  packets       destination guest" in summary
+
+
+def _vf_vm(**kw: Any) -> MicroVM:
+    return MicroVM(memory="128M", guest="vfdrv", devices=[DeviceSpec(state_bytes=1 << 20, dma_rate=20_000)], **kw)
+
+
+@needs_kvm
+def test_broken_dma_log_fails_verification_and_the_source_runs_on() -> None:
+    """The negative of the acceptance test: with the VF's DMA dirty log dropping its marks, the
+    pages the VF wrote after the first round never travel, and verification catches it."""
+    with _vf_vm(rate_pps=10_000) as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+        vm.core.set_dma_log_broken(VF, True)
+        with pytest.raises(MigrationError, match=r"verification failed: \d+ page\(s\) differ .*first at GPA 0x"):
+            migrate(vm, dst.address, MigrationOptions(verify=True))
+        assert isinstance(dst.wait(), MigrationError), "the destination must not start the guest"
+        _source_intact(vm)
+
+
+Tamper = Callable[[pytest.MonkeyPatch, list[str]], None]
+
+
+def _corrupt(mp: pytest.MonkeyPatch, fired: list[str]) -> None:
+    """One byte of the device's first chunk flipped before it is framed: the record's CRC is
+    right, only the device's own checks can see it."""
+    real = source.Migration._read_device
+
+    def read(self: source.Migration, name: str, cap: int) -> bytes | None:
+        data = real(self, name, cap)
+        if data and not fired:
+            fired.append("corrupt")
+            k = min(100, len(data) - 1)
+            data = data[:k] + bytes([data[k] ^ 0x5A]) + data[k + 1 :]
+        return data
+
+    mp.setattr(source.Migration, "_read_device", read)
+
+
+def _last_chunk(change: Callable[[bytes], bytes], what: str) -> Tamper:
+    """The last stop-copy chunk changed (its LAST flag kept), before it is framed."""
+
+    def tamper(mp: pytest.MonkeyPatch, fired: list[str]) -> None:
+        real = source.encode_device_data
+
+        def encode(name: str, phase: int, last: bool, seq: int, data: bytes) -> bytes:
+            if last:
+                fired.append(what)
+                data = change(data)
+            return real(name, phase, last, seq, data)
+
+        mp.setattr(source, "encode_device_data", encode)
+
+    return tamper
+
+
+@needs_kvm
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            _corrupt,
+            "reports: device vf0 refused its state: device data write in RESUMING failed: "
+            "simvf state: TABLE section 1 fails its CRC",
+        ),
+        (
+            _last_chunk(lambda d: d[: len(d) // 2], "truncated"),
+            "reports: device vf0 refused its state: device state: RESUMING -> STOP failed: "
+            "simvf state: the stream ends inside a section",
+        ),
+        (
+            _last_chunk(lambda d: d + bytes(4096), "oversized"),  # 4 KiB more after its END section
+            "reports: device vf0 refused its state: device data write in RESUMING failed: "
+            "simvf state: no section header at stream byte",
+        ),
+    ],
+    ids=["corrupt", "truncated", "oversized"],
+)
+def test_bad_device_stream_fails_cleanly(monkeypatch: pytest.MonkeyPatch, tamper: Tamper, message: str) -> None:
+    fired: list[str] = []
+    tamper(monkeypatch, fired)
+    with _vf_vm() as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+        with pytest.raises(MigrationError) as ei:
+            migrate(vm, dst.address, MigrationOptions())
+        assert fired, "the fault did not fire"
+        assert message in str(ei.value), str(ei.value)
+        assert isinstance(dst.wait(), MigrationError), "the destination must not start the guest"
+        _source_intact(vm)
+
+
+@needs_kvm
+def test_device_identity_mismatch_is_refused() -> None:
+    """A destination whose VF differs from the source's (its state size) refuses the stream."""
+    listener = Listener("tcp://127.0.0.1:0")
+    built: list[VMConfig] = []
+
+    def other_vf(cfg: VMConfig) -> VMConfig:
+        cfg = dataclasses.replace(cfg, devices=(dataclasses.replace(cfg.devices[0], state_bytes=2 << 20),))
+        built.append(cfg)
+        return cfg
+
+    listener.config_override = other_vf
+    with _vf_vm() as vm, serve_destination(listener) as dst:
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+        with pytest.raises(MigrationError) as ei:
+            migrate(vm, dst.address, MigrationOptions())
+        assert built, "the destination did not build the other device"
+        assert (
+            "reports: device vf0 refused its state: device data write in RESUMING failed: "
+            "simvf identity: state of 1048576 bytes in the stream, 2097152 here"
+        ) in str(ei.value), str(ei.value)
+        assert isinstance(dst.wait(), MigrationError)
+        _source_intact(vm)
+
+
+@needs_kvm
+def test_invalid_arc_fails_and_the_source_device_is_reset_to_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the stop the source asks its device, in STOP_COPY since the pause, for PRE_COPY, which
+    the VFIO state machine forbids: the device refuses and enters ERROR. The migration fails
+    with the device's own words; the source resets the device (only a reset leaves ERROR, as
+    with VFIO) and resumes, so the VM and the device run again, the device's queues empty."""
+    monkeypatch.setattr(source, "DEVICE_STOP_STATE", "PRE_COPY")
+    with _vf_vm() as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+        with pytest.raises(MigrationError) as ei:
+            migrate(vm, dst.address, MigrationOptions())
+        msg = str(ei.value)
+        assert "device vf0: device state: STOP_COPY -> PRE_COPY is not a valid transition" in msg, msg
+        assert "device vf0 was reset (only a reset leaves ERROR): it runs again with empty queues" in msg, msg
+        assert isinstance(dst.wait(), MigrationError), "the destination must not start the guest"
+        assert not vm.paused and keeps_running(vm)
+        assert vm.core.mig_state(VF) == "RUNNING"
+        # A function-level reset: counters and queues cleared, until the driver sets it up again.
+        assert vm.core.simvf_counters(VF)["sent"] == 0
