@@ -243,13 +243,21 @@ static void *wire_thread(void *arg)
     return NULL;
 }
 
+/* The wire and the table updater count from now. s->lock held. */
+static void rebase(struct simvf *s)
+{
+    s->wire_t0 = s->table_t0 = vfmig_now_ns();
+    s->wire_n0 = s->regs.sent;
+    s->table_n0 = s->regs.table_updates;
+}
+
 /* Start or stop the wire, TX and table. Migration thread; waits at most one tick for the device
  * thread (it holds s->lock per tick). After a stop no DMA lands and no interrupt is raised. */
 static void set_active(struct simvf *s, int on)
 {
     pthread_mutex_lock(&s->lock);
     if (on && !s->active) {
-        uint64_t now = vfmig_now_ns(), rt = realtime_ns();
+        uint64_t rt = realtime_ns();
         struct simvf_regs *r = &s->regs;
         if ((r->ctrl & SIMVF_CTRL_ENABLE) && r->stopped_at_ns && rt > r->stopped_at_ns) {
             /* Packets that reached the NIC while it was stopped (or migrating) were lost. */
@@ -259,9 +267,7 @@ static void set_active(struct simvf *s, int on)
             r->dropped += missed;
         }
         r->stopped_at_ns = 0;
-        s->wire_t0 = s->table_t0 = now;
-        s->wire_n0 = r->sent;
-        s->table_n0 = r->table_updates;
+        rebase(s);
     } else if (!on && s->active) {
         s->regs.stopped_at_ns = realtime_ns();
     }
@@ -304,6 +310,8 @@ static void reg_write(struct simvf *s, uint64_t off, uint32_t v)
     case SIMVF_REG_CTRL:
         if (v & SIMVF_CTRL_RESET)
             r->rx_head = r->tx_head = 0;
+        if ((v & SIMVF_CTRL_ENABLE) && !(r->ctrl & SIMVF_CTRL_ENABLE))
+            rebase(s); /* the link comes up now: nothing was offered before */
         r->ctrl = v & SIMVF_CTRL_ENABLE;
         break;
     /* Ring addresses are 16-byte aligned; a size that is not a valid ring is ignored. Changing a
@@ -727,6 +735,7 @@ struct vfmig_device *vfmig_simvf_new(struct vfmig_vm *vm, const char *name, cons
     s->active = 1; /* RUNNING; the wire waits for the driver to enable the device */
     if (build_function(s, vm, err) < 0)
         goto fail;
+    rebase(s);
     s->pci.dev.opaque = s;
     s->pci.dev.destroy = simvf_destroy;
     s->pci.dev.mig = &s->mig;
