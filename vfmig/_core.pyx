@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Bindings to the vfmig C core. Every call that loops over pages or waits releases the GIL."""
-from libc.errno cimport EBUSY, ENOMSG
+from libc.errno cimport EBUSY, ENOENT, ENOMSG
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -445,17 +445,19 @@ cdef class VM:
 
     cdef vfmig_device *_simvf(self, str name) except NULL:
         cdef vfmig_device *d = self._dev(name)
-        cdef simvf_counters c
-        if vfmig_simvf_counters(d, &c) < 0:
+        if vfmig_simvf_state_size(d) == 0:  # pure: 0 for any device that is not a simvf
             raise ValueError(f"device {name!r} is not a simvf")
         return d
 
     def simvf_counters(self, str name):
         """The device's counters: sent (offered by the wire) = delivered + dropped, tx_ok,
         tx_bad, table_updates, interrupts."""
-        cdef vfmig_device *d = self._dev(name)
+        cdef vfmig_device *d = self._simvf(name)
         cdef simvf_counters c
-        if vfmig_simvf_counters(d, &c) < 0:
+        cdef int rc
+        with nogil:
+            rc = vfmig_simvf_counters(d, &c)
+        if rc < 0:
             raise ValueError(f"device {name!r} is not a simvf")
         return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "tx_ok": c.tx_ok,
                 "tx_bad": c.tx_bad, "table_updates": c.table_updates, "interrupts": c.interrupts}
@@ -493,7 +495,10 @@ cdef class VM:
     def simvf_keep_stop_state(self, str name, bint on):
         """Test knob: keep a copy of simvf_state taken when the device enters STOP_COPY."""
         cdef vfmig_device *d = self._simvf(name)
-        cdef int rc = vfmig_simvf_keep_stop_state(d, 1 if on else 0)
+        cdef int keep = 1 if on else 0
+        cdef int rc
+        with nogil:
+            rc = vfmig_simvf_keep_stop_state(d, keep)
         if rc < 0:
             raise CoreError(-rc, f"cannot keep the stop state of {name!r}")
 
@@ -508,8 +513,10 @@ cdef class VM:
         try:
             with nogil:
                 n = vfmig_simvf_stop_state(d, buf, cap)
+            if n == -ENOENT:
+                raise CoreError(ENOENT, f"simvf {name!r} kept no stop state (simvf_keep_stop_state first)")
             if n < 0:
-                raise CoreError(-n, f"simvf {name!r} kept no stop state")
+                raise CoreError(-n, f"cannot copy the stop state of simvf {name!r}")
             return (<char *>buf)[:n]
         finally:
             free(buf)
