@@ -17,6 +17,7 @@ from vfmig.cli import build_parser
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import MigrationOptions, migrate, source
 from vfmig.migration.destination import Incoming, Listener
+from vfmig.migration.policy import STOP_OVERHEAD_MS, Policy
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
     PHASE_STOPCOPY,
@@ -278,6 +279,45 @@ def test_vf_migrates_live_and_keeps_every_packet_accounted() -> None:
     assert g.program == "vfdrv" and g.packets_received and g.packet_errors == 0, g
     summary = report.summary()
     assert "  device        vf0: state 16.0 MiB" in summary and "  packets       destination guest" in summary
+
+
+@needs_kvm
+@pytest.mark.parametrize(("precopy", "migration"), [(False, True), (True, False)], ids=["no-precopy", "no-migcap"])
+def test_vf_without_precopy_or_migration_capability_migrates(precopy: bool, migration: bool) -> None:
+    """Without PRE_COPY the whole state goes at the stop (the pause moved the device to STOP, the
+    source on to STOP_COPY); without the migration capability the guest is not told, and the
+    device migrates all the same. Either way the destination's state is the source's at stop."""
+    spec = DeviceSpec(state_bytes=1 << 20, dma_rate=20_000, precopy=precopy, migration=migration)
+    loaded: dict[str, bytes] = {}
+    listener = Listener("tcp://127.0.0.1:0")
+    listener.after_load = lambda v: loaded.update(state=v.core.simvf_state(VF))
+    with (
+        MicroVM(memory="128M", guest="vfdrv", devices=[spec]) as vm,
+        serve_destination(listener) as dst,
+    ):
+        assert vm.core.mig_precopy_supported(VF) is precopy
+        vm.core.simvf_keep_stop_state(VF, True)
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+        report = migrate(vm, dst.address, MigrationOptions(verify=True))
+        inc = dst.wait()
+        assert isinstance(inc, Incoming), inc
+        assert loaded["state"] == vm.core.simvf_stop_state(VF)
+        _packets_flow(inc.vm)
+    (dev,) = report.devices
+    assert dev.precopy is precopy
+    if precopy:
+        assert dev.precopy_bytes >= 1 << 20 > dev.stopcopy_bytes
+    else:
+        assert dev.precopy_bytes == 0 and dev.stopcopy_bytes >= 1 << 20
+    assert report.verification.memory_match is True
+
+
+def test_downtime_prediction_counts_device_bytes() -> None:
+    # 1 MB of device state at 1 MB/s is a second of downtime, pages or not.
+    assert Policy.predict_downtime_ms(0, 4096, 1e6, device_bytes=1_000_000) == 1000 + STOP_OVERHEAD_MS
+    assert Policy.predict_downtime_ms(250, 4096, 1e6, device_bytes=24_000) == 1024 + 24 + STOP_OVERHEAD_MS
 
 
 def _vf_vm(**kw: Any) -> MicroVM:
