@@ -16,7 +16,7 @@ from vfmig import _core
 from vfmig.cli import build_parser
 from vfmig.errors import ConfigError, MigrationError
 from vfmig.migration import MigrationOptions, migrate, source
-from vfmig.migration.destination import Incoming, Listener
+from vfmig.migration.destination import Incoming, Limits, Listener
 from vfmig.migration.policy import STOP_OVERHEAD_MS, Policy
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
@@ -29,7 +29,7 @@ from vfmig.migration.wire import (
 )
 from vfmig.report.model import DeviceReport, GuestReport, Report
 from vfmig.testing import serve_destination
-from vfmig.vm import DeviceSpec, MicroVM, VMConfig, parse_device
+from vfmig.vm import DeviceSpec, MicroVM, VMConfig, VMState, parse_device
 
 # The DEVICE_DATA record -------------------------------------------------------------------------
 
@@ -312,6 +312,28 @@ def test_vf_without_precopy_or_migration_capability_migrates(precopy: bool, migr
     else:
         assert dev.precopy_bytes == 0 and dev.stopcopy_bytes >= 1 << 20
     assert report.verification.memory_match is True
+
+
+@needs_kvm
+def test_destination_counts_device_state_against_its_memory_limit() -> None:
+    limits = Limits(max_memory=(128 << 20) + (512 << 10))  # the RAM fits, RAM + 1 MiB of state does not
+    with _vf_vm() as vm, serve_destination(Listener("tcp://127.0.0.1:0", limits=limits)) as dst:
+        vm.start()
+        wait_running(vm)
+        with pytest.raises(MigrationError) as ei:
+            migrate(vm, dst.address, MigrationOptions())
+        assert (
+            "reports: refused: the VM has 128.0 MiB of RAM and 1.0 MiB of device state, this destination accepts "
+            "at most 128.5 MiB (--max-memory)"
+        ) in str(ei.value), str(ei.value)
+        assert isinstance(dst.wait(), MigrationError)
+        _source_intact(vm)
+
+
+def test_a_vm_with_a_migratable_device_is_not_saved_to_a_file() -> None:
+    state = VMState(VMConfig(128 << 20, devices=(DeviceSpec(),)), [b"cpu"], {})
+    with pytest.raises(ConfigError, match=r"a VM with a migratable device \(vf0\) cannot be saved to a file"):
+        state.to_bytes()
 
 
 def test_downtime_prediction_counts_device_bytes() -> None:

@@ -166,6 +166,9 @@ class VMConfig:
         if self.memory < DATA_GPA + PAGE_SIZE * self.vcpus:
             raise ConfigError("memory too small for the guest's working set")
         self.params.validate(self.memory)
+        self.validate_devices()
+
+    def validate_devices(self) -> None:
         names = set()
         for spec in self.devices:
             spec.validate()
@@ -185,6 +188,12 @@ class VMState:
     _MAGIC = b"VFMSTATE"
 
     def to_bytes(self) -> bytes:
+        if self.config.devices:
+            names = ", ".join(d.name for d in self.config.devices)
+            raise ConfigError(
+                f"a VM with a migratable device ({names}) cannot be saved to a file: "
+                "device state travels only in a live migration"
+            )
         head = json.dumps(
             {
                 "config": self.config.to_dict(),

@@ -65,6 +65,16 @@ class Limits:
                 f"refused: the VM has {hello.vcpus} vCPUs, this destination accepts 1..{self.max_vcpus} (--max-vcpus)"
             )
 
+    def check_devices(self, config: VMConfig) -> None:
+        """Device state is host memory too: RAM and every device's state within --max-memory."""
+        config.validate_devices()  # bounds each device before anything is allocated
+        state = sum(d.state_bytes for d in config.devices)
+        if config.memory + state > self.max_memory:
+            raise MigrationError(
+                f"refused: the VM has {human_bytes(config.memory)} of RAM and {human_bytes(state)} of device state, "
+                f"this destination accepts at most {human_bytes(self.max_memory)} (--max-memory)"
+            )
+
 
 @dataclass
 class Timeouts:
@@ -184,6 +194,7 @@ class Listener:
             config = VMConfig.from_dict(hello.config)
             if config.memory != hello.mem_bytes or config.vcpus != hello.vcpus:
                 raise MigrationError("stream header and VM config disagree on the VM's shape")
+            self.limits.check_devices(config)
             if self.config_override is not None:
                 config = self.config_override(config)
             vm = MicroVM.from_config(config)
