@@ -15,7 +15,7 @@ from tests.helpers import keeps_running, wait_running, wait_until
 from vfmig import _core
 from vfmig.cli import build_parser
 from vfmig.errors import ConfigError, MigrationError
-from vfmig.migration import MigrationOptions, migrate, source
+from vfmig.migration import Migration, MigrationOptions, migrate, source
 from vfmig.migration.destination import Incoming, Limits, Listener
 from vfmig.migration.policy import STOP_OVERHEAD_MS, Policy
 from vfmig.migration.wire import (
@@ -314,6 +314,29 @@ def test_vf_without_precopy_or_migration_capability_migrates(precopy: bool, migr
     else:
         assert dev.precopy_bytes == 0 and dev.stopcopy_bytes >= 1 << 20, dev
     assert report.verification.memory_match is True
+
+
+@needs_kvm
+def test_cancel_in_precopy_puts_the_device_back_to_running() -> None:
+    """Cancelled at the first iteration event, while the VF streams in PRE_COPY and the VM has
+    not stopped: the abort takes the device from PRE_COPY back to RUNNING itself."""
+    seen: list[str] = []
+    with _vf_vm() as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm)
+        _driver_running(vm)
+
+        def cancel_at_first_iteration(event: str, data: dict[str, Any]) -> None:
+            if event == "iteration" and not seen:
+                seen.append(vm.core.mig_state(VF))
+                m.cancel()
+
+        m = Migration(vm, dst.address, MigrationOptions(), cancel_at_first_iteration)
+        with pytest.raises(MigrationError, match="^migration cancelled$"):
+            m.run()
+        assert seen == ["PRE_COPY"], "the cancel must come while the device streams in PRE_COPY"
+        assert isinstance(dst.wait(), MigrationError)
+        _source_intact(vm)
 
 
 @needs_kvm
