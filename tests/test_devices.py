@@ -487,11 +487,12 @@ def test_device_identity_mismatch_is_refused() -> None:
 
 
 @needs_kvm
-def test_invalid_arc_fails_and_the_source_device_is_reset_to_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At the stop the source asks its device, in STOP_COPY since the pause, for PRE_COPY, which
-    the VFIO state machine forbids: the device refuses and enters ERROR. The migration fails
-    with the device's own words; the source resets the device (only a reset leaves ERROR, as
-    with VFIO) and resumes, so the VM and the device run again, the device's queues empty."""
+def test_invalid_arc_fails_and_the_source_device_keeps_its_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the stop the source wants its device, in STOP_COPY since the pause, in PRE_COPY, an arc
+    the VFIO state machine lacks. Asking would put the device in ERROR, which only a reset leaves
+    (losing the guest's queues), so the engine refuses the arc itself and never asks: the
+    migration fails naming the arc, and the source resumes with its device intact (same counters,
+    packets still reaching the guest)."""
     monkeypatch.setattr(source, "DEVICE_STOP_STATE", "PRE_COPY")
     with _vf_vm() as vm, serve_destination() as dst:
         vm.start()
@@ -500,10 +501,29 @@ def test_invalid_arc_fails_and_the_source_device_is_reset_to_running(monkeypatch
         with pytest.raises(MigrationError) as ei:
             migrate(vm, dst.address, MigrationOptions())
         msg = str(ei.value)
-        assert "device vf0: device state: STOP_COPY -> PRE_COPY is not a valid transition" in msg, msg
-        assert "device vf0 was reset (only a reset leaves ERROR): it runs again with empty queues" in msg, msg
+        assert "device vf0: STOP_COPY -> PRE_COPY is not a valid transition (not requested" in msg, msg
         assert isinstance(dst.wait(), MigrationError), "the destination must not start the guest"
-        assert not vm.paused and keeps_running(vm)
+        before = vm.core.simvf_counters(VF)["sent"]
+        assert before > 0, "the device's counters must survive the failed migration"
+        _source_intact(vm)
+        assert vm.core.simvf_counters(VF)["sent"] > before
+
+
+@needs_kvm
+def test_an_invalid_arc_asked_of_a_device_puts_it_in_error_until_reset() -> None:
+    """The device side of the same rule (VFIO v2): asked directly, the device takes no arc it
+    lacks, enters ERROR with the reason, refuses everything but a reset, and a reset runs it again."""
+    with _vf_vm() as vm:
+        vm.start()
+        vm.pause()
+        assert vm.core.mig_state(VF) == "STOP" and not vm.core.mig_can_reach(VF, "ERROR")
+        vm.core.mig_set_state(VF, "STOP_COPY")
+        assert not vm.core.mig_can_reach(VF, "PRE_COPY")
+        with pytest.raises(OSError, match="STOP_COPY -> PRE_COPY is not a valid transition"):
+            vm.core.mig_set_state(VF, "PRE_COPY")
+        assert vm.core.mig_state(VF) == "ERROR"
+        with pytest.raises(OSError, match="only a reset leaves it"):
+            vm.core.mig_set_state(VF, "RUNNING")
+        vm.core.mig_reset(VF)
         assert vm.core.mig_state(VF) == "RUNNING"
-        # A function-level reset: counters and queues cleared, until the driver sets it up again.
-        assert vm.core.simvf_counters(VF)["sent"] == 0
+        vm.resume()

@@ -42,6 +42,9 @@ cdef extern from "vfmig/migstate.h":
     struct vfmig_migration:
         uint32_t flags
     const char *vfmig_mig_state_name(int state) nogil
+    int vfmig_mig_next_state(uint32_t flags, vfmig_mig_state cur, vfmig_mig_state target,
+                             vfmig_mig_state *next) nogil
+    vfmig_mig_state vfmig_mig_get_state(vfmig_migration *m) nogil
     int vfmig_mig_set_state(vfmig_migration *m, vfmig_mig_state target, vfmig_err *err) nogil
     long vfmig_mig_read(vfmig_migration *m, uint8_t *buf, size_t cap, vfmig_err *err) nogil
     long vfmig_mig_write(vfmig_migration *m, const uint8_t *buf, size_t len, vfmig_err *err) nogil

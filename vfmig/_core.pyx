@@ -363,6 +363,19 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
+    def mig_can_reach(self, str name, str state):
+        """Whether the state machine has a path from the device's current state to `state`
+        (the kernel's next-state rule): asking for one it has not puts the device in ERROR, so
+        a caller that must keep the device's state checks first. Asks the device nothing."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_mig_state nxt
+        if state not in _MIG_STATE_VALUES:
+            raise ValueError(f"unknown migration state {state!r}: one of {', '.join(MIG_STATES)}")
+        cur = vfmig_mig_get_state(m)
+        if <int>cur == _MIG_STATE_VALUES[state]:
+            return True
+        return vfmig_mig_next_state(m.flags, cur, <vfmig_mig_state>_MIG_STATE_VALUES[state], &nxt) == 0
+
     def mig_read(self, str name, size_t cap):
         """Up to cap bytes of the device's data stream (PRE_COPY or STOP_COPY). None: PRE_COPY
         has nothing more for now; b"": the STOP_COPY stream is complete."""

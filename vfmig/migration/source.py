@@ -343,6 +343,15 @@ class Migration:
 
     # devices with a migration state machine -------------------------------------------------
     def _set_device_state(self, dev: _Device, state: str) -> None:
+        # An invalid request would put the device in ERROR, and only a reset (which loses the
+        # guest's queues) leaves ERROR: the source's device must come through a failed migration
+        # intact, so an arc the state machine lacks is refused here, before the device is asked.
+        if not self.vm.core.mig_can_reach(dev.name, state):
+            cur = self.vm.core.mig_state(dev.name)
+            raise MigrationError(
+                f"device {dev.name}: {cur} -> {state} is not a valid transition "
+                "(not requested: the device keeps its state)"
+            )
         try:
             self.vm.core.mig_set_state(dev.name, state)
         except _core.CoreError as e:
