@@ -283,3 +283,6 @@ cdef extern from "vfmig/simvf_abi.h":
         uint64_t interrupts
         uint32_t bdf
         uint32_t first_error
+
+cdef extern from "vfmig/simvf_state.h":
+    uint32_t SIMVF_REGS_BYTES
