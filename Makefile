@@ -32,6 +32,7 @@ fuzz: bootstrap
 bench: bootstrap
 	$(PY) bench/vm_bench.py
 	$(PY) bench/migrate_bench.py
+	$(PY) bench/device_bench.py
 	$(PY) bench/table.py
 
 clean:

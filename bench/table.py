@@ -51,6 +51,16 @@ def render() -> str:
                     f"| migrate {mib} MiB {name}: downtime | {v['downtime_ms']:.1f} ms | "
                     f"QEMU 7.2: {q['downtime_ms']:.1f} ms | {r['vfmig_vs_qemu_downtime']:.2f}x |"
                 )
+    dev_path = RESULTS / "device.json"
+    if dev_path.exists():
+        dev = json.loads(dev_path.read_text())
+        for size, r in dev["results"].items():
+            on, off = r["precopy_on"], r["precopy_off"]
+            rows.append(
+                f"| VF state {size}: device share of downtime, precopy on | {on['device_share_ms']:.2f} ms "
+                f"(downtime {on['downtime_ms']:.1f} ms) | precopy off: {off['device_share_ms']:.2f} ms "
+                f"(downtime {off['downtime_ms']:.1f} ms) | {r['device_share_ratio_off_vs_on']:.1f}x less |"
+            )
     return "\n".join(rows)
 
 
