@@ -528,3 +528,26 @@ def test_an_invalid_arc_asked_of_a_device_puts_it_in_error_until_reset() -> None
         vm.core.mig_reset(VF)
         assert vm.core.mig_state(VF) == "RUNNING"
         vm.resume()
+
+
+@needs_kvm
+def test_the_prestop_hook_runs_with_the_vcpus_running_before_the_downtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each migratable device's pre-stop hook (the guest handshake's place) is called once, with
+    the VM still running, before the downtime starts, and its time is reported per device."""
+    seen: list[tuple[bool, int]] = []
+    real = source.Migration._prestop
+
+    def spy(self: source.Migration) -> None:
+        seen.append((self.vm.paused, _core.checkpoint("test-prestop")))
+        real(self)
+
+    monkeypatch.setattr(source.Migration, "_prestop", spy)
+    with _vf_vm() as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm)
+        report = migrate(vm, dst.address, MigrationOptions())
+        assert isinstance(dst.wait(), Incoming)
+    assert len(seen) == 1 and seen[0][0] is False, seen
+    assert seen[0][1] < report.checkpoint("src-downtime-start")
+    (dev,) = report.devices
+    assert dev.prestop_ms is not None and 0 <= dev.prestop_ms < source.PRESTOP_DEADLINE_MS and dev.prestop_error is None

@@ -51,6 +51,7 @@ cdef extern from "vfmig/migstate.h":
     int vfmig_mig_precopy_info(vfmig_migration *m, uint64_t *initial_bytes, uint64_t *dirty_bytes,
                                vfmig_err *err) nogil
     int vfmig_mig_reset(vfmig_migration *m, vfmig_err *err) nogil
+    int vfmig_mig_prestop(vfmig_migration *m, uint64_t deadline_ns, vfmig_err *err) nogil
     vfmig_mig_state vfmig_mig_get_state(vfmig_migration *m) nogil
 
 cdef extern from "vfmig/dma_log.h":

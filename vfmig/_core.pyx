@@ -436,6 +436,21 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
+    def mig_prestop(self, str name, uint64_t deadline_ms):
+        """The device's pre-stop hook, called while the vCPUs still run; it returns by the
+        deadline (ms from now). Returns the ms it took. CoreError with the device's reason."""
+        cdef vfmig_migration *m = self._mig(name)
+        cdef vfmig_err err
+        cdef int rc
+        cdef uint64_t t0 = vfmig_now_ns()
+        cdef uint64_t deadline = t0 + deadline_ms * 1000000
+        err.msg[0] = 0
+        with nogil:
+            rc = vfmig_mig_prestop(m, deadline, &err)
+        if rc < 0:
+            raise_err(rc, err.msg)
+        return (vfmig_now_ns() - t0) / 1e6
+
     # simvf, the emulated NIC VF (devices.h) ---------------------------------------------------
     def add_simvf(self, str name, uint64_t state_bytes, uint32_t dma_rate, bint precopy=True,
                   bint migration=True):

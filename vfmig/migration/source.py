@@ -48,6 +48,10 @@ from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, Iteration,
 from vfmig.vm import MicroVM, check_pause_timeout
 
 VERSION = _core.STREAM_VERSION
+# The devices' pre-stop hooks run just before the stop, with the vCPUs still running, and must
+# return by this deadline; whatever they say, the migration goes on (a device, or a guest behind
+# it, must never stall the stop).
+PRESTOP_DEADLINE_MS = 50
 DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
 
 
@@ -111,6 +115,8 @@ class _Device:
     stopcopy_bytes: int = 0
     save_ms: float = 0.0
     dma_pages_logged: int | None = None
+    prestop_ms: float | None = None  # its pre-stop hook, with the vCPUs still running
+    prestop_error: str | None = None
 
 
 class Migration:
@@ -290,6 +296,7 @@ class Migration:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
         assert sender is not None and ctrl is not None
         self._check_cancel()
+        self._prestop()
         cps = r.checkpoints
         cps.append(Checkpoint("src-downtime-start", _core.checkpoint("src-downtime-start")))
         vm.pause(self.opts.pause_timeout_ms)  # on a timeout the vCPUs run again: nothing to undo
@@ -336,12 +343,23 @@ class Migration:
                 d.stopcopy_bytes,
                 round(d.save_ms, 3),
                 dma_pages_logged=d.dma_pages_logged,
+                prestop_ms=d.prestop_ms,
+                prestop_error=d.prestop_error,
             )
             for d in self._devices
         ]
         self.progress("stopped", {"final_pages": dirty, "device_bytes": device_bytes})
 
     # devices with a migration state machine -------------------------------------------------
+    def _prestop(self) -> None:
+        """Each device's pre-stop hook, vCPUs running, bounded by PRESTOP_DEADLINE_MS. Not part
+        of the downtime; a failing hook is reported, never fatal."""
+        for dev in self._devices:
+            try:
+                dev.prestop_ms = round(self.vm.core.mig_prestop(dev.name, PRESTOP_DEADLINE_MS), 3)
+            except _core.CoreError as e:
+                dev.prestop_error = str(e.strerror)
+
     def _set_device_state(self, dev: _Device, state: str) -> None:
         # An invalid request would put the device in ERROR, and only a reset (which loses the
         # guest's queues) leaves ERROR: the source's device must come through a failed migration

@@ -62,6 +62,8 @@ class DeviceReport:
     save_ms: float = 0.0  # source: STOP_COPY and reading and sending its stop-copy stream
     load_ms: float | None = None  # destination: writing its stream and RESUMING -> STOP (validate, apply)
     dma_pages_logged: int | None = None  # pages its DMA dirty log reported during the migration
+    prestop_ms: float | None = None  # its pre-stop hook, vCPUs running, just before the stop
+    prestop_error: str | None = None  # what the hook said if it failed (the migration went on)
 
     def summary(self) -> str:
         pre = f"precopy {human_bytes(self.precopy_bytes)}, " if self.precopy else "no precopy, "
