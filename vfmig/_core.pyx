@@ -503,6 +503,13 @@ cdef class VM:
 
     def simvf_state(self, str name):
         """The device's whole state as its canonical stop-copy stream (device not running)."""
+        return self._simvf_bytes(name, False)
+
+    def simvf_stop_state(self, str name):
+        """The copy simvf_keep_stop_state kept when the device entered STOP_COPY."""
+        return self._simvf_bytes(name, True)
+
+    cdef bytes _simvf_bytes(self, str name, bint at_stop):
         cdef vfmig_device *d = self._simvf(name)
         cdef size_t cap = vfmig_simvf_state_size(d)
         cdef long n
@@ -511,11 +518,13 @@ cdef class VM:
             raise MemoryError()
         try:
             with nogil:
-                n = vfmig_simvf_state(d, buf, cap)
+                n = vfmig_simvf_stop_state(d, buf, cap) if at_stop else vfmig_simvf_state(d, buf, cap)
             if n == -EBUSY:
                 raise CoreError(EBUSY, f"simvf {name!r} is running: its state is read only while it is stopped")
+            if n == -ENOENT:
+                raise CoreError(ENOENT, f"simvf {name!r} kept no stop state (simvf_keep_stop_state first)")
             if n < 0:
-                raise CoreError(-n, f"cannot read the state of simvf {name!r}")
+                raise CoreError(-n, f"cannot read the {'stop ' if at_stop else ''}state of simvf {name!r}")
             return (<char *>buf)[:n]
         finally:
             free(buf)
@@ -529,25 +538,6 @@ cdef class VM:
             rc = vfmig_simvf_keep_stop_state(d, keep)
         if rc < 0:
             raise CoreError(-rc, f"cannot keep the stop state of {name!r}")
-
-    def simvf_stop_state(self, str name):
-        """The copy simvf_keep_stop_state kept when the device entered STOP_COPY."""
-        cdef vfmig_device *d = self._simvf(name)
-        cdef size_t cap = vfmig_simvf_state_size(d)
-        cdef long n
-        cdef uint8_t *buf = <uint8_t *>malloc(cap if cap else 1)
-        if buf == NULL:
-            raise MemoryError()
-        try:
-            with nogil:
-                n = vfmig_simvf_stop_state(d, buf, cap)
-            if n == -ENOENT:
-                raise CoreError(ENOENT, f"simvf {name!r} kept no stop state (simvf_keep_stop_state first)")
-            if n < 0:
-                raise CoreError(-n, f"cannot copy the stop state of simvf {name!r}")
-            return (<char *>buf)[:n]
-        finally:
-            free(buf)
 
     def simvf_guest_stats(self):
         """The VF driver's counters (struct simvf_guest_stats at SIMVF_GUEST_STATS_GPA in guest

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "fixture.h"
 #include "vfmig/devices.h"
 #include "vfmig/dirty.h"
 #include "vfmig/dma_log.h"
@@ -22,16 +23,7 @@
 
 static struct vfmig_err err;
 
-static struct vfmig_vm *make_vm(void)
-{
-    struct vfmig_vm_config cfg = {.mem_bytes = RAM, .vcpus = 1};
-    struct vfmig_vm *vm = NULL;
-    if (vfmig_vm_create(&cfg, &vm, &err) < 0) {
-        fprintf(stderr, "create: %s\n", err.msg);
-        exit(1);
-    }
-    return vm;
-}
+static struct vfmig_vm *make_vm(void) { return test_vm(RAM, 1, 0); }
 
 static int bit(const uint64_t *b, uint64_t i)
 {

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fixture.h"
 #include "vfmig/irq.h"
 #include "vfmig/pci.h"
 #include "vfmig/vm.h"
@@ -109,17 +110,7 @@ static struct tdev *tdev_new(struct vfmig_vm *vm, const char *name, const struct
     return t;
 }
 
-static struct vfmig_vm *make_vm(void)
-{
-    struct vfmig_vm_config cfg = {.mem_bytes = 64ull << 20, .vcpus = 1};
-    struct vfmig_vm *vm = NULL;
-    struct vfmig_err err = {{0}};
-    if (vfmig_vm_create(&cfg, &vm, &err) < 0) {
-        fprintf(stderr, "create: %s\n", err.msg);
-        exit(1);
-    }
-    return vm;
-}
+static struct vfmig_vm *make_vm(void) { return test_vm(64ull << 20, 1, 0); }
 
 /* ---- what a vCPU's exits would do ---- */
 

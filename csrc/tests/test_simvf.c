@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fixture.h"
 #include "migstate_conformance.h"
 #include "vfmig/devices.h"
 #include "vfmig/dma_log.h"
@@ -24,17 +25,7 @@
 #define BAR0 0xE0000000u
 #define BAR1 0xE0004000u
 
-static struct vfmig_vm *make_vm(void)
-{
-    struct vfmig_vm_config cfg = {.mem_bytes = 64ull << 20, .vcpus = 1};
-    struct vfmig_vm *vm = NULL;
-    struct vfmig_err err = {{0}};
-    if (vfmig_vm_create(&cfg, &vm, &err) < 0) {
-        fprintf(stderr, "create: %s\n", err.msg);
-        exit(1);
-    }
-    return vm;
-}
+static struct vfmig_vm *make_vm(void) { return test_vm(64ull << 20, 1, 0); }
 
 static struct vfmig_device *add_vf(struct vfmig_vm *vm, uint64_t state, uint32_t rate)
 {

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fixture.h"
 #include "vfmig/channels.h"
 #include "vfmig/devices.h"
 #include "vfmig/dirty.h"
@@ -52,16 +53,9 @@ int main(int argc, char **argv)
     size_t n = fread(image, 1, sizeof(image), f);
     fclose(f);
 
-    struct vfmig_vm_config cfg = {.mem_bytes = 64ull << 20, .vcpus = 2, .ring_entries = 4096};
-    struct vfmig_vm *vm = NULL;
+    struct vfmig_vm *vm = test_vm(64ull << 20, 2, 4096);
+    test_add_builtins(vm);
     struct vfmig_err err = {{0}};
-    if (vfmig_vm_create(&cfg, &vm, &err) < 0) {
-        fprintf(stderr, "create: %s\n", err.msg);
-        return 1;
-    }
-    CHECK(vfmig_vm_add_device(vm, vfmig_console_new()) == 0);
-    CHECK(vfmig_vm_add_device(vm, vfmig_clock_new("clock", VFMIG_SPACE_PIO, VFMIG_PORT_CLOCK_LO)) == 0);
-    CHECK(vfmig_vm_add_device(vm, vfmig_platform_new(vm->vm_fd)) == 0);
     struct vfmig_device *dma = vfmig_dma_engine_new(vm, "dma0");
     CHECK(dma && vfmig_vm_add_device(vm, dma) == 0);
     struct vfmig_boot_params bp = {.magic = VFMIG_BOOT_MAGIC, .version = VFMIG_BOOT_VERSION, .vcpus = 2,

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fixture.h"
 #include "vfmig/devices.h"
 #include "vfmig/vcpu_state.h"
 #include "vfmig/vm.h"
@@ -20,16 +21,8 @@ static uint64_t touches(struct vfmig_vm *vm)
 
 static struct vfmig_vm *make_vm(void)
 {
-    struct vfmig_vm_config cfg = {.mem_bytes = 64ull << 20, .vcpus = 1};
-    struct vfmig_vm *vm = NULL;
-    struct vfmig_err err = {{0}};
-    if (vfmig_vm_create(&cfg, &vm, &err) < 0) {
-        fprintf(stderr, "create: %s\n", err.msg);
-        exit(1);
-    }
-    CHECK(vfmig_vm_add_device(vm, vfmig_console_new()) == 0);
-    CHECK(vfmig_vm_add_device(vm, vfmig_clock_new("clock", VFMIG_SPACE_PIO, VFMIG_PORT_CLOCK_LO)) == 0);
-    CHECK(vfmig_vm_add_device(vm, vfmig_platform_new(vm->vm_fd)) == 0);
+    struct vfmig_vm *vm = test_vm(64ull << 20, 1, 0);
+    test_add_builtins(vm);
     return vm;
 }
 
