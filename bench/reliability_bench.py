@@ -6,6 +6,8 @@ against a PSK-protected destination, and a soak of verified ping-pong migrations
 Writes bench/results/reliability.json. The soak runs in this process: two long-lived Listeners
 and a guest that migrates between them (a fresh destination VM each time, as a real receiver
 builds one), so fd, thread and RSS growth from the first to the last migration are this process's.
+The soak's VM has a simvf whose wire runs, driven by the vfdrv guest (the VF driver plus the
+dirtier's workload): every migration carries the VF's state and the pages its DMA wrote.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from vfmig.migration import MigrationOptions, migrate  # noqa: E402
 from vfmig.migration.destination import Incoming, Listener  # noqa: E402
 from vfmig.migration.policy import Policy  # noqa: E402
 from vfmig.testing import serve_destination  # noqa: E402
-from vfmig.vm import MicroVM  # noqa: E402
+from vfmig.vm import DeviceSpec, MicroVM  # noqa: E402
+
+SOAK_VF = DeviceSpec(name="vf0", state_bytes=1 << 20, dma_rate=20_000)  # 1 MiB of state, 20k packets/s
 
 
 def run_matrix(selected: list[Any]) -> list[Verdict]:
@@ -113,6 +117,17 @@ def _proc_status() -> dict[str, int]:
     return {"fds": len(os.listdir("/proc/self/fd")), "threads": fields["Threads"], "rss_kib": fields["VmRSS"]}
 
 
+def _wait_driver(vm: MicroVM, packets: int = 100, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = vm.vf_driver()
+        if st is not None and st["state_name"] == "running" and st["received"] >= packets:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the VF driver did not receive {packets} packets in {timeout:g} s: {st}")
+        time.sleep(0.01)
+
+
 def soak(n: int) -> dict[str, Any]:
     """n verified migrations ping-pong between two long-lived Listeners in this process."""
     listeners = [Listener("tcp://127.0.0.1:0"), Listener("tcp://127.0.0.1:0")]
@@ -120,8 +135,11 @@ def soak(n: int) -> dict[str, Any]:
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     downtimes = []
-    vm = MicroVM(memory="64M", guest="dirtier", rate_pps=20_000)
+    device_bytes = []  # per migration: the VF's precopy + stop-copy bytes
+    packet_errors = 0  # what the destination's guest reported, summed
+    vm = MicroVM(memory="64M", guest="vfdrv", rate_pps=20_000, devices=(SOAK_VF,))
     vm.start()
+    _wait_driver(vm)  # the VF's driver set the device up and receives: its DMA runs from the first migration
     t0 = time.monotonic()
     try:
         for i in range(n):
@@ -150,6 +168,10 @@ def soak(n: int) -> dict[str, Any]:
             if report.verification.memory_match is not True:
                 mismatches += 1
             downtimes.append(report.downtime_ms)
+            device_bytes.append(sum(d.precopy_bytes + d.stopcopy_bytes for d in report.devices))
+            packet_errors += report.guest.packet_errors or 0
+            if not report.devices or report.guest.packets_received is None:
+                failures.append(f"migration {i + 1}: no VF state or no packet counters in the report")
             if not isinstance(inc, Incoming):
                 failures.append(f"migration {i + 1}: destination {inc}")
                 continue
@@ -159,19 +181,28 @@ def soak(n: int) -> dict[str, Any]:
             if not first:
                 first = snap
             last = snap
+        driver = vm.vf_driver() or {}
+        vf = vm.device_counters().get(SOAK_VF.name, {})
     finally:
         vm.close()
         for lst in listeners:
             lst.close()
     downtimes.sort()
+    device_bytes.sort()
     return {
         "mode": "in one process: two long-lived Listeners, the guest migrates between them",
+        "vm": "64 MiB, vfdrv guest at 20k pages/s, simvf with 1 MiB of state and its wire at 20k packets/s",
         "soak_migrations": n,
         "soak_completed": len(downtimes),
         "soak_mismatches": mismatches,
         "soak_failures": failures,
         "seconds": round(time.monotonic() - t0, 1),
         "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else None,
+        "device_bytes_median": device_bytes[len(device_bytes) // 2] if device_bytes else None,
+        "packet_errors": packet_errors,
+        # after the last migration: the guest's driver and the VF it runs on now
+        "vf_driver": {k: driver.get(k) for k in ("state_name", "received", "dropped_seen", "errors", "tx_sent")},
+        "vf_counters": vf,
         "first": first,
         "last": last,
         "fd_growth": last.get("fds", 0) - first.get("fds", 0),
@@ -208,6 +239,7 @@ def main() -> int:
         "unauthenticated_run": strays,
         "soak_migrations": soaked["soak_migrations"] if soaked else None,
         "soak_mismatches": soaked["soak_mismatches"] if soaked else None,
+        "soak_packet_errors": soaked["packet_errors"] if soaked else None,
         "fd_growth": soaked["fd_growth"] if soaked else None,
         "thread_growth": soaked["thread_growth"] if soaked else None,
         "rss_growth_kib": soaked["rss_growth_kib"] if soaked else None,
@@ -221,7 +253,14 @@ def main() -> int:
         f"{doc['soak_mismatches']} mismatches, growth fds {doc['fd_growth']} threads {doc['thread_growth']} "
         f"RSS {doc['rss_growth_kib']} KiB -> {path}"
     )
-    return 0 if doc["cases_survived"] == doc["cases_tried"] else 1
+    soak_ok = not soaked or (
+        soaked["soak_completed"] == soaked["soak_migrations"]
+        and not soaked["soak_mismatches"]
+        and not soaked["packet_errors"]
+        and soaked["fd_growth"] <= 0
+        and soaked["thread_growth"] <= 0
+    )
+    return 0 if doc["cases_survived"] == doc["cases_tried"] and soak_ok else 1
 
 
 def _count(items: Any) -> dict[str, int]:

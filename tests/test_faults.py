@@ -1,6 +1,7 @@
 """The fault matrix, a fixed sample (vfmig.faultmatrix.sample): each case migrates a small idle VM
-through a fault proxy that fires at one record, and must survive by the two-phase commit's
-rules (vfmig.faultmatrix explains them). bench/reliability_bench.py runs the whole matrix."""
+with a simvf through a fault proxy that fires at one record (the device's precopy and stop-copy
+DEVICE_DATA chunks among them), and must survive by the two-phase commit's rules
+(vfmig.faultmatrix explains them). bench/reliability_bench.py runs the whole matrix."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from vfmig import faultmatrix
 from vfmig.faultmatrix import BEFORE_GO, POSITIONS, PROXY_ACTIONS, SIGNALS, Case, Position, run_case, sample
+from vfmig.testing import UP
 
 SAMPLE = sample()
 
@@ -39,3 +41,18 @@ def test_a_fault_that_does_no_harm_is_not_counted_as_survived_by_accident() -> N
     finally:
         del faultmatrix.BY_NAME["NEVER"]
     assert not v.survived and any("never fired" in p for p in v.problems), v
+
+
+@pytest.mark.usefixtures("kvm", "root")
+def test_a_fault_on_the_wrong_device_chunk_is_not_counted_as_survived() -> None:
+    """A DEVICE_DATA position is judged by the chunk it hit, not only by the record type: one
+    that lands on the stop-copy chunk (the 2nd DEVICE_DATA) while it means a precopy one is
+    reported as not survived."""
+    wrong = Position("WRONG_CHUNK", "DEVICE_DATA", "control", UP, "precopy", nth=2, data_phase="precopy")
+    faultmatrix.BY_NAME["WRONG_CHUNK"] = wrong
+    try:
+        v = run_case(Case("flip", "WRONG_CHUNK"))
+    finally:
+        del faultmatrix.BY_NAME["WRONG_CHUNK"]
+    assert v.hit.get("device_phase") == "stop-copy" and v.hit.get("last") is True, v.hit
+    assert not v.survived and any("not a precopy DEVICE_DATA chunk" in p for p in v.problems), v

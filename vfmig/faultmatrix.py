@@ -5,12 +5,20 @@ with both dirty trackers and 1 or 4 page channels, and a verdict per case.
 (vfmig.testing) that fires at the case's record, and judges the outcome by the two-phase commit:
 
 * before GO, the migration fails with an error that names what happened, the source VM runs
-  (not paused) with its memory unchanged (CRC32C of every page, before vs after), and the
-  destination never ran a vCPU (Listener.receive raised; no Incoming);
+  (not paused) with its memory unchanged (CRC32C of every page, before vs after) and its device
+  back in RUNNING with its counters unchanged, and the destination never ran a vCPU
+  (Listener.receive raised; no Incoming);
 * at GO (the commit record itself is hit) the guest runs on exactly one side, or, if the link
   died with GO, on neither (the source stays paused, in doubt); never on two;
 * after GO the destination runs the guest (Incoming, its vCPU entered the guest, its memory is
-  the source's at stop) and the source stays paused, whatever the source's error says.
+  the source's at stop, its device RUNNING with the state it loaded equal to the source's at
+  stop) and the source stays paused, its device stopped, whatever the source's error says.
+
+Every source VM has a simvf (VF, 256 KiB of state, PRE_COPY on), so every position also runs
+with device data in the stream: with one precopy round the control connection carries exactly
+two DEVICE_DATA records, the precopy image (~252 KiB, one chunk) after round 1 and the stop-copy
+rest (~4 KiB, flagged last) after the final pages. The guests here never enable the VF, so its
+wire and table stay still and memory digests stay exact; its state streams in full all the same.
 
 Faults in the proxy: flip a byte (the record's last byte, or its type), cut, truncate, cut
 after, delay past every timeout, duplicate, drop, reorder. Process faults: SIGKILL or SIGSTOP
@@ -41,9 +49,11 @@ from vfmig.errors import MigrationError, VfmigError
 from vfmig.migration.destination import Incoming, Listener, Timeouts
 from vfmig.migration.policy import Policy
 from vfmig.migration.source import CommitError, MigrationOptions, migrate
+from vfmig.migration.wire import PHASES as DATA_PHASES
+from vfmig.migration.wire import decode_device_data
 from vfmig.report.model import Report
-from vfmig.testing import DOWN, UP, Fault, FaultProxy, serve_destination
-from vfmig.vm import MicroVM
+from vfmig.testing import DOWN, HDR_LEN, UP, Fault, FaultProxy, serve_destination
+from vfmig.vm import DeviceSpec, MicroVM
 
 MEMORY = 64 << 20
 TIMEOUT_S = 1.5  # every timeout under test, both sides
@@ -60,6 +70,12 @@ DMA = "dma0"
 PAGE = 4096
 STRIPE = 512 * PAGE  # page index p travels on channel (p / 512) mod N
 DMA_STRIPE0 = 8  # DMA pattern pages from here (16 MiB): above the guest's code and stats pages
+VF = "vf0"
+# 256 KiB of VF state: one precopy DEVICE_DATA chunk and one stop-copy chunk (a chunk holds up to
+# CTRL_MAX, 1 MiB), so the 1st and 2nd DEVICE_DATA records are the two phases.
+VF_STATE = 256 << 10
+DEVICES = (DeviceSpec(name=VF, state_bytes=VF_STATE, dma_rate=0, precopy=True),)
+VF_ARG = f"simvf,name={VF},state={VF_STATE >> 10}K,dma_rate=0,precopy=on"  # the same, for `vfmig vm run`
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ class Position:
     direction: str
     phase: str
     after: str | None = None  # count the record only after this one (PAGES after ITER: final round)
+    nth: int = 1  # the nth such record on its connection and direction (after `after`, if given)
+    data_phase: str | None = None  # DEVICE_DATA: the device-stream phase the hit record must carry
 
 
 POSITIONS = (
@@ -84,7 +102,9 @@ POSITIONS = (
     Position("CHANNEL_ACK", "HELLO_ACK", "channel", DOWN, "setup"),
     Position("PAGES_round1", "PAGES", "channel", UP, "precopy"),
     Position("ITER", "ITER", "channel", UP, "precopy"),
+    Position("DEVICE_DATA_precopy", "DEVICE_DATA", "control", UP, "precopy", data_phase="precopy"),
     Position("PAGES_final", "PAGES", "channel", UP, "stop", after="ITER"),
+    Position("DEVICE_DATA_stopcopy", "DEVICE_DATA", "control", UP, "stop", nth=2, data_phase="stop-copy"),
     Position("EOS_channel", "EOS", "channel", UP, "stop"),
     Position("DEVICE", "DEVICE", "control", UP, "stop"),
     Position("VCPU", "VCPU", "control", UP, "stop"),
@@ -195,7 +215,7 @@ def _timeouts() -> Timeouts:
 def _fault(case: Case, hook: Callable[[], None] | None = None) -> Fault:
     p = case.pos
     conn = case.channels if p.where == "channel" else 0  # the last page channel
-    kw: dict[str, Any] = {"conn": conn, "direction": p.direction, "record": p.record, "after": p.after}
+    kw: dict[str, Any] = {"conn": conn, "direction": p.direction, "record": p.record, "nth": p.nth, "after": p.after}
     if case.action in SIGNALS:
         return Fault(action="call", hook=hook, **kw)
     if case.action == "flip":
@@ -205,6 +225,23 @@ def _fault(case: Case, hook: Callable[[], None] | None = None) -> Fault:
     return Fault(action=case.action, delay_s=DELAY_S, **kw)
 
 
+class _Proxy(FaultProxy):
+    """The FaultProxy, noting in `hit` what a DEVICE_DATA record it hits carries (device, stream
+    phase, seq, last flag, data bytes), read before the fault acts on it: proof of which chunk
+    of the device's stream the fault hit."""
+
+    def _apply(self, rec: bytes, cut_at: int | None) -> tuple[list[bytes], bytes | None, bytes | None]:
+        if self.hit.get("record") == "DEVICE_DATA":
+            try:
+                c = decode_device_data(rec[HDR_LEN:])
+            except MigrationError as e:
+                self.hit["device_data"] = f"undecodable: {e}"
+            else:
+                phase = DATA_PHASES[c.phase]
+                self.hit.update(device=c.name, device_phase=phase, seq=c.seq, last=c.last, data_bytes=len(c.data))
+        return super()._apply(rec, cut_at)
+
+
 def _dma_final_round(vm: MicroVM, channels: int, value: int) -> None:
     """One page in each of `channels` consecutive stripes, so every channel has final-round pages."""
     for s in range(channels):
@@ -212,9 +249,10 @@ def _dma_final_round(vm: MicroVM, channels: int, value: int) -> None:
 
 
 def _idle_source(case: Case) -> MicroVM:
-    vm = MicroVM(memory=MEMORY, guest="idle", tracker=case.tracker)
+    vm = MicroVM(memory=MEMORY, guest="idle", tracker=case.tracker, devices=DEVICES)
     try:
         vm.core.add_dma_engine(DMA)
+        vm.core.simvf_keep_stop_state(VF, True)  # what the destination must load, after GO
         vm.start()
         _wait(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to touch its RAM and halt")
         for i in range(64):  # a pattern that is not the guest's, so pages carry data
@@ -275,6 +313,10 @@ def _check_hit(case: Case, proxy: FaultProxy, problems: list[str]) -> None:
     conn = case.channels if p.where == "channel" else 0
     if (h.get("record"), h.get("conn"), h.get("direction")) != (p.record, conn, p.direction):
         problems.append(f"the fault hit {h}, not {p.record} on connection {conn} {p.direction}")
+    elif p.after is None and h.get("nth") != p.nth:
+        problems.append(f"the fault hit {p.record} number {h.get('nth')}, not number {p.nth}: {h}")
+    if p.data_phase is not None and (h.get("device"), h.get("device_phase")) != (VF, p.data_phase):
+        problems.append(f"the fault hit {h}, not a {p.data_phase} DEVICE_DATA chunk of {VF}")
 
 
 def _check_error(case: Case, error: str | None, problems: list[str]) -> None:
@@ -282,6 +324,38 @@ def _check_error(case: Case, error: str | None, problems: list[str]) -> None:
         problems.append("no error message")
     elif not re.search(_NAMES[case.action], error, re.I):
         problems.append(f"the error does not name a {case.action}: {error!r}")
+
+
+_DEVICE_NOT_BACK = ("was reset", "not running again")  # what the source's abort says of a device it could not take back
+
+
+def _judge_source_device(
+    vm: MicroVM, outcome: str, error: str | None, counters: dict[str, int], problems: list[str]
+) -> None:
+    """The source's VF: back in RUNNING after a failure, with the counters it had before (the
+    guest never enabled it: nothing moved, and no reset cleared them); stopped while its VM
+    stays paused after GO."""
+    state = vm.core.mig_state(VF)
+    if outcome == "failed":
+        if state != "RUNNING":
+            problems.append(f"the source's device {VF} is {state} after the failure, not RUNNING")
+        now = vm.core.simvf_counters(VF)
+        if now != counters or now["sent"] != now["delivered"] + now["dropped"]:
+            problems.append(f"the source's device counters changed or disagree: {counters} -> {now}")
+        if error and any(s in error for s in _DEVICE_NOT_BACK):
+            problems.append(f"the source could not simply take its device back: {error!r}")
+    elif vm.paused and state == "RUNNING":
+        problems.append(f"the source's device {VF} runs although its VM stays paused after GO")
+
+
+def _judge_destination_device(dst: MicroVM, loaded: dict[str, bytes], src: MicroVM | None, problems: list[str]) -> None:
+    """The destination runs the guest: its VF is RUNNING, and the state it loaded (read right
+    after RESUMING -> STOP, before anything ran) is the source's at stop, byte for byte."""
+    state = dst.core.mig_state(VF)
+    if state != "RUNNING":
+        problems.append(f"the destination's device {VF} is {state}, not RUNNING")
+    if src is not None and loaded.get("state") != src.core.simvf_stop_state(VF):
+        problems.append(f"the destination's device {VF} loaded a state that differs from the source's at stop")
 
 
 def _source_outcome(err: BaseException | None) -> tuple[str, str | None]:
@@ -296,6 +370,8 @@ def _run_in_process(case: Case) -> Verdict:
     details: dict[str, Any] = {}
     vm = _idle_source(case)
     digest = [vm.core.page_crcs()]
+    counters = vm.core.simvf_counters(VF)
+    loaded: dict[str, bytes] = {}
 
     def progress(event: str, data: dict[str, Any]) -> None:
         if event == "iteration" and data["index"] == 1:
@@ -304,8 +380,9 @@ def _run_in_process(case: Case) -> Verdict:
 
     try:
         listener = Listener("tcp://127.0.0.1:0", timeouts=_timeouts())
+        listener.after_load = lambda v: loaded.update(state=v.core.simvf_state(VF))
         with serve_destination(listener, run_seconds=RUN_S, accept_timeout=ACCEPT_S) as dst:
-            proxy = FaultProxy(("127.0.0.1", dst.port), _fault(case)).start()
+            proxy = _Proxy(("127.0.0.1", dst.port), _fault(case)).start()
             err: BaseException | None = None
             report: Report | None = None
             try:
@@ -318,7 +395,10 @@ def _run_in_process(case: Case) -> Verdict:
             outcome, error = _source_outcome(err)
             _check_hit(case, proxy, problems)
             _judge_source(case, vm, outcome, error, digest[0], report, problems)
+            _judge_source_device(vm, outcome, error, counters, problems)
             _judge_destination(case, res, outcome, digest[0], problems, details)
+            if isinstance(res, Incoming):
+                _judge_destination_device(res.vm, loaded, vm, problems)
             return Verdict(case, not problems, _phase(case, proxy), dict(proxy.hit), error, outcome, problems, details)
     finally:
         vm.close()
@@ -398,6 +478,7 @@ def _run_destination_process(case: Case) -> Verdict:
     sig = signal.SIGKILL if case.action == "kill_dst" else signal.SIGSTOP
     vm = _idle_source(case)
     digest = [vm.core.page_crcs()]
+    counters = vm.core.simvf_counters(VF)
 
     def progress(event: str, data: dict[str, Any]) -> None:
         if event == "iteration" and data["index"] == 1:
@@ -408,7 +489,7 @@ def _run_destination_process(case: Case) -> Verdict:
         json_path = os.path.join(tmp, "dst.json")
         proc, port = _start_receiver(json_path)
         try:
-            proxy = FaultProxy(("127.0.0.1", port), _fault(case, lambda: os.kill(proc.pid, sig))).start()
+            proxy = _Proxy(("127.0.0.1", port), _fault(case, lambda: os.kill(proc.pid, sig))).start()
             err: BaseException | None = None
             report: Report | None = None
             try:
@@ -438,6 +519,7 @@ def _run_destination_process(case: Case) -> Verdict:
         phase = case.pos.phase
         _check_hit(case, proxy, problems)
         _judge_source(case, vm, outcome, error, digest[0], report, problems)
+        _judge_source_device(vm, outcome, error, counters, problems)
         details["destination"] = f"exit {proc.returncode}: {(out + errout).strip()[-300:]}"
         if ran:
             if outcome == "failed":
@@ -454,6 +536,7 @@ def _run_destination_process(case: Case) -> Verdict:
 # the source as a `vfmig vm run --control` process ------------------------------------------------
 def _start_source(case: Case, path: str) -> subprocess.Popen[str]:
     vm = ["vm", "run", "--memory", str(MEMORY >> 20) + "M", "--guest", "dirtier", "--tracker", case.tracker]
+    vm += ["--device", VF_ARG]  # the dirtier has no VF driver: the VF stays still, its state streams
     # Fast and random, so that the final round has pages on every page channel to fault.
     workload = ["--rate", "40000", "--pattern", "random", "--control", path, "--seconds", "0"]
     return start_process([*vm, *workload], "control socket", "source")[0]
@@ -466,6 +549,12 @@ def _source_state(path: str) -> tuple[str, int]:
     return ("paused" if paused else "running"), int(st["touches"])
 
 
+def _source_device(path: str) -> dict[str, int]:
+    """The source process's VF counters (its migration state is not on the control socket: the
+    source's own abort reports a device it could not take back to RUNNING, in its error)."""
+    return dict(control.request(path, {"cmd": "stats"}, timeout=10)["stats"]["devices"][VF])
+
+
 def _run_source_process(case: Case) -> Verdict:
     problems: list[str] = []
     details: dict[str, Any] = {}
@@ -476,9 +565,10 @@ def _run_source_process(case: Case) -> Verdict:
         src = _start_source(case, path)
         try:
             _wait(lambda: _source_state(path)[1] > 0, "the source guest to run")
+            counters = _source_device(path)
             listener = Listener("tcp://127.0.0.1:0", timeouts=_timeouts())
             with serve_destination(listener, run_seconds=RUN_S, accept_timeout=ACCEPT_S + 5) as dst:
-                proxy = FaultProxy(("127.0.0.1", dst.port), _fault(case, lambda: os.kill(src.pid, sig))).start()
+                proxy = _Proxy(("127.0.0.1", dst.port), _fault(case, lambda: os.kill(src.pid, sig))).start()
                 answer: dict[str, Any] = {}
                 req = {"cmd": "migrate", "to": proxy.address, "options": control.options_to_dict(_options(case))}
 
@@ -507,6 +597,7 @@ def _run_source_process(case: Case) -> Verdict:
                         problems.append(f"the destination runs the guest after a fault in {phase}")
                     if not res.vm.core.first_run_ns:
                         problems.append("the destination's vCPU never entered the guest")
+                    _judge_destination_device(res.vm, {}, None, problems)
                 elif phase == "after-go":
                     problems.append(f"the destination does not run the guest after GO: {res}")
                 if sig == signal.SIGKILL:
@@ -527,6 +618,10 @@ def _run_source_process(case: Case) -> Verdict:
                             problems.append("the source runs although the destination does")
                     elif phase in BEFORE_GO and state != "running":
                         problems.append(f"the source is {state} after a failure before the commit")
+                    if state == "running" and (now := _source_device(path)) != counters:
+                        problems.append(f"the source's device counters changed: {counters} -> {now}")
+                    if error and any(s in str(error) for s in _DEVICE_NOT_BACK):
+                        problems.append(f"the source could not simply take its device back: {error!r}")
                     if not answer.get("ok"):
                         if "commit point" in str(error):
                             outcome = "commit-error"
