@@ -83,6 +83,9 @@ def render_reliability() -> str:
     if r.get("soak_migrations") is not None:
         soak = f"{r['soak_migrations']} / {r['soak_mismatches']}"
         rows.append(f"| soak: verified migrations / memory mismatches | {soak} |")
+        if r.get("soak_packet_errors") is not None:
+            vm = (r.get("soak") or {}).get("vm", "")
+            rows.append(f"| soak: packet errors the guest's VF driver saw ({vm}) | {r['soak_packet_errors']} |")
         rows.append(
             f"| soak: growth from first to last migration | {r['fd_growth']} fds, {r['thread_growth']} threads, "
             f"{r['rss_growth_kib']:,} KiB RSS |"
