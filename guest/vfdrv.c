@@ -75,7 +75,6 @@ struct vfdrv_priv {
     uint64_t tx_done, tx_errors;   /* TX descriptors reclaimed: DONE, DONE | ERROR */
     uint64_t tx_ring_full;         /* TX packets not sent: no free descriptor */
     uint64_t tx_irqs, mig_irqs, misc_irqs, spurious_irqs, other_irqs;
-    uint64_t drops_without_gap;    /* seq == next_seq but the drops field moved (accepted) */
     uint32_t rx_bad_run;           /* bad packets since the last good one: each used a sequence number */
     /* The first RX error, as seen: for reporting a device bug with evidence. */
     uint32_t err_desc, err_desc_len, err_pkt_len, err_magic;
@@ -240,13 +239,12 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
      * neither received nor a drop, so one corrupt packet makes one error, not two. */
     volatile struct vfdrv_priv *p = priv();
     uint64_t next = gs->next_seq + p->rx_bad_run, last_drops = gs->last_drops;
-    if (seq == next) {
-        if (drops != last_drops)
-            p->drops_without_gap = p->drops_without_gap + 1;
-    } else if (seq < next || seq - next != drops - last_drops) {
+    /* The oracle: the gap (0 for the next packet) equals what the device's drop count grew by;
+     * a drop count that moved without a gap is as wrong as a gap it does not explain. */
+    if (seq < next || seq - next != drops - last_drops) {
         rx_error(SIMVF_ERR_GAP, desc, dlen, pkt, 0);
         /* Resynchronise forward, so one bad gap is one error, not one per packet after it. */
-        if (seq > next) {
+        if (seq >= next) {
             gs->last_drops = drops;
             gs->next_seq = seq + 1;
             p->rx_bad_run = 0;

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import keeps_running, wait_running, wait_until
 from vfmig import _core
 from vfmig.cli import build_parser
-from vfmig.errors import ConfigError, MigrationError
+from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.migration import Migration, MigrationOptions, migrate, source
 from vfmig.migration.destination import Incoming, Limits, Listener
 from vfmig.migration.policy import STOP_OVERHEAD_MS, Policy
@@ -550,3 +550,18 @@ def test_the_prestop_hook_runs_with_the_vcpus_running_before_the_downtime(monkey
     assert seen[0][1] < report.checkpoint("src-downtime-start")
     (dev,) = report.devices
     assert dev.prestop_ms is not None and 0 <= dev.prestop_ms < source.PRESTOP_DEADLINE_MS and dev.prestop_error is None
+
+
+@needs_kvm
+def test_resume_with_a_device_in_error_runs_the_vcpus_and_says_so() -> None:
+    """A device that cannot start must not leave the guest paused (it would look hung): the vCPUs
+    run, the VM says it is not paused, and the error names the device."""
+    with _vf_vm() as vm:
+        vm.start()
+        wait_running(vm)
+        vm.pause()
+        with pytest.raises(OSError, match="not a valid transition"):
+            vm.core.mig_set_state(VF, "ERROR")  # never a valid target: the device enters ERROR
+        with pytest.raises(VfmigError, match="resumed, but a device did not start: .*vf0"):
+            vm.resume()
+        assert not vm.paused and keeps_running(vm)

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Bindings to the vfmig C core. Every call that loops over pages or waits releases the GIL."""
-from libc.errno cimport EBUSY, ENOENT, ENOMSG
+from libc.errno cimport EBUSY, EINVAL, ENOENT, ENOMSG, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -469,7 +469,7 @@ cdef class VM:
         with nogil:
             d = vfmig_simvf_new(vm, cname, &cfg, &err)
         if d == NULL:
-            raise CoreError(22, err.msg.decode("utf-8", "replace") or f"cannot create simvf {name!r}")
+            raise CoreError(errno or EINVAL, err.msg.decode("utf-8", "replace") or f"cannot create simvf {name!r}")
 
     cdef vfmig_device *_simvf(self, str name) except NULL:
         cdef vfmig_device *d = self._dev(name)

@@ -329,7 +329,11 @@ class MicroVM:
         try:
             ns = self.core.resume()
         except _core.CoreError as e:
-            raise VfmigError(f"cannot resume: {self.core.failed or e}") from None
+            if self.core.failed:
+                raise VfmigError(f"cannot resume: {self.core.failed}") from None
+            # The vCPUs run again (the guest must not hang on a device); a device did not start.
+            self.paused = False
+            raise VfmigError(f"resumed, but a device did not start: {e}") from None
         self.paused = False
         self._resume_ns.append(ns)
         return ns

@@ -18,6 +18,7 @@
 #define TABLE_ENTRY 64u
 #define TABLE_UPDATES_PER_S 200u   /* "slowly": precopy can keep up, stop-copy stays small */
 #define WIRE_TICK_MS 1
+#define TX_BATCH 64u               /* TX descriptors per tick at most */
 #define CATCHUP_MAX_S 10ull        /* packets missed while stopped, counted as drops, at most this long */
 #define OUT_CAP (sizeof(struct simvf_sec_hdr) + SIMVF_PCI_MAX + SIMVF_TABLE_SECTION)
 
@@ -123,9 +124,9 @@ static int rx_deliver(struct simvf *s)
     volatile struct simvf_desc *d = desc_at(s, r->rx_ring, r->rx_head);
     if (!d || !(__atomic_load_n(&d->flags, __ATOMIC_ACQUIRE) & SIMVF_DESC_AVAIL))
         return 0;
-    uint64_t seq = r->sent;
-    uint32_t len = pkt_len(seq);
-    uint8_t *buf = d->len >= len ? vfmig_vm_host(s->pci.vm, d->addr, len) : NULL;
+    uint64_t seq = r->sent, addr = d->addr; /* read once: the guest may rewrite it meanwhile */
+    uint32_t len = pkt_len(seq), room = d->len;
+    uint8_t *buf = room >= len ? vfmig_vm_host(s->pci.vm, addr, len) : NULL;
     if (!buf)
         return 0; /* a buffer outside RAM or too small: the driver's bug; the ring stalls there */
     struct simvf_pkt h = {.magic = SIMVF_PKT_MAGIC, .len = len, .seq = seq, .drops = r->dropped};
@@ -135,7 +136,7 @@ static int rx_deliver(struct simvf *s)
         payload[i] = (uint32_t)(seq * 0x9E3779B1u) ^ (i * 0x85EBCA6Bu);
     h.csum = simvf_csum(payload, nwords, seq);
     memcpy(buf, &h, sizeof(h));
-    vfmig_dma_log_mark(&s->log, d->addr, len);
+    vfmig_dma_log_mark(&s->log, addr, len);
     d->len = len;
     __atomic_store_n(&d->flags, SIMVF_DESC_DONE, __ATOMIC_RELEASE);
     vfmig_dma_log_mark(&s->log, r->rx_ring + (uint64_t)r->rx_head * sizeof(struct simvf_desc),
@@ -179,12 +180,15 @@ static uint32_t tx_process(struct simvf *s)
 {
     struct simvf_regs *r = &s->regs;
     uint32_t done = 0;
-    while (r->tx_size && done < r->tx_size) {
+    /* A bounded batch per tick: the guest decides how many it posts, and vCPUs and the stop
+     * wait for s->lock. The rest waits for the next tick. */
+    while (r->tx_size && done < TX_BATCH) {
         volatile struct simvf_desc *d = desc_at(s, r->tx_ring, r->tx_head);
         if (!d || !(__atomic_load_n(&d->flags, __ATOMIC_ACQUIRE) & SIMVF_DESC_AVAIL))
             break;
         uint32_t len = d->len;
-        const uint8_t *p = len <= SIMVF_BUF_MAX ? vfmig_vm_host(s->pci.vm, d->addr, len) : NULL;
+        uint64_t addr = d->addr;
+        const uint8_t *p = len <= SIMVF_BUF_MAX ? vfmig_vm_host(s->pci.vm, addr, len) : NULL;
         int ok = p && tx_packet_ok(p, len);
         ok ? r->tx_ok++ : r->tx_bad++;
         __atomic_store_n(&d->flags, SIMVF_DESC_DONE | (ok ? 0 : SIMVF_DESC_ERROR), __ATOMIC_RELEASE);
@@ -224,21 +228,21 @@ static void *wire_thread(void *arg)
         for (int i = 0; i < 3; i++)
             if (fds[i].revents & POLLIN && read(fds[i].fd, &v, sizeof(v)) < 0)
                 continue;
-        uint32_t rx = 0, tx = 0;
         pthread_mutex_lock(&s->lock);
         if (s->active && (s->regs.ctrl & SIMVF_CTRL_ENABLE) && vfmig_pci_bus_master(&s->pci)) {
             uint64_t now = vfmig_now_ns();
-            rx = rx_wire(s, now);
-            tx = tx_process(s);
+            uint32_t rx = rx_wire(s, now), tx = tx_process(s);
             table_update(s, now);
             s->regs.interrupts += (rx > 0) + (tx > 0);
+            /* Still under s->lock (MSI-X takes its own, inside it), so once a stop has taken the
+             * lock no interrupt of this tick can land: not in the guest after its vCPU state was
+             * saved, not in the PBA after the config was. One per tick and queue (moderation). */
+            if (rx)
+                vfmig_pci_msix_notify(&s->pci, SIMVF_VEC_RX);
+            if (tx)
+                vfmig_pci_msix_notify(&s->pci, SIMVF_VEC_TX);
         }
         pthread_mutex_unlock(&s->lock);
-        /* Outside our lock: MSI-X takes its own. One interrupt per tick and queue (moderation). */
-        if (rx)
-            vfmig_pci_msix_notify(&s->pci, SIMVF_VEC_RX);
-        if (tx)
-            vfmig_pci_msix_notify(&s->pci, SIMVF_VEC_TX);
     }
     return NULL;
 }
@@ -586,12 +590,17 @@ static int simvf_precopy_info(void *dev, uint64_t *initial, uint64_t *dirty, str
     (void)err;
     struct simvf *s = dev;
     pthread_mutex_lock(&s->lock);
+    /* As VFIO means them: initial counts down to 0 once (the bytes of the first image not yet
+     * read); dirty is what changed in parts already sent (a chunk past initial_off goes with the
+     * initial image anyway). A half-read section counts where it came from. */
+    int in_initial = s->gen.phase <= GEN_INITIAL;
     uint64_t pending = s->out_len - s->out_pos, chunks = 0;
-    for (uint64_t w = 0; w < (s->nchunks + 63) / 64; w++)
-        chunks += (uint64_t)__builtin_popcountll(s->dirty[w]);
+    uint64_t sent_chunks = in_initial ? s->gen.initial_off / SIMVF_CHUNK : s->nchunks;
+    for (uint64_t c = 0; c < sent_chunks; c++)
+        chunks += s->dirty[c / 64] >> (c % 64) & 1;
     uint64_t ident = s->gen.phase == GEN_IDENT ? sizeof(struct simvf_sec_hdr) + sizeof(struct simvf_ident) : 0;
-    *initial = pending + ident + (s->gen.phase <= GEN_INITIAL ? s->table_bytes - s->gen.initial_off : 0);
-    *dirty = chunks * SIMVF_CHUNK;
+    *initial = in_initial ? pending + ident + s->table_bytes - s->gen.initial_off : 0;
+    *dirty = chunks * SIMVF_CHUNK + (in_initial ? 0 : pending);
     pthread_mutex_unlock(&s->lock);
     return 0;
 }
@@ -608,9 +617,9 @@ static int simvf_reset(void *dev, struct vfmig_err *err)
     s->loading = 0;
     s->gen.phase = GEN_DONE;
     s->out_pos = s->out_len = 0;
+    table_fill(s); /* stopped: nothing else touches the table, so vCPUs need not wait for this */
     pthread_mutex_lock(&s->lock);
     memset(&s->regs, 0, sizeof(s->regs));
-    table_fill(s);
     memset(s->dirty, 0, (s->nchunks + 63) / 64 * 8);
     pthread_mutex_unlock(&s->lock);
     set_active(s, 1);
@@ -702,11 +711,14 @@ static int build_function(struct simvf *s, struct vfmig_vm *vm, struct vfmig_err
 struct vfmig_device *vfmig_simvf_new(struct vfmig_vm *vm, const char *name, const struct vfmig_simvf_config *cfg,
                                      struct vfmig_err *err)
 {
-    if (check_config(cfg, err) < 0)
+    int rc = check_config(cfg, err);
+    if (rc < 0) {
+        errno = -rc;
         return NULL;
+    }
     struct simvf *s = calloc(1, sizeof(*s));
     if (!s) {
-        vfmig_fail(err, ENOMEM, "out of memory for simvf");
+        errno = -vfmig_fail(err, ENOMEM, "out of memory for simvf");
         return NULL;
     }
     s->cfg = *cfg;
@@ -727,13 +739,13 @@ struct vfmig_device *vfmig_simvf_new(struct vfmig_vm *vm, const char *name, cons
     s->log_live = vfmig_dma_log_init(&s->log, vm) == 0;
     if (s->tx_db < 0 || s->rx_db < 0 || s->wake < 0 || !s->table || !s->dirty || !s->out || !s->mig_live ||
         !s->log_live) {
-        vfmig_fail(err, ENOMEM, "out of memory or file descriptors for simvf");
+        rc = vfmig_fail(err, ENOMEM, "out of memory or file descriptors for simvf");
         goto fail;
     }
     table_fill(s);
     s->gen.phase = GEN_DONE;
     s->active = 1; /* RUNNING; the wire waits for the driver to enable the device */
-    if (build_function(s, vm, err) < 0)
+    if ((rc = build_function(s, vm, err)) < 0)
         goto fail;
     rebase(s);
     s->pci.dev.opaque = s;
@@ -741,15 +753,16 @@ struct vfmig_device *vfmig_simvf_new(struct vfmig_vm *vm, const char *name, cons
     s->pci.dev.mig = &s->mig;
     s->pci.dev.dma_log = &s->log;
     if (pthread_create(&s->thread, NULL, wire_thread, s) != 0) {
-        vfmig_fail(err, EAGAIN, "cannot start the simvf thread");
+        rc = vfmig_fail(err, EAGAIN, "cannot start the simvf thread");
         goto fail;
     }
     s->thread_live = 1;
-    if (vfmig_pci_attach(vm, &s->pci, err) < 0)
+    if ((rc = vfmig_pci_attach(vm, &s->pci, err)) < 0)
         goto fail;
     return &s->pci.dev;
 fail:
     simvf_free(s);
+    errno = -rc;
     return NULL;
 }
 
@@ -785,7 +798,10 @@ long vfmig_simvf_state(struct vfmig_device *d, uint8_t *buf, size_t cap)
     struct simvf *s = as_simvf(d);
     if (!s)
         return -EINVAL;
-    if (s->active)
+    pthread_mutex_lock(&s->lock);
+    int active = s->active;
+    pthread_mutex_unlock(&s->lock);
+    if (active)
         return -EBUSY;
     pthread_mutex_lock(&s->mig.lock);
     long n = full_state(s, buf, cap);

@@ -89,7 +89,8 @@ int simvf_loader_init(struct simvf_loader *l, const struct simvf_ident *want, ui
     /* The largest section there can be; the header's len is checked before a byte is buffered. */
     l->buf = malloc(sizeof(struct simvf_sec_hdr) + SIMVF_PCI_MAX + SIMVF_TABLE_SECTION);
     l->pci = malloc(SIMVF_PCI_MAX);
-    if (!l->buf || !l->pci) {
+    l->covered = calloc((table_bytes / SIMVF_CHUNK + 64) / 64, sizeof(uint64_t));
+    if (!l->buf || !l->pci || !l->covered) {
         simvf_loader_free(l);
         return -ENOMEM;
     }
@@ -100,7 +101,9 @@ void simvf_loader_free(struct simvf_loader *l)
 {
     free(l->buf);
     free(l->pci);
+    free(l->covered);
     l->buf = l->pci = NULL;
+    l->covered = NULL;
 }
 
 /* The payload size a section of this type may have; 0 for an unknown type. */
@@ -142,6 +145,10 @@ static int check_hdr(struct simvf_loader *l, const struct simvf_sec_hdr *h, stru
     if (h->type == SIMVF_SEC_TABLE && (h->offset > l->table_bytes || h->len > l->table_bytes - h->offset))
         return vfmig_fail(err, EMSGSIZE, "simvf state: TABLE section [%llu, +%u) beyond the %llu-byte table",
                           (unsigned long long)h->offset, h->len, (unsigned long long)l->table_bytes);
+    if (h->type == SIMVF_SEC_TABLE &&
+        (h->offset % SIMVF_CHUNK || (h->len % SIMVF_CHUNK && h->offset + h->len != l->table_bytes)))
+        return vfmig_fail(err, EPROTO, "simvf state: TABLE section [%llu, +%u) is not whole %u-byte chunks",
+                          (unsigned long long)h->offset, h->len, SIMVF_CHUNK);
     if (h->type != SIMVF_SEC_TABLE && h->offset)
         return vfmig_fail(err, EPROTO, "simvf state: %s section with offset %llu", sec_name(h->type),
                           (unsigned long long)h->offset);
@@ -169,6 +176,8 @@ static int take_section(struct simvf_loader *l, struct vfmig_err *err)
     }
     case SIMVF_SEC_TABLE:
         memcpy(l->table + h.offset, p, h.len);
+        for (uint64_t c = h.offset / SIMVF_CHUNK; c < (h.offset + h.len + SIMVF_CHUNK - 1) / SIMVF_CHUNK; c++)
+            l->covered[c / 64] |= 1ull << (c % 64);
         break;
     case SIMVF_SEC_PCI:
         memcpy(l->pci, p, h.len);
@@ -243,5 +252,10 @@ int simvf_loader_finish(const struct simvf_loader *l, struct vfmig_err *err)
         return vfmig_fail(err, EINVAL, "simvf state: no PCI section");
     if (!l->seen_regs)
         return vfmig_fail(err, EINVAL, "simvf state: no REGS section");
+    /* A stream that skipped part of the table would leave the destination's power-on bytes there. */
+    for (uint64_t c = 0; c < (l->table_bytes + SIMVF_CHUNK - 1) / SIMVF_CHUNK; c++)
+        if (!(l->covered[c / 64] >> (c % 64) & 1))
+            return vfmig_fail(err, EINVAL, "simvf state: table bytes [%llu, +%u) never arrived",
+                              (unsigned long long)c * SIMVF_CHUNK, SIMVF_CHUNK);
     return 0;
 }

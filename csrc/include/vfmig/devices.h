@@ -52,15 +52,17 @@ struct vfmig_simvf_config {
 #define VFMIG_SIMVF_STATE_MIN (4ull << 10)
 #define VFMIG_SIMVF_STATE_MAX (256ull << 20)
 #define VFMIG_SIMVF_RATE_MAX 1000000u
-/* Lifecycle thread: creates it and attaches it to the VM's PCI bus. The device or NULL with err. */
+/* Lifecycle thread: creates it and attaches it to the VM's PCI bus. The device, or NULL with err
+ * and errno set. */
 struct vfmig_device *vfmig_simvf_new(struct vfmig_vm *vm, const char *name, const struct vfmig_simvf_config *cfg,
                                      struct vfmig_err *err);
 struct vfmig_simvf_counters {
     uint64_t sent, delivered, dropped, tx_ok, tx_bad, table_updates, interrupts;
 };
-/* Any thread, lock-free reads. 0, or -EINVAL if d is not simvf. */
+/* Any thread; takes the device lock briefly. 0, or -EINVAL if d is not simvf. */
 int vfmig_simvf_counters(struct vfmig_device *d, struct vfmig_simvf_counters *out);
-/* Change the wire's rate (0 stops it). Any thread. 0 or -EINVAL. */
+/* Change the wire's rate (0 stops it). A test knob: the rate is configuration, not state, so a
+ * migrated device runs at its configured rate. Any thread. 0 or -EINVAL. */
 int vfmig_simvf_set_rate(struct vfmig_device *d, uint32_t pps);
 /* The device's whole state as one canonical stop-copy stream (what a save without precopy
  * sends): two devices in the same state give the same bytes. Device not running (STOP,
@@ -71,9 +73,10 @@ size_t vfmig_simvf_state_size(struct vfmig_device *d);
 /* Test knob: keep a copy of vfmig_simvf_state taken when the device enters STOP_COPY. */
 int vfmig_simvf_keep_stop_state(struct vfmig_device *d, int on);
 long vfmig_simvf_stop_state(struct vfmig_device *d, uint8_t *buf, size_t cap);
-/* Every check a RESUMING simvf makes on a state stream, without KVM (fuzzed by csrc/fuzz): the
- * stream split into chunks of `chunk` bytes, against a destination built with cfg. Pure, any
- * thread. 0 or -errno with err. */
+/* Every check a RESUMING simvf makes on a state stream except the PCI section's contents (that
+ * check needs a PCI function: vfmig_pci_check, tested in test_pci), without KVM (fuzzed by
+ * csrc/fuzz): the stream split into chunks of `chunk` bytes, against a destination built with
+ * cfg. Pure, any thread. 0 or -errno with err. */
 int vfmig_simvf_check_stream(const struct vfmig_simvf_config *cfg, const uint8_t *buf, size_t len, size_t chunk,
                              struct vfmig_err *err);
 #endif

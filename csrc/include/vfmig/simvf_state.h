@@ -18,7 +18,8 @@
 
 enum simvf_sec_type {
     SIMVF_SEC_IDENT = 1, /* identity: must come first, must match the destination device */
-    SIMVF_SEC_TABLE = 2, /* offset + bytes of the flow table; later sections overwrite earlier */
+    SIMVF_SEC_TABLE = 2, /* bytes of the flow table at a SIMVF_CHUNK-aligned offset, whole chunks
+                          * (or up to the table's end); later sections overwrite earlier */
     SIMVF_SEC_PCI = 3,   /* the PCI function's state (pci.h vfmig_pci_save) */
     SIMVF_SEC_REGS = 4,  /* queue pointers, counters, the wire */
     SIMVF_SEC_END = 5,   /* nothing may follow */
@@ -77,6 +78,7 @@ struct simvf_loader {
     struct simvf_regs regs;
     int seen_regs;
     uint64_t sections;
+    uint64_t *covered;             /* one bit per SIMVF_CHUNK of the table that some TABLE section filled */
 };
 
 /* table: table_bytes of the device's table. 0 or -ENOMEM. */
@@ -85,8 +87,8 @@ void simvf_loader_free(struct simvf_loader *l);
 /* Consume len bytes. 0, or -errno with err naming the section and the check that failed; after an
  * error the loader must not be fed again. Pure apart from writing TABLE bytes into table. */
 int simvf_loader_feed(struct simvf_loader *l, const uint8_t *data, size_t len, struct vfmig_err *err);
-/* The stream is over: END seen, exactly at a section boundary, with IDENT, PCI and REGS present.
- * 0 or -EINVAL with err. */
+/* The stream is over: END seen, exactly at a section boundary, with IDENT, PCI and REGS present
+ * and every byte of the table sent at least once. 0 or -EINVAL with err. */
 int simvf_loader_finish(const struct simvf_loader *l, struct vfmig_err *err);
 
 /* The identity check alone, for the loader and for tests. 0 or -EINVAL naming the field. */
