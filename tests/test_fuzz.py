@@ -39,7 +39,7 @@ CRASH_PREFIXES = ("crash-", "leak-", "timeout-", "oom-")
 
 
 def fuzz_seconds() -> int:
-    default = 60 if os.environ.get("CI") else 10
+    default = 45 if os.environ.get("CI") else 10
     return int(os.environ.get("VFMIG_FUZZ_SECONDS", default))
 
 
