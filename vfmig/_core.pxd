@@ -51,7 +51,17 @@ cdef extern from "vfmig/migstate.h":
     int vfmig_mig_precopy_info(vfmig_migration *m, uint64_t *initial_bytes, uint64_t *dirty_bytes,
                                vfmig_err *err) nogil
     int vfmig_mig_reset(vfmig_migration *m, vfmig_err *err) nogil
-    int vfmig_mig_prestop(vfmig_migration *m, uint64_t deadline_ns, vfmig_err *err) nogil
+    struct vfmig_prestop_result:
+        uint32_t outcome
+        uint32_t latency_us
+        uint64_t start_ns
+        uint64_t end_ns
+    int vfmig_mig_prestop(vfmig_migration *m, uint64_t deadline_ns, vfmig_prestop_result *out,
+                          vfmig_err *err) nogil
+    void vfmig_mig_prestop_abort(vfmig_migration *m) nogil
+    const char *vfmig_hs_outcome_name(uint32_t outcome) nogil
+    enum:
+        VFMIG_HS__COUNT
     vfmig_mig_state vfmig_mig_get_state(vfmig_migration *m) nogil
 
 cdef extern from "vfmig/dma_log.h":

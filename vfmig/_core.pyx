@@ -437,19 +437,27 @@ cdef class VM:
             raise_err(rc, err.msg)
 
     def mig_prestop(self, str name, uint64_t deadline_ms):
-        """The device's pre-stop hook, called while the vCPUs still run; it returns by the
-        deadline (ms from now). Returns the ms it took. CoreError with the device's reason."""
+        """The device's pre-stop hook (the guest handshake), called while the vCPUs still run;
+        it returns by the deadline (ms from now) whatever the guest does. Returns {outcome (one
+        of HS_OUTCOMES), latency_us, start_ns, end_ns}. CoreError with the device's reason."""
         cdef vfmig_migration *m = self._mig(name)
         cdef vfmig_err err
+        cdef vfmig_prestop_result res
         cdef int rc
-        cdef uint64_t t0 = vfmig_now_ns()
-        cdef uint64_t deadline = t0 + deadline_ms * 1000000
+        cdef uint64_t deadline = vfmig_now_ns() + deadline_ms * 1000000
         err.msg[0] = 0
         with nogil:
-            rc = vfmig_mig_prestop(m, deadline, &err)
+            rc = vfmig_mig_prestop(m, deadline, &res, &err)
         if rc < 0:
             raise_err(rc, err.msg)
-        return (vfmig_now_ns() - t0) / 1e6
+        return {"outcome": vfmig_hs_outcome_name(res.outcome).decode(), "latency_us": res.latency_us,
+                "start_ns": res.start_ns, "end_ns": res.end_ns}
+
+    def mig_prestop_abort(self, str name):
+        """The migration failed after the pre-stop hook: the device tells the guest it runs on."""
+        cdef vfmig_migration *m = self._mig(name)
+        with nogil:
+            vfmig_mig_prestop_abort(m)
 
     # simvf, the emulated NIC VF (devices.h) ---------------------------------------------------
     def add_simvf(self, str name, uint64_t state_bytes, uint32_t dma_rate, bint precopy=True,
@@ -914,6 +922,7 @@ _MIG_STATE_VALUES = {n: i for i, n in enumerate(MIG_STATES)}
 SIMVF_STATE_MIN = VFMIG_SIMVF_STATE_MIN
 SIMVF_STATE_MAX = VFMIG_SIMVF_STATE_MAX
 SIMVF_RATE_MAX = VFMIG_SIMVF_RATE_MAX
+HS_OUTCOMES = tuple(vfmig_hs_outcome_name(i).decode() for i in range(VFMIG_HS__COUNT))
 SIMVF_TABLE_OFFSET = SIMVF_REGS_BYTES  # a simvf's state is its queues and counters, then its table
 SIMVF_GUEST_MAGIC = SIMVF_GUEST_MAGIC_C
 SIMVF_GUEST_STATES = {SIMVF_GUEST_PROBING: "probing", SIMVF_GUEST_RUNNING: "running",

@@ -305,19 +305,39 @@ int vfmig_mig_reset(struct vfmig_migration *m, struct vfmig_err *err)
     return rc;
 }
 
-int vfmig_mig_prestop(struct vfmig_migration *m, uint64_t deadline_ns, struct vfmig_err *err)
+int vfmig_mig_prestop(struct vfmig_migration *m, uint64_t deadline_ns, struct vfmig_prestop_result *out,
+                      struct vfmig_err *err)
 {
+    uint64_t t0 = vfmig_now_ns();
+    *out = (struct vfmig_prestop_result){.outcome = VFMIG_HS_DISABLED, .start_ns = t0, .end_ns = t0};
     if (!m->ops->prestop)
         return 0;
+    /* m->lock only serialises the device's migration hooks; no vCPU, interrupt or device path
+     * takes it, so holding it while the hook waits for the guest blocks nobody the guest needs. */
     pthread_mutex_lock(&m->lock);
     struct vfmig_err why = {{0}};
-    int rc = m->ops->prestop(m->dev, deadline_ns, &why);
+    int rc = m->ops->prestop(m->dev, deadline_ns, out, &why);
     if (rc < 0)
         rc = vfmig_fail(err, errno_of(rc), "device pre-stop failed: %s", reason(&why, rc));
     else
         rc = 0;
     pthread_mutex_unlock(&m->lock);
     return rc;
+}
+
+void vfmig_mig_prestop_abort(struct vfmig_migration *m)
+{
+    if (!m->ops->prestop_abort)
+        return;
+    pthread_mutex_lock(&m->lock);
+    m->ops->prestop_abort(m->dev);
+    pthread_mutex_unlock(&m->lock);
+}
+
+const char *vfmig_hs_outcome_name(uint32_t outcome)
+{
+    static const char *names[VFMIG_HS__COUNT] = {"none", "acked", "timeout", "late", "disabled"};
+    return outcome < VFMIG_HS__COUNT ? names[outcome] : "?";
 }
 
 int vfmig_mig_set_running(struct vfmig_migration *m, int running, struct vfmig_err *err)

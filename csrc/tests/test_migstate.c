@@ -156,9 +156,10 @@ static int fake_reset(void *dev, struct vfmig_err *err)
     return rc;
 }
 
-static int fake_prestop(void *dev, uint64_t deadline_ns, struct vfmig_err *err)
+static int fake_prestop(void *dev, uint64_t deadline_ns, struct vfmig_prestop_result *out, struct vfmig_err *err)
 {
     struct fake *f = dev;
+    out->outcome = VFMIG_HS_ACKED;
     f->prestops++;
     f->prestop_deadline = deadline_ns;
     return deadline_ns == 1 ? vfmig_fail(err, ETIMEDOUT, "guest driver did not quiesce") : 0;
@@ -645,14 +646,18 @@ static void test_misc(void)
 
     /* Pre-stop passes the deadline through and never changes the state. */
     CHECK(vfmig_mig_reset(&f.m, &err) == 0);
-    CHECK(vfmig_mig_prestop(&f.m, 12345, &err) == 0 && f.prestops == 1 && f.prestop_deadline == 12345);
-    CHECK(vfmig_mig_prestop(&f.m, 1, &err) == -ETIMEDOUT && strstr(err.msg, "did not quiesce"));
+    struct vfmig_prestop_result pr;
+    CHECK(vfmig_mig_prestop(&f.m, 12345, &pr, &err) == 0 && f.prestops == 1 && f.prestop_deadline == 12345);
+    CHECK(pr.outcome == VFMIG_HS_ACKED && pr.end_ns >= pr.start_ns);
+    CHECK(vfmig_mig_prestop(&f.m, 1, &pr, &err) == -ETIMEDOUT && strstr(err.msg, "did not quiesce"));
     CHECK(vfmig_mig_get_state(&f.m) == VFMIG_MIG_RUNNING);
     vfmig_mig_destroy(&f.m);
     struct vfmig_mig_ops no_prestop = fake_ops;
     no_prestop.prestop = NULL;
     CHECK(vfmig_mig_init(&f.m, &no_prestop, &f, SC) == 0);
-    CHECK(vfmig_mig_prestop(&f.m, 1, &err) == 0);
+    CHECK(vfmig_mig_prestop(&f.m, 1, &pr, &err) == 0 && pr.outcome == VFMIG_HS_DISABLED);
+    vfmig_mig_prestop_abort(&f.m); /* no hook: nothing to do */
+    CHECK(!strcmp(vfmig_hs_outcome_name(VFMIG_HS_LATE), "late") && !strcmp(vfmig_hs_outcome_name(99), "?"));
     vfmig_mig_destroy(&f.m);
 
     /* init: STOP_COPY is mandatory, unknown flags and missing hooks are refused. */

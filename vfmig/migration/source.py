@@ -356,7 +356,8 @@ class Migration:
         of the downtime; a failing hook is reported, never fatal."""
         for dev in self._devices:
             try:
-                dev.prestop_ms = round(self.vm.core.mig_prestop(dev.name, PRESTOP_DEADLINE_MS), 3)
+                res = self.vm.core.mig_prestop(dev.name, PRESTOP_DEADLINE_MS)
+                dev.prestop_ms = round((res["end_ns"] - res["start_ns"]) / 1e6, 3)
             except _core.CoreError as e:
                 dev.prestop_error = str(e.strerror)
 

@@ -32,6 +32,23 @@ enum vfmig_mig_state {
 
 struct vfmig_migration;
 
+/* The guest handshake's outcome (the pre-stop hook of a device with the migration capability).
+ * It travels with the device's state, so the destination knows whether the driver quiesced. */
+enum vfmig_hs_outcome {
+    VFMIG_HS_NONE = 0,     /* no handshake was asked for */
+    VFMIG_HS_ACKED = 1,    /* the driver acked before the deadline */
+    VFMIG_HS_TIMEOUT = 2,  /* no ack by the deadline: the migration went on */
+    VFMIG_HS_LATE = 3,     /* acked after the deadline (before the stop): treated as a timeout */
+    VFMIG_HS_DISABLED = 4, /* deadline 0, or the driver never enabled the capability */
+    VFMIG_HS__COUNT
+};
+
+struct vfmig_prestop_result {
+    uint32_t outcome;      /* enum vfmig_hs_outcome */
+    uint32_t latency_us;   /* ACKED/LATE: from raising the interrupt to the ack */
+    uint64_t start_ns, end_ns; /* CLOCK_MONOTONIC: when the hook started and returned */
+};
+
 /* Implemented by a device model. Every hook is called by migstate.c only, on the thread that
  * drives the migration, with m->lock held (so hooks never race each other); a hook must not
  * wait for a vCPU, and may wait only for the device's own threads. Each returns 0 (or a byte
@@ -50,8 +67,13 @@ struct vfmig_mig_ops {
     /* Back to RUNNING from any state, ERROR included, as a function-level reset would. */
     int (*reset)(void *dev, struct vfmig_err *err);
     /* Optional (NULL: nothing to do). Called while the vCPUs still run, just before the engine
-     * stops the VM; must return by deadline_ns (CLOCK_MONOTONIC). Used by the guest handshake. */
-    int (*prestop)(void *dev, uint64_t deadline_ns, struct vfmig_err *err);
+     * stops the VM; returns by deadline_ns (CLOCK_MONOTONIC) whatever the guest does, with out
+     * filled. The guest handshake. Holds no lock a vCPU, interrupt or device path takes while it
+     * waits. Never fails the migration: an error here is reported, and the migration goes on. */
+    int (*prestop)(void *dev, uint64_t deadline_ns, struct vfmig_prestop_result *out, struct vfmig_err *err);
+    /* Optional. The migration failed after prestop ran and the source VM runs on: tell the
+     * guest (the driver resumes its queues). Migration thread, no lock held. */
+    void (*prestop_abort)(void *dev);
 };
 
 struct vfmig_migration {
@@ -94,7 +116,11 @@ int vfmig_mig_precopy_info(struct vfmig_migration *m, uint64_t *initial_bytes, u
 /* RUNNING with m->err cleared; if the device's reset fails, ERROR with that as the reason. */
 int vfmig_mig_reset(struct vfmig_migration *m, struct vfmig_err *err);
 /* The pre-stop hook with a deadline; 0 when the device has none. Does not change the state. */
-int vfmig_mig_prestop(struct vfmig_migration *m, uint64_t deadline_ns, struct vfmig_err *err);
+int vfmig_mig_prestop(struct vfmig_migration *m, uint64_t deadline_ns, struct vfmig_prestop_result *out,
+                      struct vfmig_err *err);
+/* prestop_abort if the device has one. Migration thread. */
+void vfmig_mig_prestop_abort(struct vfmig_migration *m);
+const char *vfmig_hs_outcome_name(uint32_t outcome); /* "acked", "timeout", ...; "?" out of range */
 static inline enum vfmig_mig_state vfmig_mig_get_state(struct vfmig_migration *m)
 {
     return (enum vfmig_mig_state)atomic_load(&m->state);

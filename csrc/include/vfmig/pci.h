@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "vfmig/device.h"
+#include "vfmig/migstate.h"
 #include "vfmig/simvf_abi.h"
 #include "vfmig/util.h"
 
@@ -52,6 +53,16 @@ struct vfmig_pci_doorbell {
     uint64_t at;                    /* registered KVM_IOEVENTFD address, 0 when none */
 };
 
+/* The guest handshake's state (see vfmig_pci_handshake below). */
+struct vfmig_pci_handshake {
+    int ack_fd;                     /* eventfd: the config-write path signals it on DEV_STATUS = ACK while armed */
+    _Atomic int armed;
+    _Atomic uint64_t acked_ns;      /* when the ack arrived while armed (0: not yet) */
+    uint64_t raised_ns, deadline_ns;
+    uint32_t outcome, latency_us;   /* enum vfmig_hs_outcome; travel in the PCI state blob */
+    int notified;                   /* the guest was told MIGRATING and not told since */
+};
+
 struct vfmig_pci_func {
     struct vfmig_device dev;        /* registered with the VM; dev.opaque is the device model */
     struct vfmig_vm *vm;
@@ -69,6 +80,7 @@ struct vfmig_pci_func {
     pthread_mutex_t msix_lock;      /* table, PBA and routes: held briefly, never across a blocking call */
 
     uint16_t migcap;                /* config offset of the migration capability; 0: migration=off */
+    struct vfmig_pci_handshake hs;
 
     uint32_t ndoorbells;
     struct vfmig_pci_doorbell doorbells[VFMIG_PCI_MAX_DOORBELLS];
@@ -125,6 +137,26 @@ uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t 
  * without the capability). Any thread; config_lock. */
 void vfmig_pci_migcap_update(struct vfmig_pci_func *f, uint8_t set_bits, uint8_t clear_bits);
 uint8_t vfmig_pci_migcap_reg(struct vfmig_pci_func *f, uint32_t reg);
+
+/* The guest handshake of the migration capability (the seed's idea, without its faults): a
+ * device's prestop hook calls these. Any PCI device model with migration=on has it. */
+/* Source, migration thread, vCPUs running. If the driver enabled the capability: VMM_STATUS =
+ * MIGRATING, raise the MSI-X vector the IRQ register names, and wait with poll() on ack_fd until
+ * the ack or deadline_ns. Takes config_lock and msix_lock only briefly, to arm and to raise, and
+ * holds no lock while it waits, so the vCPU that delivers the ack never waits for this thread.
+ * Always returns by the deadline; 0 with out filled (ACKED, TIMEOUT or DISABLED). */
+int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct vfmig_prestop_result *out);
+/* The VM stopped (the device's move out of RUNNING/PRE_COPY): an ack after the deadline turns
+ * TIMEOUT into LATE; disarm, so nothing the guest writes later changes the outcome. */
+void vfmig_pci_handshake_stopped(struct vfmig_pci_func *f);
+/* The migration failed and the source runs on: VMM_STATUS cleared, the vector raised again
+ * ("cancelled": the driver resumes its queues). Migration thread. */
+void vfmig_pci_handshake_abort(struct vfmig_pci_func *f);
+/* Destination, after apply and before any vCPU runs: VMM_STATUS = MIGRATED, plus
+ * RESET_REQUIRED unless the loaded outcome is ACKED; DEV_STATUS cleared. And once it runs: the
+ * post-load interrupt (the vector raised). Lifecycle thread. */
+void vfmig_pci_handshake_loaded(struct vfmig_pci_func *f);
+void vfmig_pci_handshake_started(struct vfmig_pci_func *f);
 
 /* Migration of the function's PCI state: config space, MSI-X table and PBA. The blob layout is
  * docs/device-state.md § PCI function state. save: device stopped; returns bytes written or
