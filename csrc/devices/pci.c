@@ -3,8 +3,10 @@
  * capabilities, MSI-X through KVM routes and irqfds, doorbells as ioeventfds, and the
  * function's migration state (docs/device-state.md § PCI function state).
  * Lock order: config_lock, then msix_lock, then irq.c's table lock. Config bytes are stored
- * with relaxed atomics so lock-free readers (vfmig_pci_bus_master, check) see whole bytes. */
+ * with relaxed atomics so lock-free readers (vfmig_pci_bus_master, check) see whole bytes.
+ * The guest handshake (pci.h) waits for the driver's ack holding none of these. */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,8 +57,10 @@
 
 /* The state blob (docs/device-state.md § PCI function state). */
 #define STATE_MAGIC 0x49435056u /* "VPCI" */
-#define STATE_VERSION 1u
-#define STATE_HEADER 40u
+#define STATE_VERSION 2u
+#define STATE_HEADER 48u
+#define STATE_HS_OUTCOME 40u /* u32 enum vfmig_hs_outcome */
+#define STATE_HS_LATENCY 44u /* u32 microseconds */
 
 struct vfmig_pci_host {
     struct vfmig_vm *vm;
@@ -164,6 +168,7 @@ int vfmig_pci_func_init(struct vfmig_pci_func *f, struct vfmig_vm *vm, const cha
     f->dev.space = VFMIG_SPACE_NONE; /* the host decodes its config space and BARs */
     for (uint32_t i = 0; i < VFMIG_PCI_MSIX_MAX; i++)
         f->irqfd[i] = -1;
+    f->hs.ack_fd = -1;
     pthread_mutex_init(&f->msix_lock, NULL);
     pthread_mutex_init(&f->config_lock, NULL);
 
@@ -300,9 +305,16 @@ int vfmig_pci_add_migcap(struct vfmig_pci_func *f, struct vfmig_err *err)
 {
     if (f->migcap)
         return vfmig_fail(err, EEXIST, "%s: already has the migration capability", f->dev.name);
+    /* Non-blocking: the handshake drains it with reads that must not wait. */
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0)
+        return vfmig_fail(err, errno, "%s: eventfd for the migration handshake: %s", f->dev.name, strerror(errno));
     int c = add_cap(f, VFMIG_PCI_CAP_ID_VNDR, VFMIG_MIGCAP_SIZE, err);
-    if (c < 0)
+    if (c < 0) {
+        close(fd);
         return c;
+    }
+    f->hs.ack_fd = fd;
     uint32_t o = (uint32_t)c;
     f->config[o + 2] = VFMIG_MIGCAP_SIZE; /* a vendor-specific capability's length byte */
     le_put(f->config + o + VFMIG_MIGCAP_SIG, VFMIG_MIGCAP_SIGNATURE, 4);
@@ -508,10 +520,13 @@ uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t 
     return v;
 }
 
+static void hs_note_ack(struct vfmig_pci_func *f);
+
 /* A guest config write: each byte becomes (old & ~wmask) | (val & wmask), then the RW1C bits
  * written as 1 clear. The migration capability's IRQ byte keeps its old value when the new
- * one is not a vector of this function. vCPU thread; takes config_lock (and msix_lock around
- * MSI-X message control); blocks when a BAR or memory decode change moves doorbells. */
+ * one is not a vector of this function; a write of DEV_STATUS with ACK while a handshake is
+ * armed is its ack. vCPU thread; takes config_lock (and msix_lock around MSI-X message
+ * control); blocks when a BAR or memory decode change moves doorbells. */
 static void config_write(struct vfmig_pci_func *f, uint32_t off, uint32_t val, uint32_t len)
 {
     if (len < 1 || len > 4 || off > VFMIG_PCI_CONFIG_SIZE - len)
@@ -533,6 +548,10 @@ static void config_write(struct vfmig_pci_func *f, uint32_t off, uint32_t val, u
         msix_deliver_pending(f); /* enable or function unmask sends what was pending */
         pthread_mutex_unlock(&f->msix_lock);
     }
+    uint32_t ds = f->migcap + VFMIG_MIGCAP_DEV_STATUS;
+    if (f->migcap && overlaps(off, len, ds, 1) && (val >> (8 * (ds - off)) & VFMIG_DEV_ACK) &&
+        atomic_load(&f->hs.armed))
+        hs_note_ack(f);
     if (overlaps(off, len, CFG_COMMAND, 2) || overlaps(off, len, CFG_BAR0, 4 * VFMIG_PCI_MAX_BARS))
         update_decode(f);
     if (f->config_written)
@@ -555,6 +574,171 @@ uint8_t vfmig_pci_migcap_reg(struct vfmig_pci_func *f, uint32_t reg)
     if (!f->migcap || reg >= VFMIG_MIGCAP_SIZE)
         return 0;
     return (uint8_t)vfmig_pci_config_read(f, f->migcap + reg, 1);
+}
+
+/* ---- the guest handshake (pci.h) ---- */
+
+/* The first ack of an arming: its time, and a wake-up for the waiting handshake. vCPU thread,
+ * config_lock held (the config-write path); the eventfd write never blocks. Later acks of the
+ * same arming find acked_ns set and change nothing, so a driver that repeats its ack can
+ * neither move the recorded time nor wake the waiter again. */
+static void hs_note_ack(struct vfmig_pci_func *f)
+{
+    uint64_t none = 0, now = vfmig_now_ns();
+    if (!atomic_compare_exchange_strong(&f->hs.acked_ns, &none, now ? now : 1))
+        return;
+    uint64_t one = 1;
+    if (write(f->hs.ack_fd, &one, sizeof(one)) < 0) {
+        /* Cannot fail on a valid eventfd; the waiter reads acked_ns after every wake-up anyway. */
+    }
+}
+
+/* Empties the eventfd (non-blocking): a count left from an earlier arming must not wake a
+ * later wait. Any thread, no lock needed. */
+static void hs_drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof(v)) == (ssize_t)sizeof(v)) {
+    }
+}
+
+static uint32_t hs_latency_us(uint64_t from, uint64_t to)
+{
+    uint64_t us = to > from ? (to - from) / 1000 : 0;
+    return us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+}
+
+int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct vfmig_prestop_result *out)
+{
+    uint64_t t0 = vfmig_now_ns();
+    *out = (struct vfmig_prestop_result){.outcome = VFMIG_HS_DISABLED, .start_ns = t0, .end_ns = t0};
+    if (!f->migcap) /* migration=off: no register to tell the guest with; the outcome stays NONE */
+        return 0;
+    uint32_t o = f->migcap;
+    pthread_mutex_lock(&f->config_lock);
+    /* Without MSI-X there is no vector to raise; a deadline already past leaves no time to
+     * answer. Either way no notice goes out, so nothing needs undoing later. */
+    if (!(cfg_get(f, o + VFMIG_MIGCAP_CTRL) & VFMIG_MIGCAP_ENABLE) || !f->msix_nvec || t0 >= deadline_ns) {
+        f->hs.outcome = VFMIG_HS_DISABLED;
+        f->hs.latency_us = 0;
+        pthread_mutex_unlock(&f->config_lock);
+        return 0;
+    }
+    /* Armed in one critical section with the config-write path, so an ack is either before all
+     * of this (and erased here) or after it (and counted); never half. */
+    cfg_set(f, o + VFMIG_MIGCAP_DEV_STATUS, 0);
+    cfg_set(f, o + VFMIG_MIGCAP_VMM_STATUS, VFMIG_VMM_MIGRATING);
+    hs_drain(f->hs.ack_fd);
+    atomic_store(&f->hs.acked_ns, 0);
+    atomic_store(&f->hs.armed, 1);
+    f->hs.notified = 1;
+    f->hs.post_load = 0;
+    f->hs.outcome = VFMIG_HS_NONE; /* under way */
+    f->hs.latency_us = 0;
+    f->hs.deadline_ns = deadline_ns;
+    f->hs.raised_ns = vfmig_now_ns();
+    uint32_t vec = cfg_get(f, o + VFMIG_MIGCAP_IRQ); /* < msix_nvec: config_write and check keep it so */
+    pthread_mutex_unlock(&f->config_lock);
+    vfmig_pci_msix_notify(f, vec); /* msix_lock briefly; masked: pending in the PBA, as hardware */
+
+    /* No lock held from here: the vCPU that writes the ack takes config_lock, the interrupt
+     * path msix_lock. ppoll, not poll: its nanosecond timeout ends the wait at the deadline
+     * instead of up to 1 ms after it. */
+    struct pollfd pfd = {.fd = f->hs.ack_fd, .events = POLLIN};
+    for (;;) {
+        if (atomic_load(&f->hs.acked_ns))
+            break;
+        uint64_t now = vfmig_now_ns();
+        if (now >= deadline_ns)
+            break;
+        uint64_t left = deadline_ns - now;
+        struct timespec ts = {.tv_sec = (time_t)(left / 1000000000ull), .tv_nsec = (long)(left % 1000000000ull)};
+        int r = ppoll(&pfd, 1, &ts, NULL);
+        if (r > 0)
+            hs_drain(f->hs.ack_fd); /* acked_ns, checked next round, says whether it was the ack */
+        else if (r < 0 && errno != EINTR)
+            nanosleep(&(struct timespec){.tv_nsec = left < 1000000 ? (long)left : 1000000}, NULL);
+    }
+    uint64_t end = vfmig_now_ns(), acked = atomic_load(&f->hs.acked_ns);
+
+    pthread_mutex_lock(&f->config_lock);
+    /* An ack stamped after the deadline is a timeout for now; stopped() makes it LATE. */
+    int in_time = acked && acked <= deadline_ns;
+    f->hs.outcome = in_time ? VFMIG_HS_ACKED : VFMIG_HS_TIMEOUT;
+    f->hs.latency_us = in_time ? hs_latency_us(f->hs.raised_ns, acked) : 0;
+    out->outcome = f->hs.outcome;
+    out->latency_us = f->hs.latency_us;
+    pthread_mutex_unlock(&f->config_lock);
+    out->end_ns = end;
+    return 0;
+}
+
+void vfmig_pci_handshake_stopped(struct vfmig_pci_func *f)
+{
+    if (!f->migcap)
+        return;
+    pthread_mutex_lock(&f->config_lock);
+    uint64_t acked = atomic_load(&f->hs.acked_ns);
+    if (f->hs.outcome == VFMIG_HS_TIMEOUT && acked) {
+        f->hs.outcome = VFMIG_HS_LATE;
+        f->hs.latency_us = hs_latency_us(f->hs.raised_ns, acked);
+    }
+    atomic_store(&f->hs.armed, 0);
+    pthread_mutex_unlock(&f->config_lock);
+}
+
+void vfmig_pci_handshake_abort(struct vfmig_pci_func *f)
+{
+    if (!f->migcap)
+        return;
+    uint32_t o = f->migcap;
+    pthread_mutex_lock(&f->config_lock);
+    int raise = f->hs.notified;
+    if (raise) {
+        /* Both registers back to idle: a stale ack must not answer the next notice. */
+        cfg_set(f, o + VFMIG_MIGCAP_VMM_STATUS, 0);
+        cfg_set(f, o + VFMIG_MIGCAP_DEV_STATUS, 0);
+        f->hs.notified = 0;
+    }
+    atomic_store(&f->hs.armed, 0);
+    f->hs.outcome = VFMIG_HS_NONE;
+    f->hs.latency_us = 0;
+    uint32_t vec = cfg_get(f, o + VFMIG_MIGCAP_IRQ);
+    pthread_mutex_unlock(&f->config_lock);
+    if (raise && vec < f->msix_nvec)
+        vfmig_pci_msix_notify(f, vec);
+}
+
+void vfmig_pci_handshake_loaded(struct vfmig_pci_func *f)
+{
+    if (!f->migcap)
+        return;
+    uint32_t o = f->migcap;
+    pthread_mutex_lock(&f->config_lock);
+    atomic_store(&f->hs.armed, 0);
+    f->hs.notified = 0;
+    if (cfg_get(f, o + VFMIG_MIGCAP_CTRL) & VFMIG_MIGCAP_ENABLE) {
+        /* Only an ack proves the driver quiesced: NONE and DISABLED (never told), TIMEOUT and
+         * LATE (told, not quiesced by the stop) all need its reset path. */
+        uint8_t st = VFMIG_VMM_MIGRATED | (f->hs.outcome == VFMIG_HS_ACKED ? 0 : VFMIG_VMM_RESET_REQUIRED);
+        cfg_set(f, o + VFMIG_MIGCAP_VMM_STATUS, st);
+        cfg_set(f, o + VFMIG_MIGCAP_DEV_STATUS, 0);
+        f->hs.post_load = 1;
+    }
+    pthread_mutex_unlock(&f->config_lock);
+}
+
+void vfmig_pci_handshake_started(struct vfmig_pci_func *f)
+{
+    if (!f->migcap)
+        return;
+    pthread_mutex_lock(&f->config_lock);
+    int raise = f->hs.post_load;
+    f->hs.post_load = 0;
+    uint32_t vec = cfg_get(f, f->migcap + VFMIG_MIGCAP_IRQ);
+    pthread_mutex_unlock(&f->config_lock);
+    if (raise && vec < f->msix_nvec)
+        vfmig_pci_msix_notify(f, vec);
 }
 
 /* ---- the host ---- */
@@ -712,6 +896,9 @@ void vfmig_pci_func_release(struct vfmig_pci_func *f)
         msix_undo(f, vm->irq, f->msix_nvec);
         vfmig_irq_commit(vm->irq, NULL); /* drop the routes from KVM */
     }
+    if (f->hs.ack_fd >= 0)
+        close(f->hs.ack_fd);
+    f->hs.ack_fd = -1;
     pthread_mutex_destroy(&f->msix_lock);
     pthread_mutex_destroy(&f->config_lock);
     f->vm = NULL;
@@ -746,6 +933,8 @@ long vfmig_pci_save(struct vfmig_pci_func *f, uint8_t *buf, size_t cap)
         le_put(buf + 16 + 4 * b, f->bars[b].size, 4);
     uint8_t *p = buf + STATE_HEADER;
     pthread_mutex_lock(&f->config_lock);
+    le_put(buf + STATE_HS_OUTCOME, f->hs.outcome, 4);
+    le_put(buf + STATE_HS_LATENCY, f->hs.latency_us, 4);
     pthread_mutex_lock(&f->msix_lock);
     for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++)
         p[o] = cfg_get(f, o);
@@ -864,6 +1053,18 @@ int vfmig_pci_check(const struct vfmig_pci_func *f, const uint8_t *buf, size_t l
         if (s != f->bars[b].size)
             return vfmig_fail(err, EINVAL, "%s: BAR %u is %u bytes in the stream, %u here", n, b, s, f->bars[b].size);
     }
+    /* The handshake's outcome decides whether the destination's driver must reset: only values
+     * a source of this kind can have produced are taken. */
+    uint32_t hs = (uint32_t)le_get(buf + STATE_HS_OUTCOME, 4), lat = (uint32_t)le_get(buf + STATE_HS_LATENCY, 4);
+    if (hs >= VFMIG_HS__COUNT)
+        return vfmig_fail(err, EINVAL, "%s: handshake outcome %u in the stream is not an outcome (0..%u)", n, hs,
+                          VFMIG_HS__COUNT - 1);
+    if (hs != VFMIG_HS_NONE && !f->migcap)
+        return vfmig_fail(err, EINVAL, "%s: handshake outcome %s in the stream, but this function has no "
+                          "migration capability", n, vfmig_hs_outcome_name(hs));
+    if (lat && hs != VFMIG_HS_ACKED && hs != VFMIG_HS_LATE)
+        return vfmig_fail(err, EINVAL, "%s: handshake latency %u us in the stream with outcome %s (only an ack "
+                          "has one)", n, lat, vfmig_hs_outcome_name(hs));
     const uint8_t *c = buf + STATE_HEADER;
     for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++) {
         uint8_t fixed = (uint8_t)~(f->wmask[o] | f->w1cmask[o]);
@@ -909,6 +1110,12 @@ int vfmig_pci_apply(struct vfmig_pci_func *f, const uint8_t *buf, size_t len, st
     pthread_mutex_lock(&f->msix_lock);
     for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++)
         cfg_set(f, o, c[o]);
+    /* The source's outcome, for vfmig_pci_handshake_loaded; nothing of its arming comes along. */
+    f->hs.outcome = (uint32_t)le_get(buf + STATE_HS_OUTCOME, 4);
+    f->hs.latency_us = (uint32_t)le_get(buf + STATE_HS_LATENCY, 4);
+    atomic_store(&f->hs.armed, 0);
+    atomic_store(&f->hs.acked_ns, 0);
+    f->hs.notified = f->hs.post_load = 0;
     for (uint32_t v = 0; v < f->msix_nvec; v++)
         for (uint32_t w = 0; w < 4; w++)
             *entry_word(&f->msix[v], w) = (uint32_t)le_get(t + MSIX_ENTRY_SIZE * v + 4 * w, 4);

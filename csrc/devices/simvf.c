@@ -60,6 +60,7 @@ struct simvf {
     int keep_stop;
     uint8_t *stop_state;
     long stop_state_len;
+    int just_loaded;               /* RESUMING -> STOP applied a state; the guest is told when it starts */
 
     int tx_db, rx_db, wake;        /* eventfds: doorbells (ioeventfd), thread wake-up */
     int pci_live, log_live, mig_live; /* what to undo on destroy */
@@ -512,32 +513,53 @@ static int load_apply(struct simvf *s, struct vfmig_err *err)
         pthread_mutex_lock(&s->lock);
         s->regs = s->loader.regs;
         pthread_mutex_unlock(&s->lock);
+        s->just_loaded = 1;
     }
     simvf_loader_free(&s->loader);
     s->loading = 0;
     return r;
 }
 
+/* The handshake's calls into pci.c take config_lock and msix_lock, never with s->lock held
+ * (the order here is mig.lock -> s->lock -> config_lock -> msix_lock, and the wire's s->lock ->
+ * msix_lock). */
 static int simvf_arc(void *dev, enum vfmig_mig_state from, enum vfmig_mig_state to, struct vfmig_err *err)
 {
     struct simvf *s = dev;
     switch (from * 16 + to) {
     case VFMIG_MIG_RUNNING * 16 + VFMIG_MIG_STOP:
         set_active(s, 0);
+        vfmig_pci_handshake_stopped(&s->pci); /* the vCPUs are stopped: the outcome is final */
         return 0;
     case VFMIG_MIG_STOP * 16 + VFMIG_MIG_RUNNING:
-        set_active(s, 1);
+        if (s->just_loaded) {
+            /* Destination. Told only now, not at RESUMING -> STOP, so the state at STOP is the
+             * source's at stop byte for byte; the vCPUs start right after this, their state
+             * already loaded, so the post-load interrupt lands in the loaded LAPIC. */
+            vfmig_pci_handshake_loaded(&s->pci);
+            set_active(s, 1);
+            vfmig_pci_handshake_started(&s->pci);
+            s->just_loaded = 0;
+        } else {
+            set_active(s, 1);
+            /* Source: running again with a notice out means the migration failed; the engine
+             * calls prestop_abort too, and only the first raises the cancel. */
+            vfmig_pci_handshake_abort(&s->pci);
+        }
         return 0;
     case VFMIG_MIG_RUNNING * 16 + VFMIG_MIG_PRE_COPY:
         start_stream(s, 0);
         return 0;
     case VFMIG_MIG_PRE_COPY * 16 + VFMIG_MIG_RUNNING:
+        vfmig_pci_handshake_abort(&s->pci); /* cancelled after the notice, before the stop */
+        /* fall through */
     case VFMIG_MIG_STOP_COPY * 16 + VFMIG_MIG_STOP:
         s->out_pos = s->out_len = 0; /* the stream is abandoned or finished */
         s->gen.phase = GEN_DONE;
         return 0;
     case VFMIG_MIG_PRE_COPY * 16 + VFMIG_MIG_STOP_COPY:
         set_active(s, 0);
+        vfmig_pci_handshake_stopped(&s->pci); /* before the state (and the outcome in it) is saved */
         s->gen.stop = 1; /* the precopy stream goes on: what is dirty, then the rest */
         keep_stop_state(s);
         return 0;
@@ -549,6 +571,7 @@ static int simvf_arc(void *dev, enum vfmig_mig_state from, enum vfmig_mig_state 
         if (simvf_loader_init(&s->loader, &s->ident, s->table, s->table_bytes) < 0)
             return vfmig_fail(err, ENOMEM, "out of memory for the state loader");
         s->loading = 1;
+        s->just_loaded = 0;
         return 0;
     case VFMIG_MIG_RESUMING * 16 + VFMIG_MIG_STOP:
         return load_apply(s, err);
@@ -615,6 +638,7 @@ static int simvf_reset(void *dev, struct vfmig_err *err)
     if (s->loading)
         simvf_loader_free(&s->loader);
     s->loading = 0;
+    s->just_loaded = 0; /* a reset device owes the guest no post-load notice */
     s->gen.phase = GEN_DONE;
     s->out_pos = s->out_len = 0;
     table_fill(s); /* stopped: nothing else touches the table, so vCPUs need not wait for this */
@@ -623,12 +647,38 @@ static int simvf_reset(void *dev, struct vfmig_err *err)
     memset(s->dirty, 0, (s->nchunks + 63) / 64 * 8);
     pthread_mutex_unlock(&s->lock);
     set_active(s, 1);
+    vfmig_pci_handshake_abort(&s->pci); /* running again: a notice still out is withdrawn */
     return 0;
+}
+
+/* The guest handshake (pci.c does it for any function with the migration capability).
+ * Migration thread, mig.lock held (no vCPU, device or interrupt path takes it); takes
+ * config_lock and msix_lock briefly, waits with neither held; returns by deadline_ns. A device
+ * not running (the VM paused) has no guest to answer: no notice, DISABLED at once. */
+static int simvf_prestop(void *dev, uint64_t deadline_ns, struct vfmig_prestop_result *out, struct vfmig_err *err)
+{
+    (void)err;
+    struct simvf *s = dev;
+    enum vfmig_mig_state st = vfmig_mig_get_state(&s->mig);
+    if (st != VFMIG_MIG_RUNNING && st != VFMIG_MIG_PRE_COPY) {
+        uint64_t t = vfmig_now_ns();
+        *out = (struct vfmig_prestop_result){.outcome = VFMIG_HS_DISABLED, .start_ns = t, .end_ns = t};
+        return 0;
+    }
+    return vfmig_pci_handshake(&s->pci, deadline_ns, out);
+}
+
+/* The migration failed after prestop: tell the guest it runs on here. Migration thread,
+ * mig.lock held; config_lock and msix_lock briefly. */
+static void simvf_prestop_abort(void *dev)
+{
+    struct simvf *s = dev;
+    vfmig_pci_handshake_abort(&s->pci);
 }
 
 static const struct vfmig_mig_ops simvf_ops = {
     .arc = simvf_arc, .read = simvf_read, .write = simvf_write, .precopy_info = simvf_precopy_info,
-    .reset = simvf_reset,
+    .reset = simvf_reset, .prestop = simvf_prestop, .prestop_abort = simvf_prestop_abort,
 };
 
 /* ---- lifecycle ------------------------------------------------------------------------ */

@@ -27,6 +27,7 @@
 #define DOORBELL_OFF 0x100u
 #define NVEC 4u
 #define HANDLER_VALUE 0x5A5A0000u
+#define HDR 48u /* the PCI state blob's header: docs/device-state.md */
 
 /* A failing call whose message must contain want: prints the message when it does not. */
 #define CHECK_FAILS(call, err, want)                                                        \
@@ -485,7 +486,7 @@ static void test_state_roundtrip(struct vfmig_vm *a, struct tdev *ta, uint8_t *b
     CHECK(vfmig_pci_msix_notify(&ta->f, 3) == 0); /* vector 3 still masked: pending */
     msix_program(a, 2, 0x44, 1);
     size_t size = vfmig_pci_state_size(&ta->f);
-    CHECK(size == 40 + 4096 + 16 * NVEC + 8);
+    CHECK(size == HDR + 4096 + 16 * NVEC + 8);
     CHECK(vfmig_pci_save(&ta->f, blob, size - 1) == -ENOSPC);
     long len = vfmig_pci_save(&ta->f, blob, size);
     CHECK(len == (long)size);
@@ -540,54 +541,54 @@ static void test_state_rejections(const uint8_t *blob, size_t len)
     CHECK_FAILS(vfmig_pci_check(&no_mig->f, blob, len, &err), err,
                 "(MSI-X capability at 0x7c: next pointer) is 0x88 in the stream, 0x00 here");
 
-    CHECK_FAILS(vfmig_pci_check(&same->f, blob, len - 1, &err), err, "PCI state is 4207 bytes, expected 4208");
-    CHECK_FAILS(vfmig_pci_check(&same->f, blob, len + 1, &err), err, "PCI state is 4209 bytes, expected 4208");
-    CHECK_FAILS(vfmig_pci_check(&same->f, blob, 12, &err), err, "PCI state is 12 bytes, shorter than its 40-byte header");
+    CHECK_FAILS(vfmig_pci_check(&same->f, blob, len - 1, &err), err, "PCI state is 4215 bytes, expected 4216");
+    CHECK_FAILS(vfmig_pci_check(&same->f, blob, len + 1, &err), err, "PCI state is 4217 bytes, expected 4216");
+    CHECK_FAILS(vfmig_pci_check(&same->f, blob, 12, &err), err, "PCI state is 12 bytes, shorter than its 48-byte header");
     static uint8_t bad[8192];
     memcpy(bad, blob, len);
     bad[0] ^= 0xFF;
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "PCI state has magic 0x494350a9, expected 0x49435056");
     memcpy(bad, blob, len);
-    bad[4] = 2;
-    CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "PCI state is version 2, this build reads version 1");
+    bad[4] = 1; /* the layout before the handshake's fields */
+    CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "PCI state is version 1, this build reads version 2");
 
     /* The mask check: a bit the guest cannot write differs, so the stream did not come from
      * this kind of function (or is corrupt). Command bit 3 (special cycles) is hardwired 0. */
     memcpy(bad, blob, len);
-    bad[40 + 0x04] |= 0x08;
+    bad[HDR + 0x04] |= 0x08;
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err,
                 "PCI config byte 0x04 (command) is 0x000e in the stream, 0x0000 here");
     memcpy(bad, blob, len);
-    bad[40 + 0x08] = 2;
+    bad[HDR + 0x08] = 2;
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "(revision ID) is 0x02 in the stream, 0x01 here");
     memcpy(bad, blob, len);
-    bad[40 + 0x40 + 0x0A] ^= 0x10; /* device status bit 4 (aux power detected): not RW1C */
+    bad[HDR + 0x40 + 0x0A] ^= 0x10; /* device status bit 4 (aux power detected): not RW1C */
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "(PCI Express capability at 0x40: device status)");
     memcpy(bad, blob, len);
-    bad[40 + 0x200] = 1; /* extended config space, all read-only */
+    bad[HDR + 0x200] = 1; /* extended config space, all read-only */
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "PCI config byte 0x200 (extended config space)");
     /* Bits the guest (or the VMM) can write are state, not identity: accepted. */
     memcpy(bad, blob, len);
-    bad[40 + 0x3C] = 0x77;                       /* interrupt line */
-    bad[40 + 0x07] |= 0x80;                      /* status: detected parity error (RW1C) */
-    bad[40 + 0x88 + VFMIG_MIGCAP_VMM_STATUS] = 7; /* the VMM's register */
+    bad[HDR + 0x3C] = 0x77;                       /* interrupt line */
+    bad[HDR + 0x07] |= 0x80;                      /* status: detected parity error (RW1C) */
+    bad[HDR + 0x88 + VFMIG_MIGCAP_VMM_STATUS] = 7; /* the VMM's register */
     CHECK(vfmig_pci_check(&same->f, bad, len, &err) == 0);
     /* Values no guest write can produce. */
     memcpy(bad, blob, len);
-    bad[40 + 0x88 + VFMIG_MIGCAP_IRQ] = NVEC;
+    bad[HDR + 0x88 + VFMIG_MIGCAP_IRQ] = NVEC;
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "IRQ is vector 4 in the stream; there are 4");
     memcpy(bad, blob, len);
-    bad[40 + 4096 + 16 * 1 + 12] |= 0x02; /* vector 1 control, reserved bit */
+    bad[HDR + 4096 + 16 * 1 + 12] |= 0x02; /* vector 1 control, reserved bit */
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "MSI-X vector 1 word 3");
     memcpy(bad, blob, len);
-    bad[40 + 4096 + 16 * NVEC] |= 0x10; /* PBA bit of vector 4 */
+    bad[HDR + 4096 + 16 * NVEC] |= 0x10; /* PBA bit of vector 4 */
     CHECK_FAILS(vfmig_pci_check(&same->f, bad, len, &err), err, "bits beyond vector 3");
 
     /* A refused apply leaves the function as it was. */
     static uint8_t before[8192], after[8192];
     long n0 = vfmig_pci_save(&same->f, before, sizeof(before));
     memcpy(bad, blob, len);
-    bad[40 + 0x02] ^= 1;
+    bad[HDR + 0x02] ^= 1;
     CHECK_FAILS(vfmig_pci_apply(&same->f, bad, len, &err), err, "(device ID)");
     CHECK(vfmig_pci_save(&same->f, after, sizeof(after)) == n0 && memcmp(before, after, (size_t)n0) == 0);
 

@@ -53,14 +53,19 @@ struct vfmig_pci_doorbell {
     uint64_t at;                    /* registered KVM_IOEVENTFD address, 0 when none */
 };
 
-/* The guest handshake's state (see vfmig_pci_handshake below). */
+/* The guest handshake's state (see vfmig_pci_handshake below). Fields marked (config_lock) are
+ * read and written under f->config_lock; the atomics are also read lock-free by the waiter. */
 struct vfmig_pci_handshake {
-    int ack_fd;                     /* eventfd: the config-write path signals it on DEV_STATUS = ACK while armed */
-    _Atomic int armed;
-    _Atomic uint64_t acked_ns;      /* when the ack arrived while armed (0: not yet) */
-    uint64_t raised_ns, deadline_ns;
-    uint32_t outcome, latency_us;   /* enum vfmig_hs_outcome; travel in the PCI state blob */
-    int notified;                   /* the guest was told MIGRATING and not told since */
+    int ack_fd;                     /* eventfd (-1 without the capability): the config-write path
+                                     * signals it on the first DEV_STATUS = ACK of an arming */
+    _Atomic int armed;              /* a notice is out and its ack still counts (config_lock to write) */
+    _Atomic uint64_t acked_ns;      /* CLOCK_MONOTONIC of that first ack (0: none yet) */
+    uint64_t raised_ns, deadline_ns; /* (config_lock) when the notice went out; its deadline */
+    uint32_t outcome, latency_us;   /* (config_lock) enum vfmig_hs_outcome of the last handshake and
+                                     * its ack latency; travel in the PCI state blob */
+    int notified;                   /* (config_lock) the guest was told MIGRATING and not told since */
+    int post_load;                  /* (config_lock) destination: loaded() set MIGRATED; started()
+                                     * owes the guest the post-load interrupt */
 };
 
 struct vfmig_pci_func {
@@ -139,31 +144,47 @@ void vfmig_pci_migcap_update(struct vfmig_pci_func *f, uint8_t set_bits, uint8_t
 uint8_t vfmig_pci_migcap_reg(struct vfmig_pci_func *f, uint32_t reg);
 
 /* The guest handshake of the migration capability (the seed's idea, without its faults): a
- * device's prestop hook calls these. Any PCI device model with migration=on has it. */
-/* Source, migration thread, vCPUs running. If the driver enabled the capability: VMM_STATUS =
- * MIGRATING, raise the MSI-X vector the IRQ register names, and wait with poll() on ack_fd until
- * the ack or deadline_ns. Takes config_lock and msix_lock only briefly, to arm and to raise, and
- * holds no lock while it waits, so the vCPU that delivers the ack never waits for this thread.
- * Always returns by the deadline; 0 with out filled (ACKED, TIMEOUT or DISABLED). */
+ * device's prestop hook calls these. Any PCI device model with migration=on has it. None of
+ * them fails; each is a no-op on a function without the capability. */
+/* Source, migration thread, vCPUs running. If the driver enabled the capability (CTRL), the
+ * function has MSI-X, and deadline_ns (CLOCK_MONOTONIC) is still ahead: DEV_STATUS cleared,
+ * VMM_STATUS = MIGRATING (only: a MIGRATED left from an earlier migration in would read as a
+ * post-load notice), armed; the MSI-X vector the IRQ register names raised (pending in the PBA
+ * if masked); then a wait with ppoll() on ack_fd until the ack or deadline_ns. Takes
+ * config_lock and msix_lock only briefly, to arm and to raise, and holds no lock while it
+ * waits, so the vCPU that delivers the ack never waits for this thread. Returns 0 by the
+ * deadline (plus scheduling slack) with out filled: ACKED (latency_us from the raise to the
+ * ack), TIMEOUT, or DISABLED (no notice given); hs.outcome/latency_us set alike. Only the
+ * first ACK write of an arming counts; nothing else the guest writes extends the wait. */
 int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct vfmig_prestop_result *out);
-/* The VM stopped (the device's move out of RUNNING/PRE_COPY): an ack after the deadline turns
- * TIMEOUT into LATE; disarm, so nothing the guest writes later changes the outcome. */
+/* The VM stopped (the device's move out of RUNNING/PRE_COPY), before its state is saved: an
+ * ack that came after the deadline turns TIMEOUT into LATE; disarm, so nothing the guest
+ * writes later changes the outcome. Migration thread; config_lock briefly. */
 void vfmig_pci_handshake_stopped(struct vfmig_pci_func *f);
-/* The migration failed and the source runs on: VMM_STATUS cleared, the vector raised again
- * ("cancelled": the driver resumes its queues). Migration thread. */
+/* The migration failed and the source runs on: if a notice was given, VMM_STATUS and
+ * DEV_STATUS cleared and the vector raised again ("cancelled": the driver resumes its queues);
+ * disarmed; outcome back to NONE. Idempotent: a second call raises nothing. Migration thread;
+ * config_lock, then msix_lock, briefly. */
 void vfmig_pci_handshake_abort(struct vfmig_pci_func *f);
-/* Destination, after apply and before any vCPU runs: VMM_STATUS = MIGRATED, plus
- * RESET_REQUIRED unless the loaded outcome is ACKED; DEV_STATUS cleared. And once it runs: the
- * post-load interrupt (the vector raised). Lifecycle thread. */
+/* Destination, after apply and before any vCPU runs (simvf: when the loaded device starts, so
+ * the state at STOP stays the source's at stop byte for byte): if the loaded config has the
+ * capability enabled, VMM_STATUS = MIGRATED, plus RESET_REQUIRED unless the loaded outcome is
+ * ACKED (NONE, DISABLED, TIMEOUT, LATE: the driver was not known to be quiesced), DEV_STATUS
+ * cleared; a disabled capability is left as loaded. started(), once it runs: the post-load
+ * interrupt (the vector raised) if loaded() set MIGRATED, once. Lifecycle or migration thread;
+ * config_lock (and msix_lock) briefly. */
 void vfmig_pci_handshake_loaded(struct vfmig_pci_func *f);
 void vfmig_pci_handshake_started(struct vfmig_pci_func *f);
 
-/* Migration of the function's PCI state: config space, MSI-X table and PBA. The blob layout is
- * docs/device-state.md § PCI function state. save: device stopped; returns bytes written or
- * -ENOSPC. check: pure, any thread: sizes (BAR sizes included), then every bit the guest cannot
- * write (identity, capability chain, MSI-X table size) equal to this function's; err says
- * which. apply: before the vCPUs run; runs check itself and changes nothing if it fails;
- * restores BAR decode, MSI-X routes and doorbells (blocks in KVM ioctls). */
+/* Migration of the function's PCI state: config space, MSI-X table and PBA, and the guest
+ * handshake's outcome and latency. The blob layout is docs/device-state.md § PCI function
+ * state. save: device stopped (after vfmig_pci_handshake_stopped); returns bytes written or
+ * -ENOSPC. check: pure, any thread: sizes (BAR sizes included), the handshake outcome (a known
+ * value; NONE without the capability; a latency only with ACKED or LATE), then every bit the
+ * guest cannot write (identity, capability chain, MSI-X table size) equal to this function's;
+ * err says which. apply: before the vCPUs run; runs check itself and changes nothing if it
+ * fails; restores BAR decode, MSI-X routes and doorbells (blocks in KVM ioctls) and the
+ * outcome, disarmed (the device model then calls vfmig_pci_handshake_loaded). */
 size_t vfmig_pci_state_size(const struct vfmig_pci_func *f);
 long vfmig_pci_save(struct vfmig_pci_func *f, uint8_t *buf, size_t cap);
 int vfmig_pci_check(const struct vfmig_pci_func *f, const uint8_t *buf, size_t len, struct vfmig_err *err);
