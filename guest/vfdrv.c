@@ -8,6 +8,13 @@
  * simvf_guest_stats, in guest RAM so they migrate.
  * Every VFDRV_TX_EVERY good packets it sends one on TX.
  *
+ * The migration handshake (the capability's VMM_STATUS and DEV_STATUS, simvf_abi.h): a notice
+ * (MIGRATING) quiesces the driver: RX buffers are no longer re-posted and nothing is sent, while
+ * what arrives is still taken and checked; then it acks (DEV_STATUS = VFMIG_DEV_ACK), at once or
+ * later as the boot parameter guest_ack says. A cancel (VMM_STATUS back to 0) resumes in place;
+ * the post-load interrupt on the destination (MIGRATED) resumes in place, or with
+ * RESET_REQUIRED re-initialises the device and its rings and restarts the oracle.
+ *
  * Interrupts go to vCPU 0 only; the other vCPUs keep IF clear. Every handler runs with IF
  * clear, so the driver state needs no locking: it is only touched by vCPU 0 with IF clear
  * (in a handler, in the poll fallback, or before interrupts are on). */
@@ -49,6 +56,13 @@ _Static_assert(VFDRV_RX_BUF_GPA + VFDRV_RX_N * SIMVF_BUF_MAX <= VFDRV_TX_BUF_GPA
 #define VFDRV_POLL_BUDGET 2u
 #define VFDRV_TX_EVERY    64u
 
+/* The migration handshake. LATE acks after more than any VMM deadline (the default is 50 ms). */
+#define VFDRV_MIG_IDLE     0u /* no notice outstanding */
+#define VFDRV_MIG_NOTIFIED 1u /* a notice was taken; a cancel or the post-load interrupt ends it */
+#define VFDRV_LATE_ACK_NS  500000000ull
+_Static_assert(sizeof(struct simvf_guest_stats) == 128 && __builtin_offsetof(struct simvf_guest_stats, mig_notices) == 72,
+               "struct simvf_guest_stats differs between the 32-bit guest and the 64-bit host");
+
 /* xAPIC registers. */
 #define LAPIC_BASE        0xFEE00000u
 #define LAPIC_ID          0x020u
@@ -80,6 +94,19 @@ struct vfdrv_priv {
     uint32_t err_desc, err_desc_len, err_pkt_len, err_magic;
     uint64_t err_seq, err_next_seq, err_drops, err_last_drops;
     uint32_t err_csum, err_csum_want;
+    /* The migration handshake. */
+    uint32_t ack_mode;             /* enum vfmig_guest_ack, from the boot parameters */
+    uint32_t mig_phase;            /* VFDRV_MIG_*: a notice outstanding or not */
+    uint32_t rx_held;              /* RX descriptors taken while quiesced and not re-posted: the ones just before rx_head */
+    uint32_t ack_pending;          /* a delayed ack is due at ack_due_ns (0: the next poll sets it) */
+    uint32_t oracle_resync;        /* 1 after a reset: the next good packet is the oracle's new baseline */
+    uint64_t ack_delay_ns, ack_due_ns;
+    uint64_t mig_repeats;          /* migration interrupts that found a status already handled */
+    uint64_t mig_spurious;         /* ... that found nothing to do (no notice outstanding, no MIGRATED) */
+    uint64_t acks_dropped;         /* delayed acks not sent: the status had moved on when they fell due */
+    uint64_t tx_held_back;         /* TX packets not sent because the driver was quiesced */
+    uint64_t rx_discarded;         /* completed RX descriptors a reset threw away unread */
+    uint64_t tx_discarded;         /* posted TX descriptors a reset threw away unprocessed */
 };
 
 extern char irq_stubs[]; /* irq.S: 16 bytes per vector */
@@ -154,6 +181,10 @@ static void tx_send(void)
     volatile struct vfdrv_priv *p = priv();
     volatile struct simvf_guest_stats *gs = gstats();
     tx_reclaim();
+    if (gs->quiesced) {
+        p->tx_held_back = p->tx_held_back + 1;
+        return;
+    }
     if (p->tx_head - p->tx_clean >= VFDRV_TX_N) {
         p->tx_ring_full = p->tx_ring_full + 1;
         return;
@@ -238,6 +269,22 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
     /* A bad packet since the last good one was offered too: it takes a sequence number but is
      * neither received nor a drop, so one corrupt packet makes one error, not two. */
     volatile struct vfdrv_priv *p = priv();
+    if (p->oracle_resync) {
+        /* The first good packet after a reset is the new baseline: what the reset threw away
+         * (packets in the ring unread, the drops meanwhile) cannot be told apart, so the books
+         * note the skipped sequence numbers instead. The wire never goes back: that is an error. */
+        p->oracle_resync = 0;
+        if (seq < gs->next_seq) {
+            rx_error(SIMVF_ERR_GAP, desc, dlen, pkt, 0);
+        } else {
+            gs->resync_skipped = gs->resync_skipped + (seq - gs->next_seq);
+            gs->received = gs->received + 1;
+        }
+        gs->last_drops = drops;
+        gs->next_seq = seq + 1;
+        p->rx_bad_run = 0;
+        return;
+    }
     uint64_t next = gs->next_seq + p->rx_bad_run, last_drops = gs->last_drops;
     /* The oracle: the gap (0 for the next packet) equals what the device's drop count grew by;
      * a drop count that moved without a gap is as wrong as a gap it does not explain. */
@@ -260,30 +307,223 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
 
 static int rx_pending(void) { return rx_ring()[priv()->rx_head].flags & SIMVF_DESC_DONE; }
 
-/* Take every completed RX descriptor in ring order, up to budget, re-posting each buffer.
- * Returns how many. IF clear. */
+/* Take every completed RX descriptor in ring order, up to budget, re-posting each buffer, or,
+ * while quiesced, holding it back (flags 0: the device stops there, and drops and counts what
+ * it cannot deliver). Returns how many. IF clear. */
 static uint32_t rx_drain(uint32_t budget)
 {
     volatile struct vfdrv_priv *p = priv();
     volatile struct simvf_guest_stats *gs = gstats();
-    uint32_t head = p->rx_head, n = 0;
+    uint32_t head = p->rx_head, n = 0, quiesced = gs->quiesced;
     for (; n < budget; n++) {
         volatile struct simvf_desc *d = &rx_ring()[head];
         if (!(d->flags & SIMVF_DESC_DONE))
             break;
         uint64_t before = gs->received;
         rx_packet(head, d->len);
-        d->len = SIMVF_BUF_MAX;
-        __asm__ volatile("" ::: "memory"); /* AVAIL last */
-        d->flags = SIMVF_DESC_AVAIL;
+        if (quiesced) {
+            d->flags = 0;
+            p->rx_held = p->rx_held + 1;
+        } else {
+            d->len = SIMVF_BUF_MAX;
+            __asm__ volatile("" ::: "memory"); /* AVAIL last */
+            d->flags = SIMVF_DESC_AVAIL;
+        }
         head = (head + 1) % VFDRV_RX_N;
         p->rx_head = head;
         if (gs->received != before && gs->received % VFDRV_TX_EVERY == 0)
             tx_send();
     }
-    if (n)
+    if (n && !quiesced)
         doorbell(SIMVF_REG_RX_DOORBELL);
     return n;
+}
+
+/* Re-post the buffers held back while quiesced, oldest first, and say so. IF clear. */
+static void rx_repost_held(void)
+{
+    volatile struct vfdrv_priv *p = priv();
+    uint32_t held = p->rx_held;
+    for (uint32_t k = held; k > 0; k--) {
+        volatile struct simvf_desc *d = &rx_ring()[(p->rx_head + VFDRV_RX_N - k) % VFDRV_RX_N];
+        d->len = SIMVF_BUF_MAX;
+        __asm__ volatile("" ::: "memory"); /* AVAIL last */
+        d->flags = SIMVF_DESC_AVAIL;
+    }
+    p->rx_held = 0;
+    if (held)
+        doorbell(SIMVF_REG_RX_DOORBELL);
+}
+
+/* Every RX buffer posted, its header zeroed (no stale packet can pass as new), TX empty, and
+ * both rings programmed; the device must be disabled and reset. IF clear or not yet on. */
+static void rings_init(void)
+{
+    volatile struct vfdrv_priv *p = priv();
+    for (uint32_t i = 0; i < VFDRV_RX_N; i++) {
+        volatile uint32_t *h = (volatile uint32_t *)(VFDRV_RX_BUF_GPA + i * SIMVF_BUF_MAX);
+        for (uint32_t w = 0; w < sizeof(struct simvf_pkt) / 4; w++)
+            h[w] = 0;
+        volatile struct simvf_desc *d = &rx_ring()[i];
+        d->addr = VFDRV_RX_BUF_GPA + i * SIMVF_BUF_MAX;
+        d->len = SIMVF_BUF_MAX;
+        d->flags = SIMVF_DESC_AVAIL;
+    }
+    for (uint32_t i = 0; i < VFDRV_TX_N * 4; i++)
+        ((volatile uint32_t *)VFDRV_TX_RING_GPA)[i] = 0;
+    p->rx_head = 0;
+    p->rx_held = 0;
+    p->rx_polling = 0;
+    p->tx_head = p->tx_clean = 0;
+    uint32_t r = p->bar0;
+    mmio_write32(r + SIMVF_REG_RX_RING_LO, VFDRV_RX_RING_GPA);
+    mmio_write32(r + SIMVF_REG_RX_RING_HI, 0);
+    mmio_write32(r + SIMVF_REG_RX_RING_SIZE, VFDRV_RX_N);
+    mmio_write32(r + SIMVF_REG_TX_RING_LO, VFDRV_TX_RING_GPA);
+    mmio_write32(r + SIMVF_REG_TX_RING_HI, 0);
+    mmio_write32(r + SIMVF_REG_TX_RING_SIZE, VFDRV_TX_N);
+}
+
+/* Migration handshake ------------------------------------------------------------------------- */
+
+/* The capability's registers: each access is two port exits. vCPU 0 with IF clear only: the
+ * 0xCF8 latch is one per host, and a handler between a select and its data access would move it. */
+static uint8_t mig_vmm_status(void)
+{
+    return pci_read8(gstats()->bdf, priv()->migcap + VFMIG_MIGCAP_VMM_STATUS);
+}
+static void mig_dev_status(uint8_t v) { pci_write8(gstats()->bdf, priv()->migcap + VFMIG_MIGCAP_DEV_STATUS, v); }
+
+static void mig_ack(void)
+{
+    mig_dev_status(VFMIG_DEV_ACK);
+    priv()->ack_pending = 0;
+    gstats()->acks = gstats()->acks + 1;
+}
+
+/* Out of quiesce and out of the handshake: held buffers go back to the device, TX runs again. */
+static void mig_resume(void)
+{
+    volatile struct vfdrv_priv *p = priv();
+    gstats()->quiesced = 0;
+    rx_repost_held();
+    p->ack_pending = 0;
+    p->mig_phase = VFDRV_MIG_IDLE;
+}
+
+/* RESET_REQUIRED: the device may hold anything in its rings, so start it over: disable (no more
+ * DMA), reset (ring heads to 0), every buffer re-posted and TX emptied, enable; and the oracle
+ * takes its next good packet as the new baseline. Packets left unread in the ring are lost. */
+static void mig_reset(void)
+{
+    volatile struct vfdrv_priv *p = priv();
+    volatile struct simvf_guest_stats *gs = gstats();
+    uint32_t r = p->bar0;
+    mmio_write32(r + SIMVF_REG_CTRL, 0);
+    uint32_t unread = 0;
+    for (uint32_t i = 0; i < VFDRV_RX_N; i++)
+        unread += (rx_ring()[i].flags & SIMVF_DESC_DONE) != 0;
+    p->rx_discarded = p->rx_discarded + unread;
+    tx_reclaim();
+    p->tx_discarded = p->tx_discarded + (p->tx_head - p->tx_clean);
+    mmio_write32(r + SIMVF_REG_CTRL, SIMVF_CTRL_RESET);
+    rings_init();
+    p->rx_bad_run = 0;
+    p->oracle_resync = 1;
+    gs->quiesced = 0;
+    p->ack_pending = 0;
+    p->mig_phase = VFDRV_MIG_IDLE;
+    mmio_write32(r + SIMVF_REG_CTRL, SIMVF_CTRL_ENABLE);
+    doorbell(SIMVF_REG_RX_DOORBELL);
+}
+
+/* Act on VMM_STATUS as just read: from the migration interrupt, or from the poll when a delayed
+ * ack fell due (whichever sees a change first acts; the other finds it handled). IF clear. */
+static void mig_event(uint32_t status)
+{
+    volatile struct vfdrv_priv *p = priv();
+    volatile struct simvf_guest_stats *gs = gstats();
+    uint32_t prev = gs->last_vmm_status;
+    gs->last_vmm_status = status;
+    if ((status & VFMIG_VMM_MIGRATING) && !(status & VFMIG_VMM_MIGRATED)) {
+        /* A stop is coming. */
+        if (p->mig_phase == VFDRV_MIG_NOTIFIED) {
+            /* Again: a duplicate, or a cancel that coalesced with the next attempt's notice (whose
+             * arming cleared DEV_STATUS). Still quiesced and already acked: ack again, which a
+             * duplicate does not mind. */
+            p->mig_repeats = p->mig_repeats + 1;
+            if (gs->quiesced && !p->ack_pending)
+                mig_ack();
+            return;
+        }
+        p->mig_phase = VFDRV_MIG_NOTIFIED;
+        gs->mig_notices = gs->mig_notices + 1;
+        if (p->ack_mode == VFMIG_ACK_NEVER)
+            return; /* a stuck driver: neither quiesces nor acks */
+        /* Quiesce: no buffer is re-posted and nothing is sent from now on. The device finishes a
+         * packet's DMA before it marks its descriptor done (under its lock), so nothing is half
+         * written; completed descriptors are still taken as usual, reclaimed TX ones here. */
+        gs->quiesced = 1;
+        tx_reclaim();
+        if (p->ack_mode == VFMIG_ACK_LATE || p->ack_mode == VFMIG_ACK_SLOW) {
+            p->ack_due_ns = 0; /* the poll sets it from its clock read: the handler reads no clock */
+            p->ack_pending = 1;
+            return;
+        }
+        mig_ack();
+        return;
+    }
+    if (status & VFMIG_VMM_MIGRATED) {
+        /* The post-load interrupt on the destination. One already handled (an interrupt the
+         * source left pending lands too) is not acted on twice. */
+        if (p->mig_phase == VFDRV_MIG_IDLE && status == prev) {
+            p->mig_repeats = p->mig_repeats + 1;
+            return;
+        }
+        if (status & VFMIG_VMM_RESET_REQUIRED) {
+            mig_reset();
+            gs->resets = gs->resets + 1;
+            puts_console("vfdrv: migrated, device reset\n");
+        } else {
+            /* No console line here: at ~35 us a character it would add a millisecond to the
+             * downtime vCPU 0 sees on every migration that went right. */
+            mig_resume();
+            gs->resumed_in_place = gs->resumed_in_place + 1;
+        }
+        return;
+    }
+    if (status == 0 && p->mig_phase == VFDRV_MIG_NOTIFIED) {
+        /* Cancelled: the VM stays here. A stale ack must not answer the next notice. */
+        mig_resume();
+        mig_dev_status(0);
+        gs->cancels = gs->cancels + 1;
+        puts_console("vfdrv: migration cancelled, resumed\n");
+        return;
+    }
+    p->mig_spurious = p->mig_spurious + 1;
+}
+
+/* A delayed ack (LATE, SLOW), from the poll on vCPU 0 with IF set: its due time is set at the
+ * first poll after the notice, and when the clock passes it the status is read again, since
+ * the VM may have moved or the migration failed meanwhile: then that is handled instead. */
+static void mig_ack_poll(uint64_t now)
+{
+    volatile struct vfdrv_priv *p = priv();
+    __asm__ volatile("cli" ::: "memory"); /* decided as one step: a handler may have settled it, or begun another */
+    if (p->ack_pending && !p->ack_due_ns) {
+        p->ack_due_ns = now + p->ack_delay_ns;
+    } else if (p->ack_pending && now >= p->ack_due_ns) {
+        uint32_t status = mig_vmm_status();
+        if ((status & VFMIG_VMM_MIGRATING) && !(status & VFMIG_VMM_MIGRATED)) {
+            gstats()->last_vmm_status = status;
+            mig_ack();
+        } else {
+            p->ack_pending = 0;
+            p->acks_dropped = p->acks_dropped + 1;
+            mig_event(status);
+        }
+    }
+    __asm__ volatile("sti" ::: "memory");
 }
 
 /* Interrupts ----------------------------------------------------------------------------------- */
@@ -303,8 +543,10 @@ void vfdrv_irq(uint32_t vec)
         tx_reclaim();
         break;
     case VFDRV_VEC_MIG:
-        /* The migration handshake is not implemented yet: acknowledge and count. */
+        /* One config read (two port exits) per interrupt: the status says which step this is. */
         p->mig_irqs = p->mig_irqs + 1;
+        if (p->migcap)
+            mig_event(mig_vmm_status());
         break;
     case VFDRV_VEC_MISC:
         p->misc_irqs = p->misc_irqs + 1;
@@ -330,11 +572,14 @@ void vfdrv_exception(uint32_t vec)
         __asm__ volatile("cli; hlt");
 }
 
-/* The workload calls this on vCPU 0 after each clock read: RX in polling mode, and any packet
- * that is waiting without an interrupt due (one load when there is nothing to do). */
-static void vfdrv_poll(void)
+/* The workload calls this on vCPU 0 after each clock read: a delayed ack, RX in polling mode,
+ * and any packet that is waiting without an interrupt due (two loads when there is nothing to
+ * do: the workload may call it after every page). */
+static void vfdrv_poll(uint64_t now)
 {
     volatile struct vfdrv_priv *p = priv();
+    if (p->ack_pending)
+        mig_ack_poll(now);
     if (!rx_pending()) {
         p->rx_polling = 0; /* caught up: interrupts again (a racing one finds the packet here next time) */
         return;
@@ -460,6 +705,11 @@ static int vfdrv_init(void)
 
     /* The migration capability: take part, with our migration vector. */
     p->migcap = pci_find_cap(bdf, VFMIG_PCI_CAP_ID_VNDR, migcap_match);
+    const volatile struct vfmig_boot_params *bp = boot_params();
+    p->ack_mode = bp->guest_ack <= VFMIG_ACK_SLOW ? bp->guest_ack : VFMIG_ACK_NORMAL;
+    p->ack_delay_ns = p->ack_mode == VFMIG_ACK_LATE   ? VFDRV_LATE_ACK_NS
+                      : p->ack_mode == VFMIG_ACK_SLOW ? (uint64_t)bp->ack_delay_us * 1000u
+                                                      : 0;
     if (p->migcap) {
         pci_write8(bdf, p->migcap + VFMIG_MIGCAP_CTRL, VFMIG_MIGCAP_ENABLE);
         pci_write8(bdf, p->migcap + VFMIG_MIGCAP_IRQ, SIMVF_VEC_MIGRATION);
@@ -469,22 +719,9 @@ static int vfdrv_init(void)
     }
 
     /* Rings: every RX buffer posted; TX empty. */
-    for (uint32_t i = 0; i < VFDRV_RX_N; i++) {
-        volatile struct simvf_desc *d = &rx_ring()[i];
-        d->addr = VFDRV_RX_BUF_GPA + i * SIMVF_BUF_MAX;
-        d->len = SIMVF_BUF_MAX;
-        d->flags = SIMVF_DESC_AVAIL;
-    }
-    for (uint32_t i = 0; i < VFDRV_TX_N * 4; i++)
-        ((volatile uint32_t *)VFDRV_TX_RING_GPA)[i] = 0;
     uint32_t r = p->bar0;
     mmio_write32(r + SIMVF_REG_CTRL, SIMVF_CTRL_RESET); /* whatever a previous boot left */
-    mmio_write32(r + SIMVF_REG_RX_RING_LO, VFDRV_RX_RING_GPA);
-    mmio_write32(r + SIMVF_REG_RX_RING_HI, 0);
-    mmio_write32(r + SIMVF_REG_RX_RING_SIZE, VFDRV_RX_N);
-    mmio_write32(r + SIMVF_REG_TX_RING_LO, VFDRV_TX_RING_GPA);
-    mmio_write32(r + SIMVF_REG_TX_RING_HI, 0);
-    mmio_write32(r + SIMVF_REG_TX_RING_SIZE, VFDRV_TX_N);
+    rings_init();
     gs->state = SIMVF_GUEST_RUNNING;
     __asm__ volatile("sti" ::: "memory");
     mmio_write32(r + SIMVF_REG_CTRL, SIMVF_CTRL_ENABLE);

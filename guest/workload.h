@@ -52,11 +52,11 @@ static uint32_t next_page(uint32_t pattern, uint32_t pages, uint32_t *rng, uint3
     return xorshift(rng) % pages;
 }
 
-/* Run the workload on vCPU id forever. poll, if not NULL, is called after every clock read (a
- * driver's deferred work: once per batch, and while the throttle waits, so a rate-limited
- * workload leaves its idle time to it). Always inlined, so a constant NULL leaves no trace in
- * the code of a guest without one. */
-static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_t id, void (*poll)(void))
+/* Run the workload on vCPU id forever. poll, if not NULL, is called after every clock read with
+ * the time it read (a driver's deferred work: once per batch, and while the throttle waits, so
+ * a rate-limited workload leaves its idle time to it; with clock_every = 1, after every page).
+ * Always inlined, so a constant NULL leaves no trace in the code of a guest without one. */
+static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_t id, void (*poll)(uint64_t now))
 {
     const volatile struct vfmig_boot_params *bp = boot_params();
     volatile struct vfmig_vcpu_stats *st = vcpu_stats(id);
@@ -80,9 +80,9 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
     uint64_t done = 0; /* pages touched since t0, for the throttle */
     if (pages == 0)
         for (;;) {
-            clock_tick(st, threshold);
+            uint64_t now = clock_tick(st, threshold);
             if (poll)
-                poll();
+                poll(now);
         }
     for (;;) {
         /* Work in batches of `every` pages between clock reads; this KVM emulates guest
@@ -99,12 +99,12 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
             done += n;
             uint64_t now = clock_tick(st, threshold);
             if (poll)
-                poll();
+                poll(now);
             /* Throttle: wait until `done` pages are due. Picoseconds avoid 64-bit division. */
             while (ps_per_page && (now - t0) * 1000 < done * ps_per_page) {
                 now = clock_tick(st, threshold);
                 if (poll)
-                    poll();
+                    poll(now);
             }
             /* After a long stop (migration, pause), don't sprint to catch up. */
             if (ps_per_page && (now - t0) * 1000 > done * ps_per_page + 50000000000ull) {

@@ -14,6 +14,10 @@ from vfmig.errors import ConfigError
 GUESTS = ("dirtier", "idle", "vfdrv")  # vfdrv: simvf's driver plus the dirtier's workload
 DEVICE_GUEST = "vfdrv"  # the guest a VM with a simvf runs unless told otherwise
 PATTERNS = {"sequential": 0, "random": 1, "hotcold": 2}
+# How vfdrv answers a migration notice: enum vfmig_guest_ack in csrc/include/vfmig/guest_abi.h
+# (not exposed by vfmig._core yet; keep the two in step). "slow" is written "slow:US".
+GUEST_ACKS = {"normal": 0, "never": 1, "late": 2, "slow": 3}
+ACK_DELAY_MAX_US = 10_000_000
 
 PAGE_SIZE = 4096
 BOOT_GPA = 0x2000
@@ -26,7 +30,7 @@ BOOT_VERSION = 1
 GAP_RING = 16
 
 # struct vfmig_boot_params
-_BOOT = struct.Struct("<IIIIQQIIIIIIII8x")
+_BOOT = struct.Struct("<IIIIQQIIIIIIIIII")
 # struct vfmig_vcpu_stats (head) and its gap ring
 _STATS = struct.Struct("<QQQQQQII")
 _GAP = struct.Struct("<QQ")
@@ -58,6 +62,27 @@ class GuestParams:
     width: int = 1
     seed: int = 1
     clock_mmio: bool = False  # read the clock through MMIO (0xFEB00000) instead of ports
+    # vfdrv's answer to a migration notice: "normal" (quiesce, ack at once), "never" (a stuck
+    # driver), "late" (ack after 500 ms, past any deadline) or "slow:US" (ack after US microseconds)
+    guest_ack: str = "normal"
+
+    def ack(self) -> tuple[int, int]:
+        """guest_ack as the boot parameters carry it: (enum vfmig_guest_ack, ack_delay_us)."""
+        spec = self.guest_ack
+        if not isinstance(spec, str):
+            raise ConfigError(f"guest_ack must be a string, got {spec!r}")
+        name, sep, arg = spec.partition(":")
+        if name == "slow":
+            us = int(arg) if arg.isascii() and arg.isdigit() else 0
+            if not 1 <= us <= ACK_DELAY_MAX_US:
+                raise ConfigError(
+                    f"guest_ack {spec!r}: slow takes its delay as slow:US, a whole number of "
+                    f"microseconds 1..{ACK_DELAY_MAX_US:,}"
+                )
+            return GUEST_ACKS["slow"], us
+        if name in GUEST_ACKS and not sep:
+            return GUEST_ACKS[name], 0
+        raise ConfigError(f"unknown guest_ack {spec!r}: choose normal, never, late or slow:US (US microseconds)")
 
     def wss(self, mem_bytes: int) -> int:
         low = min(mem_bytes, LOW_RAM_MAX)
@@ -82,10 +107,12 @@ class GuestParams:
             raise ConfigError("width must be 1 or 4 bytes")
         if not 0 <= self.hot_pct <= 100 or not 1 <= self.hot_size_pct <= 99:
             raise ConfigError("hot_pct must be 0..100 and hot_size_pct 1..99")
+        self.ack()
 
     def pack(self, mem_bytes: int) -> bytes:
         per_vcpu = self.rate_pps / self.vcpus if self.rate_pps else 0
         ps_per_page = round(1e12 / per_vcpu) if per_vcpu else 0
+        ack_mode, ack_delay_us = self.ack()
         return _BOOT.pack(
             BOOT_MAGIC,
             BOOT_VERSION,
@@ -101,6 +128,8 @@ class GuestParams:
             self.width,
             self.seed,
             int(self.clock_mmio),
+            ack_mode,
+            ack_delay_us,
         )
 
 

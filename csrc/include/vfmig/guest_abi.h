@@ -36,6 +36,11 @@ typedef unsigned long long uint64_t;
 #define VFMIG_BOOT_VERSION   1u
 
 enum vfmig_pattern { VFMIG_PATTERN_SEQ = 0, VFMIG_PATTERN_RANDOM = 1, VFMIG_PATTERN_HOTCOLD = 2 };
+/* How the VF driver (vfdrv) answers the migration capability's notice (simvf_abi.h), for
+ * testing the VMM's handshake: NORMAL quiesces and acks at once; NEVER is a stuck driver (it
+ * neither quiesces nor acks, and still handles what comes after); LATE quiesces and acks after
+ * 500 ms, past any deadline; SLOW quiesces and acks after ack_delay_us. */
+enum vfmig_guest_ack { VFMIG_ACK_NORMAL = 0, VFMIG_ACK_NEVER = 1, VFMIG_ACK_LATE = 2, VFMIG_ACK_SLOW = 3 };
 
 struct vfmig_boot_params {
     uint32_t magic;
@@ -52,7 +57,8 @@ struct vfmig_boot_params {
     uint32_t width;            /* bytes incremented per page: 1 or 4 */
     uint32_t seed;
     uint32_t clock_mmio;       /* read the clock through MMIO instead of ports */
-    uint32_t reserved[2];
+    uint32_t guest_ack;        /* enum vfmig_guest_ack: how vfdrv answers a migration notice */
+    uint32_t ack_delay_us;     /* VFMIG_ACK_SLOW: the ack's delay after the notice, in us */
 };
 
 struct vfmig_gap {
