@@ -659,17 +659,17 @@ int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct v
         else if (r < 0 && errno != EINTR)
             nanosleep(&(struct timespec){.tv_nsec = left < 1000000 ? (long)left : 1000000}, NULL);
     }
-    uint64_t end = vfmig_now_ns(), acked = atomic_load(&f->hs.acked_ns);
-
-    pthread_mutex_lock(&f->config_lock);
-    /* An ack stamped after the deadline is a timeout for now; stopped() makes it LATE. */
+    uint64_t acked = atomic_load(&f->hs.acked_ns);
+    /* No lock from here either: a guest hammering config space holds config_lock often enough
+     * to keep a woken waiter from it for milliseconds (mutexes are not fair). raised_ns was
+     * written by this thread. An ack stamped after the deadline is a timeout for now;
+     * stopped() makes it LATE. */
     int in_time = acked && acked <= deadline_ns;
-    f->hs.outcome = in_time ? VFMIG_HS_ACKED : VFMIG_HS_TIMEOUT;
-    f->hs.latency_us = in_time ? hs_latency_us(f->hs.raised_ns, acked) : 0;
-    out->outcome = f->hs.outcome;
-    out->latency_us = f->hs.latency_us;
-    pthread_mutex_unlock(&f->config_lock);
-    out->end_ns = end;
+    out->outcome = in_time ? VFMIG_HS_ACKED : VFMIG_HS_TIMEOUT;
+    out->latency_us = in_time ? hs_latency_us(f->hs.raised_ns, acked) : 0;
+    atomic_store(&f->hs.latency_us, out->latency_us);
+    atomic_store(&f->hs.outcome, out->outcome);
+    out->end_ns = vfmig_now_ns();
     return 0;
 }
 

@@ -5,6 +5,7 @@
  * capability. */
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -737,6 +738,615 @@ static void test_builder(void)
     printf("test_builder: ok\n");
 }
 
+/* ---- the guest handshake (pci.h: vfmig_pci_handshake and the calls around it) ---- */
+
+#define HS_VEC 2u      /* the MSI-X vector the "driver" names in the capability's IRQ register */
+#define HS_LAPIC 0x61u /* where that vector's message lands */
+#define MS 1000000ull
+#define HS_SLACK (2 * MS) /* the wait ends within this of its deadline */
+/* The host is shared (2 cores, other builds running): a bare ppoll() there can wake 100 ms late
+ * when the scheduler runs something else. So a timed wait that overran HS_SLACK is tried again,
+ * up to HS_TRIES times, each attempt's outcome checked in full; a handshake that waited past
+ * its deadline by itself would overrun every time. Every overrun is counted and reported. */
+#define HS_TRIES 5
+static struct {
+    int waits, overran;
+    uint64_t best_worst; /* the largest overrun among the attempts that passed */
+    uint64_t worst;      /* the largest overrun of all */
+} hs_timing;
+
+/* Records one timed wait's overrun; 1 if it was within HS_SLACK. */
+static int hs_in_time(uint64_t over)
+{
+    hs_timing.waits++;
+    hs_timing.worst = over > hs_timing.worst ? over : hs_timing.worst;
+    if (over >= HS_SLACK) {
+        hs_timing.overran++;
+        fprintf(stderr, "(a wait returned %.3f ms after its deadline: trying again)\n", (double)over / 1e6);
+        return 0;
+    }
+    hs_timing.best_worst = over > hs_timing.best_worst ? over : hs_timing.best_worst;
+    return 1;
+}
+
+struct hs_env {
+    struct vfmig_vm *vm;
+    struct tdev *t;
+    uint32_t m; /* the migration capability's config offset */
+};
+
+static int lapic_irr_now(struct vfmig_vcpu *cpu, uint32_t vec)
+{
+    return lapic_reg(cpu, 0x200 + vec / 32 * 0x10) >> (vec % 32) & 1;
+}
+
+/* The vCPU never runs, so a delivered interrupt stays requested: clear it to see the next. */
+static void lapic_clear_irr(struct vfmig_vcpu *cpu)
+{
+    struct kvm_lapic_state s;
+    CHECK(ioctl(cpu->fd, KVM_GET_LAPIC, &s) == 0);
+    for (uint32_t i = 0; i < 8; i++)
+        memset(s.regs + 0x200 + 0x10 * i, 0, 4);
+    CHECK(ioctl(cpu->fd, KVM_SET_LAPIC, &s) == 0);
+}
+
+/* No interrupt within 20 ms (irqfd injection may run from a kernel work item). */
+static int lapic_quiet(struct vfmig_vcpu *cpu, uint32_t vec)
+{
+    usleep(20000);
+    return !lapic_irr_now(cpu, vec);
+}
+
+/* A function as its driver leaves it: BARs placed, MSI-X on with HS_VEC routed to HS_LAPIC
+ * (masked if asked), IRQ = HS_VEC, and the capability enabled if enable. */
+static struct hs_env hs_env(int enable, int masked)
+{
+    struct hs_env e = {.vm = make_vm()};
+    e.t = tdev_new(e.vm, "fn", &standard, 1);
+    lapic_enable(&e.vm->vcpus[0]);
+    place_bars(e.vm, 1);
+    cfg_wr(e.vm, 0, find_cap(e.vm, 0x11) + 2, 0x8000, 2);
+    msix_program(e.vm, HS_VEC, HS_LAPIC, masked ? 1 : 0);
+    e.m = find_cap(e.vm, 0x09);
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_IRQ, HS_VEC, 1);
+    if (enable)
+        cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_CTRL, VFMIG_MIGCAP_ENABLE, 1);
+    return e;
+}
+
+static uint8_t mreg(struct hs_env *e, uint32_t reg) { return vfmig_pci_migcap_reg(&e->t->f, reg); }
+
+/* f's handshake fields, read under config_lock as the migration thread writes them. */
+static uint32_t hs_outcome(struct vfmig_pci_func *f, uint32_t *latency_us)
+{
+    pthread_mutex_lock(&f->config_lock);
+    uint32_t o = f->hs.outcome;
+    if (latency_us)
+        *latency_us = f->hs.latency_us;
+    pthread_mutex_unlock(&f->config_lock);
+    return o;
+}
+
+/* A vCPU running the driver's side: waits (up to 2 s) for the migration interrupt, in the
+ * LAPIC's IRR, or in the PBA while the vector is masked; reads VMM_STATUS through the config
+ * ports, as the driver's handler would; acks after delay_us. */
+struct hs_guest {
+    struct hs_env *e;
+    int masked;
+    uint32_t delay_us;
+    uint8_t status_seen;
+    uint64_t irq_ns, ack_ns;
+};
+
+static void *hs_guest_run(void *arg)
+{
+    struct hs_guest *g = arg;
+    struct vfmig_vm *vm = g->e->vm;
+    for (uint64_t t0 = vfmig_now_ns(); vfmig_now_ns() - t0 < 2000 * MS;) {
+        if (g->masked ? (int)(mm_rd(vm, BAR1_AT + 0x1000, 8) >> HS_VEC & 1) : lapic_irr_now(&vm->vcpus[0], HS_LAPIC)) {
+            g->irq_ns = vfmig_now_ns();
+            break;
+        }
+    }
+    if (!g->irq_ns)
+        return NULL;
+    g->status_seen = (uint8_t)cfg_rd(vm, 0, g->e->m + VFMIG_MIGCAP_VMM_STATUS, 1);
+    if (g->delay_us)
+        usleep(g->delay_us);
+    cfg_wr(vm, 0, g->e->m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1);
+    g->ack_ns = vfmig_now_ns();
+    return NULL;
+}
+
+/* A handshake the guest thread answers; returns its result. */
+static struct vfmig_prestop_result hs_answered(struct hs_env *e, int masked, uint64_t budget_ns, struct hs_guest *g)
+{
+    *g = (struct hs_guest){.e = e, .masked = masked};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, hs_guest_run, g) == 0);
+    struct vfmig_prestop_result r;
+    CHECK(vfmig_pci_handshake(&e->t->f, vfmig_now_ns() + budget_ns, &r) == 0);
+    CHECK(pthread_join(th, NULL) == 0);
+    return r;
+}
+
+/* Nobody acks: TIMEOUT, and the wait ends at the deadline, within HS_SLACK (HS_TRIES
+ * attempts). Returns the overrun. */
+static uint64_t hs_timeout(struct hs_env *e, uint64_t budget_ns)
+{
+    for (int attempt = 0; attempt < HS_TRIES; attempt++) {
+        struct vfmig_prestop_result r;
+        uint64_t deadline = vfmig_now_ns() + budget_ns;
+        CHECK(vfmig_pci_handshake(&e->t->f, deadline, &r) == 0);
+        uint64_t back = vfmig_now_ns();
+        CHECK(r.outcome == VFMIG_HS_TIMEOUT && r.latency_us == 0 && hs_outcome(&e->t->f, NULL) == VFMIG_HS_TIMEOUT);
+        CHECK(r.end_ns >= deadline && back >= r.end_ns);
+        if (hs_in_time(back - deadline))
+            return back - deadline;
+    }
+    CHECK(!"a handshake without an ack returned by its deadline + 2 ms");
+    return 0;
+}
+
+/* No notice without the driver's CTRL enable, with the deadline past, or without the
+ * capability; and then no interrupt, no status. */
+static void test_hs_disabled(void)
+{
+    struct hs_env e = hs_env(0, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    struct vfmig_prestop_result r;
+    uint64_t t0 = vfmig_now_ns();
+    CHECK(vfmig_pci_handshake(f, t0 + 50 * MS, &r) == 0);
+    CHECK(r.outcome == VFMIG_HS_DISABLED && r.start_ns >= t0 && r.end_ns - t0 < 5 * MS);
+    CHECK(hs_outcome(f, NULL) == VFMIG_HS_DISABLED && !atomic_load(&f->hs.armed));
+    CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == 0);
+    CHECK(lapic_quiet(&e.vm->vcpus[0], HS_LAPIC) && pba(e.vm) == 0);
+
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_CTRL, VFMIG_MIGCAP_ENABLE, 1);
+    CHECK(vfmig_pci_handshake(f, vfmig_now_ns() - 1, &r) == 0 && r.outcome == VFMIG_HS_DISABLED);
+    CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == 0 && lapic_quiet(&e.vm->vcpus[0], HS_LAPIC));
+    vfmig_pci_handshake_abort(f); /* nothing was said: nothing to take back */
+    CHECK(lapic_quiet(&e.vm->vcpus[0], HS_LAPIC) && pba(e.vm) == 0);
+
+    /* migration=off: no register to tell the guest with; the outcome the blob carries stays NONE. */
+    struct variant v = standard;
+    v.migcap = 0;
+    struct tdev *nm = tdev_new(e.vm, "no-migcap", &v, 0);
+    CHECK(nm->f.hs.ack_fd == -1);
+    CHECK(vfmig_pci_handshake(&nm->f, vfmig_now_ns() + 50 * MS, &r) == 0 && r.outcome == VFMIG_HS_DISABLED);
+    CHECK(r.end_ns - r.start_ns < 5 * MS && hs_outcome(&nm->f, NULL) == VFMIG_HS_NONE);
+    vfmig_pci_handshake_stopped(&nm->f);
+    vfmig_pci_handshake_abort(&nm->f);
+    vfmig_pci_handshake_loaded(&nm->f);
+    vfmig_pci_handshake_started(&nm->f);
+    CHECK(hs_outcome(&nm->f, NULL) == VFMIG_HS_NONE);
+    tdev_free(nm);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_disabled: ok\n");
+}
+
+/* The notice reaches KVM (the LAPIC; the PBA while masked), the guest reads MIGRATING and acks:
+ * ACKED well before the deadline, with the latency from the raise to the ack. */
+static void test_hs_acked(int masked)
+{
+    struct hs_env e = hs_env(1, masked);
+    struct vfmig_pci_func *f = &e.t->f;
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1); /* stale: cleared by the arming */
+    uint32_t lat_max = 0, wake_max = 0;
+    for (int i = 0; i < 5; i++) {
+        struct hs_guest g;
+        uint64_t t0 = vfmig_now_ns();
+        struct vfmig_prestop_result r = hs_answered(&e, masked, 1000 * MS, &g);
+        CHECK(g.irq_ns && g.status_seen == VFMIG_VMM_MIGRATING);
+        CHECK(r.outcome == VFMIG_HS_ACKED && r.end_ns < t0 + 500 * MS);
+        uint32_t lat;
+        CHECK(hs_outcome(f, &lat) == VFMIG_HS_ACKED && lat == r.latency_us);
+        uint64_t acked = atomic_load(&f->hs.acked_ns);
+        CHECK(acked && acked <= g.ack_ns && r.end_ns >= acked && acked - f->hs.raised_ns <= g.ack_ns - t0);
+        CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATING);
+        CHECK(mreg(&e, VFMIG_MIGCAP_DEV_STATUS) == VFMIG_DEV_ACK);
+        vfmig_pci_handshake_stopped(f);
+        CHECK(hs_outcome(f, NULL) == VFMIG_HS_ACKED);
+        if (masked) {
+            /* Pending, not delivered; the guest's unmask sends it, as hardware would. */
+            CHECK((pba(e.vm) >> HS_VEC & 1) && !lapic_irr_now(&e.vm->vcpus[0], HS_LAPIC));
+            mm_wr(e.vm, BAR1_AT + 16 * HS_VEC + 12, 0, 4);
+            CHECK(pba(e.vm) == 0 && lapic_irr(&e.vm->vcpus[0], HS_LAPIC));
+            mm_wr(e.vm, BAR1_AT + 16 * HS_VEC + 12, 1, 4);
+        }
+        lapic_clear_irr(&e.vm->vcpus[0]);
+        lat_max = r.latency_us > lat_max ? r.latency_us : lat_max;
+        uint32_t wake = (uint32_t)((r.end_ns - acked) / 1000);
+        wake_max = wake > wake_max ? wake : wake_max;
+    }
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_acked%s: ok (5 handshakes: raise -> ack at most %u us, ack -> return at most %u us)\n",
+           masked ? " (vector masked: via the PBA)" : "", lat_max, wake_max);
+}
+
+/* Nobody acks: TIMEOUT at the deadline, measured; a later ack after _stopped changes nothing. */
+static void test_hs_timeout(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    uint64_t worst = 0;
+    for (int i = 0; i < 10; i++) {
+        uint64_t over = hs_timeout(&e, (uint64_t)(5 + 3 * i) * MS);
+        worst = over > worst ? over : worst;
+        CHECK(lapic_irr(&e.vm->vcpus[0], HS_LAPIC)); /* the notice did go out */
+        lapic_clear_irr(&e.vm->vcpus[0]);
+        CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATING);
+    }
+    vfmig_pci_handshake_stopped(f);
+    CHECK(hs_outcome(f, NULL) == VFMIG_HS_TIMEOUT && !atomic_load(&f->hs.armed));
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1); /* the vCPUs would be stopped by now */
+    CHECK(atomic_load(&f->hs.acked_ns) == 0);
+    vfmig_pci_handshake_stopped(f);
+    uint32_t lat;
+    CHECK(hs_outcome(f, &lat) == VFMIG_HS_TIMEOUT && lat == 0);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_timeout: ok (10 timeouts of 5..32 ms: returned at most %.3f ms after the deadline)\n",
+           (double)worst / 1e6);
+}
+
+/* An ack after the deadline and before the stop: TIMEOUT until _stopped, then LATE with its
+ * latency; an ack after _stopped changes nothing. */
+static void test_hs_late(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    hs_timeout(&e, 10 * MS);
+    uint64_t deadline = f->hs.deadline_ns, raised = f->hs.raised_ns;
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1);
+    uint64_t acked = atomic_load(&f->hs.acked_ns);
+    CHECK(acked > deadline && hs_outcome(f, NULL) == VFMIG_HS_TIMEOUT);
+    vfmig_pci_handshake_stopped(f);
+    uint32_t lat;
+    CHECK(hs_outcome(f, &lat) == VFMIG_HS_LATE && lat == (acked - raised) / 1000 && lat >= (deadline - raised) / 1000);
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, 0, 1);
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1);
+    vfmig_pci_handshake_stopped(f);
+    uint32_t lat2;
+    CHECK(atomic_load(&f->hs.acked_ns) == acked && hs_outcome(f, &lat2) == VFMIG_HS_LATE && lat2 == lat);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_late: ok (acked %u us after the raise, deadline at %llu us)\n", lat,
+           (unsigned long long)((deadline - raised) / 1000));
+}
+
+struct poker {
+    int fd;
+    _Atomic int stop;
+    _Atomic int pokes;
+};
+
+static void *poke_loop(void *arg)
+{
+    struct poker *p = arg;
+    uint64_t one = 1;
+    while (!atomic_load(&p->stop)) {
+        if (write(p->fd, &one, sizeof(one)) == sizeof(one))
+            atomic_fetch_add(&p->pokes, 1);
+        usleep(500);
+    }
+    return NULL;
+}
+
+/* Acks before the arming (spam, a stale eventfd count) and wake-ups that are not acks do not
+ * satisfy a handshake, nor end its wait early. */
+static void test_hs_spam(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    for (int i = 0; i < 2000; i++) {
+        cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, i % 3 ? VFMIG_DEV_ACK : 0xFF, 1);
+        cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_CTRL, 0xFF000201u, 4); /* CTRL, IRQ, VMM, DEV in one write */
+    }
+    CHECK(mreg(&e, VFMIG_MIGCAP_DEV_STATUS) == VFMIG_DEV_ACK && atomic_load(&f->hs.acked_ns) == 0);
+    uint64_t v;
+    CHECK(read(f->hs.ack_fd, &v, sizeof(v)) < 0 && errno == EAGAIN); /* nobody was woken */
+    v = 5;
+    CHECK(write(f->hs.ack_fd, &v, sizeof(v)) == sizeof(v)); /* a stale count: drained by the arming */
+    hs_timeout(&e, 15 * MS);
+    CHECK(mreg(&e, VFMIG_MIGCAP_DEV_STATUS) == 0); /* the arming cleared the spammed ack */
+
+    /* Wake-ups every 0.5 ms during the wait, none an ack: the wait goes on to the deadline. */
+    struct poker p = {.fd = f->hs.ack_fd};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, poke_loop, &p) == 0);
+    hs_timeout(&e, 20 * MS);
+    atomic_store(&p.stop, 1);
+    CHECK(pthread_join(th, NULL) == 0 && atomic_load(&p.pokes) > 0);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_spam: ok (%d spurious wake-ups ignored)\n", atomic_load(&p.pokes));
+}
+
+/* A vCPU writing garbage to every byte of the capability (and DEV_STATUS on its own) while a
+ * handshake waits. */
+static uint32_t xorshift32(uint32_t *s)
+{
+    uint32_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return *s = x;
+}
+
+struct garbler {
+    struct hs_env *e;
+    int allow_ack; /* 0: never the ACK bit into DEV_STATUS */
+    _Atomic int stop;
+    int writes;
+};
+
+static void *garble_loop(void *arg)
+{
+    struct garbler *g = arg;
+    struct vfmig_pci_func *f = &g->e->t->f;
+    uint32_t m = g->e->m, rng = 0x9E3779B9u;
+    while (!atomic_load(&f->hs.armed) && !atomic_load(&g->stop)) /* garbage from the arming on */
+        sched_yield();
+    while (!atomic_load(&g->stop)) {
+        uint32_t len = 1u << (xorshift32(&rng) % 3), off = m + (xorshift32(&rng) % VFMIG_MIGCAP_SIZE & ~(len - 1));
+        uint32_t val = xorshift32(&rng);
+        uint32_t ds = m + VFMIG_MIGCAP_DEV_STATUS;
+        if (!g->allow_ack && off <= ds && ds < off + len)
+            val &= ~((uint32_t)VFMIG_DEV_ACK << (8 * (ds - off)));
+        cfg_wr(g->e->vm, 0, off, val, len);
+        uint8_t d = (uint8_t)xorshift32(&rng);
+        cfg_wr(g->e->vm, 0, ds, g->allow_ack ? d : d & ~VFMIG_DEV_ACK, 1);
+        g->writes += 2;
+        /* Bursts, not a spin: on a shared 2-core host a spinning thread would measure the
+         * scheduler, not the handshake (a real vCPU pays a VM exit per config access). */
+        if (g->writes % 128 == 0)
+            usleep(50);
+    }
+    return NULL;
+}
+
+static void test_hs_garbage(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    static uint8_t before[VFMIG_PCI_CONFIG_SIZE];
+    for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++)
+        before[o] = (uint8_t)vfmig_pci_config_read(f, o, 1);
+    int writes = 0;
+    uint32_t acked = 0;
+    for (int allow_ack = 0; allow_ack < 2; allow_ack++) {
+        for (int round = 0; round < 3; round++) {
+            struct garbler g = {.e = &e, .allow_ack = allow_ack};
+            struct vfmig_prestop_result r;
+            int attempt = 0;
+            for (; attempt < HS_TRIES; attempt++) {
+                /* Disarmed (the garbage starts at the arming), and CTRL back on: the last
+                 * round's garbage may have cleared it. */
+                vfmig_pci_handshake_stopped(f);
+                cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_CTRL, VFMIG_MIGCAP_ENABLE, 1);
+                g = (struct garbler){.e = &e, .allow_ack = allow_ack};
+                pthread_t th;
+                CHECK(pthread_create(&th, NULL, garble_loop, &g) == 0);
+                uint64_t deadline = vfmig_now_ns() + 20 * MS;
+                CHECK(vfmig_pci_handshake(f, deadline, &r) == 0);
+                uint64_t back = vfmig_now_ns();
+                atomic_store(&g.stop, 1);
+                CHECK(pthread_join(th, NULL) == 0);
+                writes += g.writes;
+                if (!allow_ack)
+                    CHECK(r.outcome == VFMIG_HS_TIMEOUT && back >= deadline);
+                else
+                    CHECK(r.outcome == VFMIG_HS_ACKED || r.outcome == VFMIG_HS_TIMEOUT);
+                if (hs_in_time(back > deadline ? back - deadline : 0))
+                    break;
+            }
+            CHECK(attempt < HS_TRIES);
+            acked += r.outcome == VFMIG_HS_ACKED;
+            vfmig_pci_handshake_stopped(f);
+            /* Only the capability's guest registers moved; VMM_STATUS is the VMM's. */
+            for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++) {
+                uint8_t now = (uint8_t)vfmig_pci_config_read(f, o, 1);
+                if (o == e.m + VFMIG_MIGCAP_CTRL || o == e.m + VFMIG_MIGCAP_IRQ || o == e.m + VFMIG_MIGCAP_DEV_STATUS)
+                    continue;
+                uint8_t want = o == e.m + VFMIG_MIGCAP_VMM_STATUS ? VFMIG_VMM_MIGRATING : before[o];
+                if (now != want)
+                    fprintf(stderr, "config byte 0x%03x is 0x%02x, expected 0x%02x\n", o, now, want);
+                CHECK(now == want);
+            }
+            CHECK(mreg(&e, VFMIG_MIGCAP_IRQ) < NVEC);
+        }
+    }
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_garbage: ok (%d garbage writes in 6 handshakes, %u acked by a stray ACK bit)\n", writes, acked);
+}
+
+/* The issue's test: while a handshake waits (nobody acks yet), another thread takes config_lock
+ * and msix_lock, and a vCPU's config write (and an MSI-X table write) completes; then the vCPU's
+ * ack ends the wait. The seed held the lock the vCPU needed: this would hang there. */
+struct hs_mig {
+    struct vfmig_pci_func *f;
+    uint64_t deadline;
+    struct vfmig_prestop_result out;
+    _Atomic int done;
+};
+
+static void *hs_mig_run(void *arg)
+{
+    struct hs_mig *m = arg;
+    CHECK(vfmig_pci_handshake(m->f, m->deadline, &m->out) == 0);
+    atomic_store(&m->done, 1);
+    return NULL;
+}
+
+struct hs_vcpu {
+    struct hs_env *e;
+    _Atomic int wrote, go_ack;
+    uint64_t write_ns;
+};
+
+static void *hs_vcpu_run(void *arg)
+{
+    struct hs_vcpu *c = arg;
+    uint64_t t0 = vfmig_now_ns();
+    cfg_wr(c->e->vm, 0, 0x3C, 0x5A, 1);                      /* interrupt line */
+    CHECK(cfg_rd(c->e->vm, 0, 0x3C, 1) == 0x5A);
+    mm_wr(c->e->vm, BAR1_AT + 16 * 0 + 8, 0x62, 4);            /* MSI-X table: msix_lock, a route commit */
+    c->write_ns = vfmig_now_ns() - t0;
+    atomic_store(&c->wrote, 1);
+    while (!atomic_load(&c->go_ack))
+        usleep(100);
+    cfg_wr(c->e->vm, 0, c->e->m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1);
+    return NULL;
+}
+
+static void test_hs_no_lock(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    struct hs_mig m = {.f = f, .deadline = vfmig_now_ns() + 5000 * MS};
+    pthread_t mt, ct;
+    CHECK(pthread_create(&mt, NULL, hs_mig_run, &m) == 0);
+    CHECK(lapic_irr(&e.vm->vcpus[0], HS_LAPIC)); /* the notice is out: the handshake waits */
+    CHECK(atomic_load(&f->hs.armed) && !atomic_load(&m.done));
+    CHECK(pthread_mutex_trylock(&f->config_lock) == 0);
+    CHECK(pthread_mutex_unlock(&f->config_lock) == 0);
+    CHECK(pthread_mutex_trylock(&f->msix_lock) == 0);
+    CHECK(pthread_mutex_unlock(&f->msix_lock) == 0);
+    CHECK(vfmig_pci_msix_notify(f, 3) == 0); /* the device's own interrupt path (vector 3 masked: pending) */
+    struct hs_vcpu c = {.e = &e};
+    CHECK(pthread_create(&ct, NULL, hs_vcpu_run, &c) == 0);
+    for (int i = 0; i < 1000 && !atomic_load(&c.wrote); i++)
+        usleep(1000);
+    CHECK(atomic_load(&c.wrote) && !atomic_load(&m.done)); /* done within 1 s, the handshake still waiting */
+    atomic_store(&c.go_ack, 1);
+    CHECK(pthread_join(ct, NULL) == 0 && pthread_join(mt, NULL) == 0);
+    CHECK(m.out.outcome == VFMIG_HS_ACKED && m.out.end_ns < m.deadline);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_no_lock: ok (a vCPU's config and MSI-X writes took %.3f ms during the wait)\n",
+           (double)c.write_ns / 1e6);
+}
+
+/* Abort: MIGRATING cleared and the vector raised once per notice; the ack no longer counts. */
+static void test_hs_abort(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    struct vfmig_vcpu *cpu = &e.vm->vcpus[0];
+    hs_timeout(&e, 5 * MS); /* cancelled before the stop */
+    CHECK(lapic_irr(cpu, HS_LAPIC));
+    lapic_clear_irr(cpu);
+    vfmig_pci_handshake_abort(f);
+    CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == 0 && mreg(&e, VFMIG_MIGCAP_DEV_STATUS) == 0);
+    CHECK(hs_outcome(f, NULL) == VFMIG_HS_NONE && !atomic_load(&f->hs.armed));
+    CHECK(lapic_irr(cpu, HS_LAPIC)); /* the cancel */
+    lapic_clear_irr(cpu);
+    cfg_wr(e.vm, 0, e.m + VFMIG_MIGCAP_DEV_STATUS, VFMIG_DEV_ACK, 1);
+    CHECK(atomic_load(&f->hs.acked_ns) == 0);
+    vfmig_pci_handshake_abort(f); /* again: nothing more to say */
+    CHECK(lapic_quiet(cpu, HS_LAPIC));
+
+    struct hs_guest g; /* acked, stopped, then the migration failed */
+    CHECK(hs_answered(&e, 0, 1000 * MS, &g).outcome == VFMIG_HS_ACKED);
+    vfmig_pci_handshake_stopped(f);
+    lapic_clear_irr(cpu);
+    vfmig_pci_handshake_abort(f);
+    CHECK(mreg(&e, VFMIG_MIGCAP_VMM_STATUS) == 0 && mreg(&e, VFMIG_MIGCAP_DEV_STATUS) == 0);
+    CHECK(hs_outcome(f, NULL) == VFMIG_HS_NONE && lapic_irr(cpu, HS_LAPIC));
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_abort: ok\n");
+}
+
+static uint32_t le32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* The outcome travels in the blob; the destination's status follows it: MIGRATED, plus
+ * RESET_REQUIRED unless ACKED; one post-load interrupt. Outcomes no source produces are refused. */
+static void test_hs_state(void)
+{
+    struct vfmig_err err = {{0}};
+    struct hs_env e = hs_env(1, 0);
+    struct hs_guest g;
+    struct vfmig_prestop_result r = hs_answered(&e, 0, 1000 * MS, &g);
+    CHECK(r.outcome == VFMIG_HS_ACKED);
+    vfmig_pci_handshake_stopped(&e.t->f);
+    static uint8_t blob[8192], bad[8192];
+    long len = vfmig_pci_save(&e.t->f, blob, sizeof(blob));
+    CHECK(len == (long)(HDR + 4096 + 16 * NVEC + 8));
+    CHECK(le32(blob + 40) == VFMIG_HS_ACKED && le32(blob + 44) == r.latency_us);
+    CHECK(blob[HDR + e.m + VFMIG_MIGCAP_VMM_STATUS] == VFMIG_VMM_MIGRATING);
+    CHECK(blob[HDR + e.m + VFMIG_MIGCAP_DEV_STATUS] == VFMIG_DEV_ACK);
+
+    struct vfmig_vm *b = make_vm();
+    struct tdev *tb = tdev_new(b, "fn", &standard, 1);
+    struct vfmig_pci_func *fb = &tb->f;
+    struct vfmig_vcpu *cpu = &b->vcpus[0];
+    lapic_enable(cpu);
+    static const struct {
+        uint32_t outcome, latency;
+        uint8_t status;
+    } cases[] = {
+        {VFMIG_HS_ACKED, 0, VFMIG_VMM_MIGRATED},
+        {VFMIG_HS_NONE, 0, VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED},
+        {VFMIG_HS_TIMEOUT, 0, VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED},
+        {VFMIG_HS_LATE, 54321, VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED},
+        {VFMIG_HS_DISABLED, 0, VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        memcpy(bad, blob, (size_t)len);
+        if (i) {
+            put_le32(bad + 40, cases[i].outcome);
+            put_le32(bad + 44, cases[i].latency);
+        }
+        CHECK(vfmig_pci_apply(fb, bad, (size_t)len, &err) == 0);
+        uint32_t lat;
+        CHECK(hs_outcome(fb, &lat) == cases[i].outcome && lat == (i ? cases[i].latency : r.latency_us));
+        CHECK(!atomic_load(&fb->hs.armed) && vfmig_pci_migcap_reg(fb, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATING);
+        lapic_clear_irr(cpu);
+        vfmig_pci_handshake_loaded(fb);
+        CHECK(vfmig_pci_migcap_reg(fb, VFMIG_MIGCAP_VMM_STATUS) == cases[i].status);
+        CHECK(vfmig_pci_migcap_reg(fb, VFMIG_MIGCAP_DEV_STATUS) == 0);
+        CHECK(lapic_quiet(cpu, HS_LAPIC)); /* not before it runs */
+        vfmig_pci_handshake_started(fb);
+        CHECK(lapic_irr(cpu, HS_LAPIC)); /* the post-load interrupt */
+        lapic_clear_irr(cpu);
+        vfmig_pci_handshake_started(fb); /* once */
+        CHECK(lapic_quiet(cpu, HS_LAPIC));
+    }
+    /* The driver had not enabled the capability: its registers stay as loaded, no interrupt. */
+    memcpy(bad, blob, (size_t)len);
+    bad[HDR + e.m + VFMIG_MIGCAP_CTRL] = 0;
+    CHECK(vfmig_pci_apply(fb, bad, (size_t)len, &err) == 0);
+    vfmig_pci_handshake_loaded(fb);
+    CHECK(vfmig_pci_migcap_reg(fb, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATING);
+    vfmig_pci_handshake_started(fb);
+    CHECK(lapic_quiet(cpu, HS_LAPIC));
+
+    /* Refused, each with its reason; a refused apply changes nothing. */
+    CHECK(vfmig_pci_apply(fb, blob, (size_t)len, &err) == 0);
+    memcpy(bad, blob, (size_t)len);
+    put_le32(bad + 40, VFMIG_HS__COUNT);
+    CHECK_FAILS(vfmig_pci_check(fb, bad, (size_t)len, &err), err, "handshake outcome 5 in the stream is not an outcome (0..4)");
+    put_le32(bad + 40, 0xFFFFFFFFu);
+    CHECK_FAILS(vfmig_pci_apply(fb, bad, (size_t)len, &err), err, "handshake outcome 4294967295");
+    CHECK(hs_outcome(fb, NULL) == VFMIG_HS_ACKED);
+    put_le32(bad + 40, VFMIG_HS_TIMEOUT);
+    put_le32(bad + 44, 7);
+    CHECK_FAILS(vfmig_pci_check(fb, bad, (size_t)len, &err), err,
+                "handshake latency 7 us in the stream with outcome timeout (only an ack has one)");
+    struct variant v = standard;
+    v.migcap = 0;
+    struct tdev *nm = tdev_new(b, "no-migcap", &v, 0);
+    CHECK_FAILS(vfmig_pci_check(&nm->f, blob, (size_t)len, &err), err,
+                "handshake outcome acked in the stream, but this function has no migration capability");
+    tdev_free(nm);
+    vfmig_vm_destroy(b);
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_state: ok\n");
+}
+
 int main(void)
 {
     struct vfmig_vm *a = make_vm();
@@ -756,6 +1366,19 @@ int main(void)
     test_builder();
     test_irq();
     test_concurrency();
+    test_hs_disabled();
+    test_hs_acked(0);
+    test_hs_acked(1);
+    test_hs_timeout();
+    test_hs_late();
+    test_hs_spam();
+    test_hs_garbage();
+    test_hs_no_lock();
+    test_hs_abort();
+    test_hs_state();
+    printf("handshake timing: %d timed waits, %d overran %.0f ms (retried; largest %.3f ms), largest overrun "
+           "of the rest %.3f ms\n", hs_timing.waits, hs_timing.overran, (double)HS_SLACK / 1e6,
+           (double)hs_timing.worst / 1e6, (double)hs_timing.best_worst / 1e6);
     printf("test_pci: ok\n");
     return 0;
 }

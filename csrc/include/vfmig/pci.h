@@ -61,8 +61,10 @@ struct vfmig_pci_handshake {
     _Atomic int armed;              /* a notice is out and its ack still counts (config_lock to write) */
     _Atomic uint64_t acked_ns;      /* CLOCK_MONOTONIC of that first ack (0: none yet) */
     uint64_t raised_ns, deadline_ns; /* (config_lock) when the notice went out; its deadline */
-    uint32_t outcome, latency_us;   /* (config_lock) enum vfmig_hs_outcome of the last handshake and
-                                     * its ack latency; travel in the PCI state blob */
+    /* enum vfmig_hs_outcome of the last handshake and its ack latency; travel in the PCI state
+     * blob. Atomics: the handshake stores them after its wait without config_lock, which a
+     * guest writing config space in a loop could keep from it past the deadline. */
+    _Atomic uint32_t outcome, latency_us;
     int notified;                   /* (config_lock) the guest was told MIGRATING and not told since */
     int post_load;                  /* (config_lock) destination: loaded() set MIGRATED; started()
                                      * owes the guest the post-load interrupt */
