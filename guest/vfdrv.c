@@ -394,11 +394,12 @@ static uint8_t mig_vmm_status(void)
 }
 static void mig_dev_status(uint8_t v) { pci_write8(gstats()->bdf, priv()->migcap + VFMIG_MIGCAP_DEV_STATUS, v); }
 
+/* The ack goes last: whoever sees it (the VMM, a test) sees the driver's stats already say so. */
 static void mig_ack(void)
 {
-    mig_dev_status(VFMIG_DEV_ACK);
     priv()->ack_pending = 0;
     gstats()->acks = gstats()->acks + 1;
+    mig_dev_status(VFMIG_DEV_ACK);
 }
 
 /* Out of quiesce and out of the handshake: held buffers go back to the device, TX runs again. */

@@ -2,7 +2,9 @@
  * PCI host's config ports and the BAR window, checks every packet the wire writes, the DMA log,
  * the migration state machine (the shared conformance suite), and moves the device's state into a
  * second VM through its data stream, with precopy; corrupt, truncated and foreign streams are
- * refused. argv[1] (optional): vfdrv.bin, booted for a short end-to-end check of the guest driver. */
+ * refused. argv[1] (optional): vfdrv.bin, booted for a short end-to-end check of the guest driver,
+ * and of its side of the migration handshake against the VMM's (pci.c, through simvf's migstate). */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,7 @@
 #include "vfmig/devices.h"
 #include "vfmig/dma_log.h"
 #include "vfmig/migstate.h"
+#include "vfmig/pci.h"
 #include "vfmig/simvf_abi.h"
 #include "vfmig/simvf_state.h"
 #include "vfmig/vm.h"
@@ -269,28 +272,102 @@ static const volatile struct simvf_guest_stats *guest_stats(struct vfmig_vm *vm)
     return (const volatile struct simvf_guest_stats *)vfmig_vm_host(vm, SIMVF_GUEST_STATS_GPA, 4096);
 }
 
-/* The real driver (guest/vfdrv.c) against the device: it finds it by enumeration, takes packets
- * through MSI-X and polling, and its oracle holds once the wire is stopped and drained. */
-static void test_guest_driver(const char *path)
+static uint8_t guest_image[1 << 20];
+static size_t guest_image_len;
+
+/* vfdrv on vcpus vCPUs with a simvf at 20k packets/s, once its driver took 300 packets. ack and
+ * ack_delay_us: how it answers the migration handshake (enum vfmig_guest_ack). */
+static struct vfmig_vm *boot_vfdrv(uint32_t vcpus, uint32_t clock_every, uint32_t ack, uint32_t ack_delay_us,
+                                   struct vfmig_device **d)
 {
-    FILE *f = fopen(path, "rb");
-    CHECK(f);
-    static uint8_t image[1 << 20];
-    size_t n = fread(image, 1, sizeof(image), f);
-    fclose(f);
-    struct vfmig_vm *vm = test_vm(128ull << 20, 1, 0);
+    struct vfmig_vm *vm = test_vm(128ull << 20, vcpus, 0);
     test_add_builtins(vm);
-    struct vfmig_device *d = add_vf(vm, STATE, 20000);
-    struct vfmig_boot_params bp = {.magic = VFMIG_BOOT_MAGIC, .version = VFMIG_BOOT_VERSION, .vcpus = 1,
-                                   .wss_gpa = VFMIG_DATA_GPA, .wss_bytes = 16u << 20, .clock_every = 256,
-                                   .gap_threshold_ns = 500000, .width = 1, .seed = 1};
+    *d = add_vf(vm, STATE, 20000);
+    struct vfmig_boot_params bp = {.magic = VFMIG_BOOT_MAGIC, .version = VFMIG_BOOT_VERSION, .vcpus = vcpus,
+                                   .wss_gpa = VFMIG_DATA_GPA, .wss_bytes = 16u << 20, .clock_every = clock_every,
+                                   .gap_threshold_ns = 500000, .width = 1, .seed = 1, .guest_ack = ack,
+                                   .ack_delay_us = ack_delay_us};
     memcpy(vm->ram + VFMIG_BOOT_GPA, &bp, sizeof(bp));
-    CHECK(vfmig_vm_boot(vm, image, n) == 0);
+    CHECK(vfmig_vm_boot(vm, guest_image, guest_image_len) == 0);
     CHECK(vfmig_vm_start(vm) == 0);
     const volatile struct simvf_guest_stats *g = guest_stats(vm);
     for (int i = 0; i < 30000 && !(g->state == SIMVF_GUEST_RUNNING && g->received >= 300); i++)
         usleep(1000);
     CHECK(g->magic == SIMVF_GUEST_MAGIC && g->state == SIMVF_GUEST_RUNNING && g->received >= 300);
+    return vm;
+}
+
+/* Wait up to 5 s for a guest counter to reach want. */
+static void wait_guest(const volatile uint64_t *v, uint64_t want)
+{
+    for (int i = 0; i < 5000 && *v < want; i++)
+        usleep(1000);
+    CHECK(*v >= want);
+}
+
+/* The wire stopped and every packet the driver will take taken, the VM paused: the oracle held
+ * (no error, its books balance), and it lost nothing but what resets threw out of the ring. */
+static void guest_settle(struct vfmig_vm *vm, struct vfmig_device *d)
+{
+    const volatile struct simvf_guest_stats *g = guest_stats(vm);
+    CHECK(vfmig_simvf_set_rate(d, 0) == 0);
+    uint64_t last = ~0ull;
+    for (int i = 0; i < 100 && g->received != last; i++) {
+        last = g->received;
+        usleep(100000);
+    }
+    CHECK(vfmig_vm_pause(vm, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0);
+    struct vfmig_simvf_counters c = counters(d);
+    CHECK(g->errors == 0 && g->first_error == SIMVF_ERR_NONE);
+    CHECK(g->received + g->dropped_seen + g->resync_skipped == g->next_seq && g->next_seq <= c.sent);
+    CHECK(g->received <= c.delivered && c.delivered - g->received <= g->resets * 256); /* vfdrv's ring */
+    if (!g->resets)
+        CHECK(g->received == c.delivered && g->resync_skipped == 0);
+}
+
+/* The engine's pre-stop step: the device's handshake with a deadline. */
+static struct vfmig_prestop_result guest_handshake(struct vfmig_device *d, uint32_t deadline_ms)
+{
+    struct vfmig_prestop_result out;
+    struct vfmig_err err = {{0}};
+    CHECK(vfmig_mig_prestop(d->mig, vfmig_now_ns() + deadline_ms * 1000000ull, &out, &err) == 0);
+    return out;
+}
+
+/* A migration in place: the VM stops (the handshake's outcome is final), the device's state goes
+ * out through its stream and back into it, so it starts as a destination's would: VMM_STATUS =
+ * MIGRATED (RESET_REQUIRED unless acked), DEV_STATUS 0, and the post-load interrupt. */
+static void move_in_place(struct vfmig_vm *vm, struct vfmig_device *d)
+{
+    static uint8_t buf[1 << 20];
+    struct vfmig_err err = {{0}};
+    CHECK(vfmig_vm_pause(vm, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0 && vfmig_mig_get_state(d->mig) == VFMIG_MIG_STOP);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_STOP_COPY, &err) == 0);
+    size_t len = 0;
+    long n;
+    while ((n = vfmig_mig_read(d->mig, buf + len, sizeof(buf) - len, &err)) > 0)
+        len += (size_t)n;
+    CHECK((n == 0 || n == -ENOMSG) && len < sizeof(buf));
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_STOP, &err) == 0);
+    usleep(50000); /* away: the wire's packets meanwhile are drops */
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_RESUMING, &err) == 0);
+    CHECK(vfmig_mig_write(d->mig, buf, len, &err) == (long)len);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_STOP, &err) == 0);
+    CHECK(vfmig_vm_resume(vm) == 0);
+}
+
+static uint8_t migcap(struct vfmig_device *d, uint32_t reg)
+{
+    return vfmig_pci_migcap_reg((struct vfmig_pci_func *)d, reg);
+}
+
+/* The real driver (guest/vfdrv.c) against the device: it finds it by enumeration, takes packets
+ * through MSI-X and polling, and its oracle holds once the wire is stopped and drained. */
+static void test_guest_driver(void)
+{
+    struct vfmig_device *d;
+    struct vfmig_vm *vm = boot_vfdrv(1, 256, VFMIG_ACK_NORMAL, 0, &d);
+    const volatile struct simvf_guest_stats *g = guest_stats(vm);
     CHECK(vfmig_simvf_set_rate(d, 0) == 0);
     for (int i = 0; i < 30000 && g->received != counters(d).delivered; i++)
         usleep(1000);
@@ -303,14 +380,82 @@ static void test_guest_driver(const char *path)
     vfmig_vm_destroy(vm);
 }
 
+/* vfdrv's side of the migration handshake, against the VMM's: a normal driver acks at once and
+ * stops sending, resumes on a cancel and in place after a move; a stuck one (guest_ack never, a
+ * clock read every page on two vCPUs) holds up nothing and is reset after the move; a slow one
+ * acks after its delay. The oracle holds throughout. */
+static void test_guest_handshake(void)
+{
+    struct vfmig_device *d;
+    struct vfmig_vm *vm = boot_vfdrv(1, 256, VFMIG_ACK_NORMAL, 0, &d);
+    const volatile struct simvf_guest_stats *g = guest_stats(vm);
+    struct vfmig_prestop_result o = guest_handshake(d, 2000);
+    CHECK(o.outcome == VFMIG_HS_ACKED && g->mig_notices == 1 && g->acks == 1 && g->quiesced == 1);
+    CHECK(g->last_vmm_status == VFMIG_VMM_MIGRATING);
+    uint32_t normal_us = o.latency_us;
+    uint64_t tx = g->tx_sent;
+    usleep(50000);
+    CHECK(g->tx_sent == tx); /* quiesced: nothing sent */
+    vfmig_mig_prestop_abort(d->mig);
+    wait_guest(&g->cancels, 1);
+    CHECK(g->quiesced == 0 && migcap(d, VFMIG_MIGCAP_VMM_STATUS) == 0 && migcap(d, VFMIG_MIGCAP_DEV_STATUS) == 0);
+    wait_guest(&g->tx_sent, tx + 1);
+    o = guest_handshake(d, 2000);
+    CHECK(o.outcome == VFMIG_HS_ACKED && g->mig_notices == 2 && g->acks == 2);
+    move_in_place(vm, d);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATED);
+    wait_guest(&g->resumed_in_place, 1);
+    CHECK(g->quiesced == 0 && g->resets == 0 && g->last_vmm_status == VFMIG_VMM_MIGRATED);
+    wait_guest(&g->received, g->received + 100);
+    guest_settle(vm, d);
+    vfmig_vm_destroy(vm);
+
+    vm = boot_vfdrv(2, 1, VFMIG_ACK_NEVER, 0, &d);
+    g = guest_stats(vm);
+    const volatile struct vfmig_vcpu_stats *v0 = (const void *)(vm->ram + VFMIG_STATS_GPA),
+                                           *v1 = (const void *)(vm->ram + VFMIG_STATS_GPA + VFMIG_STATS_STRIDE);
+    uint64_t t0 = v0->touches, t1 = v1->touches;
+    o = guest_handshake(d, 50);
+    CHECK(o.outcome == VFMIG_HS_TIMEOUT);
+    wait_guest(&g->mig_notices, 1);
+    CHECK(g->acks == 0 && g->quiesced == 0);
+    wait_guest(&v0->touches, t0 + 1); /* the dirtier runs on, on every vCPU */
+    wait_guest(&v1->touches, t1 + 1);
+    move_in_place(vm, d);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == (VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED));
+    wait_guest(&g->resets, 1);
+    wait_guest(&g->received, g->received + 100);
+    CHECK(g->resets == 1 && g->acks == 0 && migcap(d, VFMIG_MIGCAP_DEV_STATUS) == 0);
+    guest_settle(vm, d);
+    vfmig_vm_destroy(vm);
+
+    vm = boot_vfdrv(1, 256, VFMIG_ACK_SLOW, 10000, &d);
+    g = guest_stats(vm);
+    o = guest_handshake(d, 2000);
+    CHECK(o.outcome == VFMIG_HS_ACKED && o.latency_us >= 10000 && g->quiesced == 1);
+    uint32_t slow_us = o.latency_us;
+    vfmig_mig_prestop_abort(d->mig);
+    wait_guest(&g->cancels, 1);
+    guest_settle(vm, d);
+    vfmig_vm_destroy(vm);
+    printf("vfdrv handshake: ack after %u us (normal), %u us (slow:10000); a stuck driver reset\n", normal_us,
+           slow_us);
+}
+
 int main(int argc, char **argv)
 {
     test_bad_config();
     test_wire_and_dma_log();
     test_move_state();
     test_conformance();
-    if (argc > 1)
-        test_guest_driver(argv[1]);
+    if (argc > 1) {
+        FILE *f = fopen(argv[1], "rb");
+        CHECK(f);
+        guest_image_len = fread(guest_image, 1, sizeof(guest_image), f);
+        fclose(f);
+        test_guest_driver();
+        test_guest_handshake();
+    }
     printf("test_simvf: ok\n");
     return 0;
 }
