@@ -19,6 +19,8 @@ cdef extern from "vfmig/device.h":
         VFMIG_SPACE_MMIO
     struct vfmig_device:
         const char *name
+        int (*access)(vfmig_device *d, vfmig_vcpu *cpu, uint64_t addr, uint8_t *data, uint32_t len,
+                      int is_write) nogil
         long (*save)(vfmig_device *d, uint8_t *buf, size_t cap) nogil
         int (*load)(vfmig_device *d, const uint8_t *buf, size_t len) nogil
         vfmig_migration *mig
@@ -294,6 +296,44 @@ cdef extern from "vfmig/simvf_abi.h":
         uint64_t interrupts
         uint32_t bdf
         uint32_t first_error
+        uint64_t mig_notices
+        uint64_t acks
+        uint64_t resets
+        uint64_t resumed_in_place
+        uint64_t cancels
+        uint64_t resync_skipped
+        uint32_t last_vmm_status
+        uint32_t quiesced
+
+cdef extern from "vfmig/pci.h":
+    # A PCI function embeds its vfmig_device first: the device a simvf registers is its function.
+    struct vfmig_pci_handshake:
+        uint32_t outcome
+        uint32_t latency_us
+    struct vfmig_pci_func:
+        vfmig_device dev
+        uint8_t devfn
+        uint16_t migcap
+        vfmig_pci_handshake hs
+    enum:
+        VFMIG_PCI_CONFIG_SIZE
+    uint32_t vfmig_pci_config_read(vfmig_pci_func *f, uint32_t off, uint32_t len) nogil
+    uint8_t vfmig_pci_migcap_reg(vfmig_pci_func *f, uint32_t reg) nogil
+
+cdef extern from "vfmig/simvf_abi.h":
+    enum:
+        VFMIG_PCI_CONFIG_ADDR
+        VFMIG_PCI_CONFIG_DATA
+        VFMIG_MIGCAP_SIZE
+        VFMIG_MIGCAP_CTRL
+        VFMIG_MIGCAP_IRQ
+        VFMIG_MIGCAP_VMM_STATUS
+        VFMIG_MIGCAP_DEV_STATUS
+        VFMIG_MIGCAP_ENABLE
+        VFMIG_VMM_MIGRATING
+        VFMIG_VMM_MIGRATED
+        VFMIG_VMM_RESET_REQUIRED
+        VFMIG_DEV_ACK
 
 cdef extern from "vfmig/simvf_state.h":
     uint32_t SIMVF_REGS_BYTES

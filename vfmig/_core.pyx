@@ -436,15 +436,20 @@ cdef class VM:
         if rc < 0:
             raise_err(rc, err.msg)
 
-    def mig_prestop(self, str name, uint64_t deadline_ms):
+    def mig_prestop(self, str name, uint64_t deadline_ms, uint64_t until_ns=0):
         """The device's pre-stop hook (the guest handshake), called while the vCPUs still run;
-        it returns by the deadline (ms from now) whatever the guest does. Returns {outcome (one
-        of HS_OUTCOMES), latency_us, start_ns, end_ns}. CoreError with the device's reason."""
+        it returns by the deadline whatever the guest does: deadline_ms from now, or until_ns
+        (CLOCK_MONOTONIC, as now_ns()) when given, so that several devices share one deadline.
+        deadline_ms 0 without until_ns: the guest is not asked (outcome disabled). Returns
+        {outcome (one of HS_OUTCOMES), latency_us, start_ns, end_ns}. CoreError with the
+        device's reason."""
         cdef vfmig_migration *m = self._mig(name)
         cdef vfmig_err err
         cdef vfmig_prestop_result res
         cdef int rc
-        cdef uint64_t deadline = vfmig_now_ns() + deadline_ms * 1000000
+        cdef uint64_t deadline = until_ns
+        if not deadline and deadline_ms:
+            deadline = vfmig_now_ns() + deadline_ms * 1000000
         err.msg[0] = 0
         with nogil:
             rc = vfmig_mig_prestop(m, deadline, &res, &err)
@@ -458,6 +463,68 @@ cdef class VM:
         cdef vfmig_migration *m = self._mig(name)
         with nogil:
             vfmig_mig_prestop_abort(m)
+
+    # The PCI function of a simvf (pci.h): config space and the migration capability ------------
+    cdef vfmig_pci_func *_pci(self, str name) except NULL:
+        return <vfmig_pci_func *>self._simvf(name)  # its vfmig_device is the function's first member
+
+    def handshake_state(self, str name):
+        """The guest handshake as the device holds it: outcome (HS_OUTCOMES) and latency_us, what
+        the source's last handshake recorded (LATE once the VM stopped after a late ack) or what
+        the destination loaded; the capability's registers: vmm_status, dev_status, enabled (the
+        driver enabled the capability), vector; migrated and reset_required (VMM status bits,
+        what the destination told its driver); capability: False without migration=on."""
+        cdef vfmig_pci_func *f = self._pci(name)
+        cdef uint32_t outcome, latency
+        cdef uint8_t ctrl, irq, vmm, dev
+        with nogil:
+            # Written by the hooks this thread called (prestop, the stop, load), never behind its back.
+            outcome, latency = f.hs.outcome, f.hs.latency_us
+            ctrl = vfmig_pci_migcap_reg(f, VFMIG_MIGCAP_CTRL)
+            irq = vfmig_pci_migcap_reg(f, VFMIG_MIGCAP_IRQ)
+            vmm = vfmig_pci_migcap_reg(f, VFMIG_MIGCAP_VMM_STATUS)
+            dev = vfmig_pci_migcap_reg(f, VFMIG_MIGCAP_DEV_STATUS)
+        return {"outcome": vfmig_hs_outcome_name(outcome).decode(), "latency_us": latency, "vmm_status": vmm,
+                "dev_status": dev, "enabled": bool(ctrl & VFMIG_MIGCAP_ENABLE), "vector": irq,
+                "migrated": bool(vmm & VFMIG_VMM_MIGRATED), "reset_required": bool(vmm & VFMIG_VMM_RESET_REQUIRED),
+                "capability": f.migcap != 0}
+
+    def migcap_offset(self, str name):
+        """Config-space offset of the migration capability (0: migration=off); it spans
+        MIGCAP_SIZE bytes."""
+        return self._pci(name).migcap
+
+    def pci_config(self, str name):
+        """The function's whole config space as the guest reads it (VFMIG_PCI_CONFIG_SIZE bytes)."""
+        cdef vfmig_pci_func *f = self._pci(name)
+        cdef uint8_t buf[VFMIG_PCI_CONFIG_SIZE]
+        cdef uint32_t off, v
+        with nogil:
+            for off in range(0, VFMIG_PCI_CONFIG_SIZE, 4):
+                v = vfmig_pci_config_read(f, off, 4)
+                memcpy(&buf[off], &v, 4)
+        return buf[:VFMIG_PCI_CONFIG_SIZE]
+
+    def pci_config_write(self, str name, uint32_t off, uint32_t value, uint32_t size=1):
+        """Test use: a guest's config write to the function (size 1, 2 or 4 at off < 0x100), through the
+        PCI host's port hook as a vCPU's exit would take it (CONFIG_ADDRESS, then CONFIG_DATA),
+        with the guest's write masks. The CONFIG_ADDRESS latch is the guest's: call it only while
+        the guest makes no config access."""
+        cdef vfmig_pci_func *f = self._pci(name)
+        cdef vfmig_device *host = self._dev("pci-host")
+        cdef uint32_t latch = 0x80000000u | (<uint32_t>f.devfn << 8) | (off & 0xFCu)
+        cdef uint8_t data[4]
+        cdef int rc
+        if size not in (1, 2, 4) or (off & 3) + size > 4 or off > 0xFF:
+            raise ValueError(f"bad config access: {size} byte(s) at {off:#x} (ports reach bytes 0..0xFF)")
+        memcpy(data, &latch, 4)
+        with nogil:
+            rc = host.access(host, NULL, VFMIG_PCI_CONFIG_ADDR, data, 4, 1)
+            if rc == 0:
+                memcpy(data, &value, 4)
+                rc = host.access(host, NULL, VFMIG_PCI_CONFIG_DATA + (off & 3), data, size, 1)
+        if rc < 0:
+            raise CoreError(-rc, f"config write to {name!r} at {off:#x} failed")
 
     # simvf, the emulated NIC VF (devices.h) ---------------------------------------------------
     def add_simvf(self, str name, uint64_t state_bytes, uint32_t dma_rate, bint precopy=True,
@@ -549,7 +616,8 @@ cdef class VM:
 
     def simvf_guest_stats(self):
         """The VF driver's counters (struct simvf_guest_stats at SIMVF_GUEST_STATS_GPA in guest
-        RAM). `magic` equals SIMVF_GUEST_MAGIC once the driver started."""
+        RAM), with its part in the migration handshake (mig_notices, acks, resets,
+        resumed_in_place, cancels, ...). `magic` equals SIMVF_GUEST_MAGIC once the driver started."""
         cdef vfmig_vm *vm = self._vm()
         cdef simvf_guest_stats s
         cdef uint8_t *src = vfmig_vm_host(vm, SIMVF_GUEST_STATS_GPA, sizeof(simvf_guest_stats))
@@ -558,7 +626,10 @@ cdef class VM:
         memcpy(&s, src, sizeof(s))
         return {"magic": s.magic, "state": s.state, "received": s.received, "dropped_seen": s.dropped_seen,
                 "errors": s.errors, "next_seq": s.next_seq, "last_drops": s.last_drops, "tx_sent": s.tx_sent,
-                "interrupts": s.interrupts, "bdf": s.bdf, "first_error": s.first_error}
+                "interrupts": s.interrupts, "bdf": s.bdf, "first_error": s.first_error,
+                "mig_notices": s.mig_notices, "acks": s.acks, "resets": s.resets,
+                "resumed_in_place": s.resumed_in_place, "cancels": s.cancels, "resync_skipped": s.resync_skipped,
+                "last_vmm_status": s.last_vmm_status, "quiesced": s.quiesced}
 
     def dma_pages_logged(self, str name):
         """Pages the device's DMA dirty log reported since logging last started; None without
@@ -923,6 +994,12 @@ SIMVF_STATE_MIN = VFMIG_SIMVF_STATE_MIN
 SIMVF_STATE_MAX = VFMIG_SIMVF_STATE_MAX
 SIMVF_RATE_MAX = VFMIG_SIMVF_RATE_MAX
 HS_OUTCOMES = tuple(vfmig_hs_outcome_name(i).decode() for i in range(VFMIG_HS__COUNT))
+MIGCAP_SIZE = VFMIG_MIGCAP_SIZE
+MIGCAP_REGS = {"ctrl": VFMIG_MIGCAP_CTRL, "irq": VFMIG_MIGCAP_IRQ, "vmm_status": VFMIG_MIGCAP_VMM_STATUS,
+               "dev_status": VFMIG_MIGCAP_DEV_STATUS}
+VMM_STATUS_BITS = {"migrating": VFMIG_VMM_MIGRATING, "migrated": VFMIG_VMM_MIGRATED,
+                   "reset_required": VFMIG_VMM_RESET_REQUIRED}
+DEV_ACK = VFMIG_DEV_ACK
 SIMVF_TABLE_OFFSET = SIMVF_REGS_BYTES  # a simvf's state is its queues and counters, then its table
 SIMVF_GUEST_MAGIC = SIMVF_GUEST_MAGIC_C
 SIMVF_GUEST_STATES = {SIMVF_GUEST_PROBING: "probing", SIMVF_GUEST_RUNNING: "running",
