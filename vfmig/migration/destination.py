@@ -220,6 +220,8 @@ class Listener:
         # and this side never sends ERROR again: the source reads an ERROR after its GO as proof
         # that the guest never started here, and resumes it.
         inc = self._start(vm, cps, pages)
+        if "devices" in extra:
+            _MigDevices.add_handshake(vm, extra["devices"])
         try:
             self._tell(ctrl, inc, "RESUMED", {"checkpoints": cps, "pages_received": pages["pages"], **extra})
             try:
@@ -416,8 +418,28 @@ class _MigDevices:
     def report(self) -> dict[str, dict[str, Any]]:
         return {n: {"load_ms": round(self.load_ns[n] / 1e6, 3), "bytes": sum(self.order.bytes[n])} for n in self.names}
 
+    @staticmethod
+    def add_handshake(vm: MicroVM, devices: dict[str, dict[str, Any]]) -> None:
+        """Once the VM started: what each device loaded of the source's guest handshake
+        (handshake: its outcome, handshake_latency_us) and what the device then told its
+        driver (VMM status: migrated, reset_required unless the source's driver acked). The
+        device set the status and raised the post-load interrupt itself, as it started."""
+        for name, doc in devices.items():
+            try:
+                st = vm.core.handshake_state(name)
+            except ValueError:  # not a PCI function with the handshake
+                continue
+            doc.update(
+                handshake=st["outcome"],
+                handshake_latency_us=st["latency_us"],
+                migrated=st["migrated"],
+                reset_required=st["reset_required"],
+            )
+
 
 CLOCK_GUESTS = ("dirtier", "vfdrv")  # guests that log their clock gaps
+# The VF driver's handshake counters (struct simvf_guest_stats) the GUEST record carries.
+_DRIVER_HANDSHAKE = ("mig_notices", "acks", "resets", "resumed_in_place", "cancels")
 
 
 def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seconds: float) -> dict[str, Any]:
@@ -437,6 +459,7 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
         stats = vm.vcpu_stats()
         edges = vm.wrap_edges() if vm.config.params.pattern == "sequential" else []
         packets = vm.vf_packets()
+        driver = vm.vf_driver()
     finally:
         vm.resume()
     touches = sum(s.touches for s in stats)
@@ -449,6 +472,8 @@ def observe_guest(vm: MicroVM, started_ns: int, touches_at_resume: int, run_seco
     }
     if packets is not None:
         doc["packets"] = packets
+    if driver is not None:  # the VF driver's side of the handshake, as it ran here
+        doc["vf_handshake"] = {k: driver[k] for k in _DRIVER_HANDSHAKE if k in driver}
     return doc
 
 

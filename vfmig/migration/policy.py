@@ -31,23 +31,37 @@ class Policy:
             raise ConfigError(f"time limit must be in (0, 86400] s, got {self.time_limit_s:g}")
 
     @staticmethod
-    def predict_downtime_ms(
-        dirty_pages: int, bytes_per_page: float, bandwidth_Bps: float, device_bytes: int = 0
+    def final_dirty_pages(
+        dirty_pages: int, dirty_rate_pps: float, handshake_ms: float, total_pages: int | None = None
     ) -> float:
-        """Time to send what is dirty now, and what the devices still hold (their stop-copy
-        data), at the measured bandwidth, plus the fixed stop cost."""
+        """The pages the final round will carry if the VM stopped after the guest handshake: what
+        is dirty now, plus what the guest dirties while the handshake waits (up to its deadline),
+        never more than all of RAM."""
+        pages = dirty_pages + max(dirty_rate_pps, 0.0) * max(handshake_ms, 0.0) / 1e3
+        return min(pages, float(total_pages)) if total_pages is not None else pages
+
+    @staticmethod
+    def predict_downtime_ms(
+        dirty_pages: float, bytes_per_page: float, bandwidth_Bps: float, device_bytes: int = 0
+    ) -> float:
+        """Time to send what is dirty (final_dirty_pages), and what the devices still hold
+        (their stop-copy data), at the measured bandwidth, plus the fixed stop cost."""
         if bandwidth_Bps <= 0:
             return float("inf")
         return (dirty_pages * bytes_per_page + device_bytes) / bandwidth_Bps * 1e3 + STOP_OVERHEAD_MS
 
-    def should_stop(self, iteration: int, elapsed_s: float, predicted_ms: float) -> str | None:
-        """The reason to go to stop-and-copy now, or None to iterate again."""
+    def should_stop(
+        self, iteration: int, elapsed_s: float, predicted_ms: float, handshake_ms: float = 0.0
+    ) -> str | None:
+        """The reason to go to stop-and-copy now, or None to iterate again. The guest handshake
+        (up to handshake_ms) comes before the stop, so it counts against the time limit."""
         if predicted_ms <= self.max_downtime_ms:
             return f"predicted downtime {predicted_ms:.1f} ms <= {self.max_downtime_ms:g} ms"
         if iteration >= self.max_iterations:
             return f"reached {self.max_iterations} iterations"
-        if elapsed_s >= self.time_limit_s:
-            return f"reached the {self.time_limit_s:g} s time limit"
+        if elapsed_s + handshake_ms / 1e3 >= self.time_limit_s:
+            hs = f" (with the {handshake_ms:g} ms handshake to come)" if handshake_ms else ""
+            return f"reached the {self.time_limit_s:g} s time limit{hs}"
         return None
 
     def throttle(self, current: int, dirty_Bps: float, bandwidth_Bps: float) -> int:

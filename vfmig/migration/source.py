@@ -1,11 +1,16 @@
 """The source side of a live migration: the phases in order, with the policy deciding when to stop.
 
-    setup -> precopy iterations -> stop -> final dirty pages -> device state -> vCPU state
-          -> destination resumes -> completion (verification, guest-observed downtime)
+    setup -> precopy iterations -> guest handshake -> stop -> final dirty pages -> device state
+          -> vCPU state -> destination resumes -> completion (verification, guest-observed downtime)
 
 Devices with a migration state machine (migstate.h: simvf, later VFIO) go to PRE_COPY at setup
 and stream their state in DEVICE_DATA records after each page round; at the stop they go to
 STOP_COPY and their remaining stream follows the final pages.
+
+Just before the stop, with the vCPUs running, each such device's pre-stop hook asks the guest's
+driver to quiesce (the guest handshake, issue 8): one deadline (handshake_deadline_ms) bounds
+the whole phase, whatever the guest does; the outcome travels in the device's state and tells
+the destination's driver whether it may resume in place or must reset.
 
 Python owns the order and the policy; every loop over pages or bytes runs in C without the GIL.
 Any failure before the destination says it resumed leaves the source VM running and unchanged.
@@ -44,14 +49,18 @@ from vfmig.migration.wire import (
     encode_vcpu,
     parse_uri,
 )
-from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, Iteration, Report
+from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, HandshakeReport, Iteration, Report
 from vfmig.vm import MicroVM, check_pause_timeout
 
 VERSION = _core.STREAM_VERSION
-# The devices' pre-stop hooks run just before the stop, with the vCPUs still running, and must
-# return by this deadline; whatever they say, the migration goes on (a device, or a guest behind
-# it, must never stall the stop).
+# The devices' pre-stop hooks (the guest handshake) run just before the stop, with the vCPUs
+# still running, and return by one deadline shared by all of them; whatever they say, the
+# migration goes on (a device, or a guest behind it, must never stall the stop). The default;
+# MigrationOptions.handshake_deadline_ms sets it, 0: the guest is not asked.
 PRESTOP_DEADLINE_MS = 50
+HANDSHAKE_DEADLINE_MAX_MS = 10_000
+# The report's handshake is the VF's: with several devices, the one whose outcome is the worst.
+_OUTCOME_RANK = {"none": 0, "acked": 1, "disabled": 2, "timeout": 3, "late": 4}
 DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
 
 
@@ -70,6 +79,7 @@ class MigrationOptions:
     guest_report_timeout_s: float = 30.0
     pause_timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT  # a vCPU stuck in a device must not stall the stop
     psk_file: str | None = None  # pre-shared key the destination asks for (vfmig receive --psk-file)
+    handshake_deadline_ms: int = PRESTOP_DEADLINE_MS  # the guest handshake before the stop; 0: don't ask
 
     def authenticator(self) -> Authenticator:
         return Authenticator(read_key(self.psk_file) if self.psk_file else None)
@@ -86,8 +96,17 @@ class MigrationOptions:
                 f"the VM was built for the {vm.config.tracker} tracker; start it with --tracker {self.tracker}"
             )
         self.policy.validate()
+        check_handshake_deadline(self.handshake_deadline_ms)
         check_pause_timeout(self.pause_timeout_ms)
         self.authenticator()  # an unreadable key file fails before anything connects
+
+
+def check_handshake_deadline(ms: object) -> None:
+    """The guest handshake's deadline: whole milliseconds, 0..HANDSHAKE_DEADLINE_MAX_MS."""
+    if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= HANDSHAKE_DEADLINE_MAX_MS:
+        raise ConfigError(
+            f"handshake deadline must be 0..{HANDSHAKE_DEADLINE_MAX_MS} ms (0: don't ask the guest), got {ms!r}"
+        )
 
 
 IN_DOUBT = (
@@ -117,6 +136,10 @@ class _Device:
     dma_pages_logged: int | None = None
     prestop_ms: float | None = None  # its pre-stop hook, with the vCPUs still running
     prestop_error: str | None = None
+    prestop_called: bool = False  # a failed migration must tell the guest it runs on (prestop_abort)
+    handshake: str | None = None  # the hook's outcome; "late" is known only once the VM stopped
+    handshake_latency_us: int | None = None
+    reset_required: bool | None = None  # what the destination told its driver
 
 
 class Migration:
@@ -245,13 +268,16 @@ class Migration:
             now = time.monotonic_ns()
             dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
             last_collect = now
+            # The guest keeps dirtying while the handshake waits: its deadline is part of the stop.
+            handshake_ms = self._handshake_budget_ms() if index > 1 else 0
+            final = policy.final_dirty_pages(dirty, dirty_rate, handshake_ms, self.vm.core.npages)
             predicted = (
-                policy.predict_downtime_ms(dirty, bytes_per_page, bandwidth, self._device_pending())
+                policy.predict_downtime_ms(final, bytes_per_page, bandwidth, self._device_pending())
                 if index > 1
                 else float("inf")
             )
             if index > 1:
-                reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted)
+                reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted, handshake_ms)
                 if reason:
                     r.stop_reason = reason
                     return  # the collected pages go with the final round
@@ -297,6 +323,7 @@ class Migration:
         assert sender is not None and ctrl is not None
         self._check_cancel()
         self._prestop()
+        self._check_cancel()
         cps = r.checkpoints
         cps.append(Checkpoint("src-downtime-start", _core.checkpoint("src-downtime-start")))
         vm.pause(self.opts.pause_timeout_ms)  # on a timeout the vCPUs run again: nothing to undo
@@ -334,6 +361,7 @@ class Migration:
         )
         r.iterations.append(it)
         r.bytes_sent += st["bytes"] + device_bytes
+        self._handshake_at_stop()
         r.devices = [
             DeviceReport(
                 d.name,
@@ -345,21 +373,83 @@ class Migration:
                 dma_pages_logged=d.dma_pages_logged,
                 prestop_ms=d.prestop_ms,
                 prestop_error=d.prestop_error,
+                handshake=d.handshake,
+                handshake_latency_us=d.handshake_latency_us,
             )
             for d in self._devices
         ]
+        r.handshake = self._handshake_report()
         self.progress("stopped", {"final_pages": dirty, "device_bytes": device_bytes})
 
     # devices with a migration state machine -------------------------------------------------
     def _prestop(self) -> None:
-        """Each device's pre-stop hook, vCPUs running, bounded by PRESTOP_DEADLINE_MS. Not part
-        of the downtime; a failing hook is reported, never fatal."""
+        """The guest handshake: each device's pre-stop hook, vCPUs running, all bounded by one
+        deadline computed here. Not part of the downtime; a failing hook is reported, never
+        fatal. Deadline 0: each hook is called with none, so the guest is not asked (disabled)."""
+        deadline_ms, cps = self.opts.handshake_deadline_ms, self.report.checkpoints
+        start = _core.checkpoint("src-handshake-start")
+        cps.append(Checkpoint("src-handshake-start", start))
+        until = start + deadline_ms * 1_000_000 if deadline_ms else 0
         for dev in self._devices:
+            dev.prestop_called = True  # before the call: a notice may be out even if it fails
             try:
-                res = self.vm.core.mig_prestop(dev.name, PRESTOP_DEADLINE_MS)
-                dev.prestop_ms = round((res["end_ns"] - res["start_ns"]) / 1e6, 3)
+                res = self.vm.core.mig_prestop(dev.name, 0, until)
             except _core.CoreError as e:
                 dev.prestop_error = str(e.strerror)
+                continue
+            dev.prestop_ms = round((res["end_ns"] - res["start_ns"]) / 1e6, 3)
+            dev.handshake = str(res["outcome"])
+            dev.handshake_latency_us = int(res["latency_us"]) if dev.handshake in ("acked", "late") else None
+        cps.append(Checkpoint("src-handshake-end", _core.checkpoint("src-handshake-end")))
+        if self._devices:
+            hs = self._handshake_report()
+            self.progress(
+                "handshake",
+                {
+                    "outcome": hs.outcome if hs else "none",
+                    "latency_us": hs.latency_us if hs else None,
+                    "deadline_ms": deadline_ms,
+                    "ms": (cps[-1].t_ns - start) / 1e6,
+                },
+            )
+
+    def _handshake_budget_ms(self) -> int:
+        """What the handshake will add before the stop, at most: its deadline, if a device's
+        driver takes part (it enabled the capability; a device that cannot say is assumed to)."""
+        deadline = self.opts.handshake_deadline_ms
+        if not deadline:
+            return 0
+        for dev in self._devices:
+            try:
+                if self.vm.core.handshake_state(dev.name)["enabled"]:
+                    return deadline
+            except ValueError:  # not a PCI function this binding knows: assume the worst
+                return deadline
+        return 0
+
+    def _handshake_at_stop(self) -> None:
+        """VM stopped: the outcome each device recorded at the stop, which is what its state
+        carries. A driver that acked after the deadline (but before the stop) turned TIMEOUT
+        into LATE only now."""
+        for dev in self._devices:
+            if dev.handshake is None:
+                continue
+            try:
+                st = self.vm.core.handshake_state(dev.name)
+            except ValueError:
+                continue
+            if dev.handshake == "timeout" and st["outcome"] == "late":
+                dev.handshake, dev.handshake_latency_us = "late", int(st["latency_us"])
+
+    def _handshake_report(self) -> HandshakeReport | None:
+        """The report's handshake: the VF's (the worst device's, with several)."""
+        done = [d for d in self._devices if d.handshake is not None]
+        if not done:
+            return None
+        dev = max(done, key=lambda d: _OUTCOME_RANK.get(d.handshake or "none", 0))
+        return HandshakeReport(
+            dev.handshake or "none", dev.handshake_latency_us, self.opts.handshake_deadline_ms, dev.reset_required
+        )
 
     def _set_device_state(self, dev: _Device, state: str) -> None:
         # An invalid request would put the device in ERROR, and only a reset (which loses the
@@ -491,10 +581,17 @@ class Migration:
         self.report.checkpoints += cps
         self.report.destination = {k: v for k, v in doc.items() if k not in ("checkpoints", "devices")}
         loaded = doc.get("devices")
+        ours = {d.name: d for d in self._devices}
         for dev in self.report.devices:
-            if isinstance(loaded, dict) and isinstance(loaded.get(dev.name), dict):
-                load_ms = loaded[dev.name].get("load_ms")
-                dev.load_ms = float(load_ms) if isinstance(load_ms, (int, float)) else None
+            got = loaded.get(dev.name) if isinstance(loaded, dict) else None
+            if not isinstance(got, dict):
+                continue
+            load_ms = got.get("load_ms")
+            dev.load_ms = float(load_ms) if isinstance(load_ms, (int, float)) else None
+            # What the destination told its driver after the load (the VMM status it set).
+            reset = got.get("reset_required")
+            dev.reset_required = ours[dev.name].reset_required = reset if isinstance(reset, bool) else None
+        self.report.handshake = self._handshake_report()
         self.progress("resumed", {"on": self.to})
 
     def _verify(self, remote: bytes) -> None:
@@ -525,7 +622,11 @@ class Migration:
         self._sender.stop_tracking()
         guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
         packets = guest.pop("packets", None)
+        driver = guest.pop("vf_handshake", None)
         r.destination.update(guest)
+        if isinstance(driver, dict):
+            r.guest.driver_resets = driver.get("resets")
+            r.guest.driver_resumed_in_place = driver.get("resumed_in_place")
         if isinstance(packets, dict):
             r.guest.packets_received = packets.get("received")
             r.guest.packets_dropped = packets.get("dropped")
@@ -615,6 +716,13 @@ class Migration:
         if self._paused_by_us:
             steps.append(self.vm.resume)  # devices in STOP or STOP_COPY run again with the VM
         steps += [functools.partial(self._device_running, d) for d in self._devices]  # PRE_COPY
+        # The guest was told a stop is coming: tell it the migration is off, so its driver
+        # resumes its queues (a device that ran again may have done so already; a second call
+        # raises nothing). Not after the commit: that source stays paused, and if it is ever
+        # resumed its devices withdraw the notice as they start.
+        if not self._committed:
+            told = [d.name for d in self._devices if d.prestop_called]
+            steps += [functools.partial(self.vm.core.mig_prestop_abort, name) for name in told]
         first: BaseException | None = None
         for step in steps:
             try:

@@ -8,8 +8,11 @@ from typing import Any
 
 from vfmig.units import human_bytes
 
-# Checkpoint names follow QEMU's (README, Measurement).
+# Checkpoint names follow QEMU's (README, Measurement). The guest handshake comes before the
+# downtime: the vCPUs run while it waits.
 CHECKPOINTS = (
+    "src-handshake-start",
+    "src-handshake-end",
     "src-downtime-start",
     "src-vm-stopped",
     "src-ram-saved",
@@ -64,6 +67,11 @@ class DeviceReport:
     dma_pages_logged: int | None = None  # pages its DMA dirty log reported during the migration
     prestop_ms: float | None = None  # its pre-stop hook, vCPUs running, just before the stop
     prestop_error: str | None = None  # what the hook said if it failed (the migration went on)
+    # The guest handshake of its pre-stop hook: acked, timeout, late (acked after the deadline,
+    # known once the VM stopped), disabled (deadline 0, or the driver never enabled it), or none.
+    handshake: str | None = None
+    handshake_latency_us: int | None = None  # acked or late: from the interrupt to the ack
+    reset_required: bool | None = None  # what the destination told its driver after the load
 
     def summary(self) -> str:
         pre = f"precopy {human_bytes(self.precopy_bytes)}, " if self.precopy else "no precopy, "
@@ -85,12 +93,47 @@ class GuestReport:
     packets_dropped: int | None = None  # sequence gaps the driver saw, each explained by a device drop
     packet_errors: int | None = None  # bad packets, or gaps no drop explains: must stay 0
     tx_packets: int | None = None
+    # The driver after the load: it reset its device (not quiesced at the stop) or resumed in place.
+    driver_resets: int | None = None
+    driver_resumed_in_place: int | None = None
 
     @classmethod
     def from_doc(cls, doc: object) -> GuestReport:
         if isinstance(doc, str):  # reports written before the guest became an object
             return cls(doc)
         return cls(**doc) if isinstance(doc, dict) else cls()
+
+
+HANDSHAKE_OUTCOMES = ("acked", "timeout", "late", "disabled", "none")  # best first, for the summary
+
+
+@dataclass
+class HandshakeReport:
+    """The guest handshake before the stop (issue 8), for the VF: the device whose outcome was
+    the worst when a VM has several (devices[] has each one's)."""
+
+    outcome: str = "none"  # acked, timeout, late, disabled; none: no device has the hook
+    latency_us: int | None = None  # acked (or late): from raising the interrupt to the guest's ack
+    deadline_ms: int = 0  # one deadline for the whole pre-stop phase, all devices
+    reset_required: bool | None = None  # the destination told its driver to reset (not quiesced)
+
+    def summary(self) -> str:
+        """One line: "acked in 312 us (deadline 50 ms)", "timeout at 50 ms: the destination's
+        driver resets", ..."""
+        if self.outcome == "acked":
+            line = f"acked in {self.latency_us or 0} us (deadline {self.deadline_ms} ms)"
+        elif self.outcome == "timeout":
+            line = f"timeout at {self.deadline_ms} ms"
+        elif self.outcome == "late":
+            line = f"late: no ack by the {self.deadline_ms} ms deadline, one came before the stop (a timeout)"
+        elif self.outcome == "disabled":
+            why = "deadline 0" if self.deadline_ms == 0 else "the driver did not enable the capability"
+            line = f"disabled ({why})"
+        else:
+            line = self.outcome
+        if self.reset_required:
+            line += ": the destination's driver resets"
+        return line
 
 
 @dataclass
@@ -130,6 +173,7 @@ class Report:
     verification: Verification = field(default_factory=lambda: Verification(None, "not requested"))
     tracker_stats: dict[str, int] = field(default_factory=dict)
     devices: list[DeviceReport] = field(default_factory=list)
+    handshake: HandshakeReport | None = None  # None: no device with a pre-stop hook
     destination: dict[str, Any] = field(default_factory=dict)
 
     def checkpoint(self, name: str) -> int | None:
@@ -161,10 +205,12 @@ class Report:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Report:
-        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification", "guest", "devices")
+        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification", "guest", "devices", "handshake")
         r = cls(**{k: v for k, v in doc.items() if k not in nested})
         r.guest = GuestReport.from_doc(doc.get("guest"))
         r.devices = [DeviceReport(**d) for d in doc.get("devices", [])]
+        hs = doc.get("handshake")
+        r.handshake = HandshakeReport(**hs) if isinstance(hs, dict) else None  # None also in older reports
         r.iterations = [Iteration(**i) for i in doc.get("iterations", [])]
         r.checkpoints = [Checkpoint(**c) for c in doc.get("checkpoints", [])]
         r.downtime_breakdown = DowntimeBreakdown(**doc.get("downtime_breakdown", {}))
@@ -207,6 +253,8 @@ class Report:
         )
         for dev in self.devices:
             lines.append(f"  device        {dev.summary()}")
+        if self.handshake is not None:
+            lines.append(f"  handshake     {self.handshake.summary()}")
         g = self.guest
         if g.packets_received is not None:
             lines.append(
