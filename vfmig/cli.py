@@ -82,6 +82,40 @@ def _device_lines(devices: dict[str, dict[str, int]], driver: dict[str, Any] | N
     return lines
 
 
+GUEST_ACK_HELP = (
+    "how the VF driver answers the migration handshake: normal (quiesce and ack at once), never (a stuck "
+    "driver), late (ack after 500 ms, past the deadline) or slow:US (ack after US microseconds); default normal"
+)
+
+
+def guest_ack_arg(text: str) -> str:
+    """argparse type of --guest-ack: checked as the guest's boot parameters take it."""
+    from vfmig.errors import ConfigError
+    from vfmig.guests import GuestParams
+
+    try:
+        GuestParams(guest_ack=text).ack()
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def handshake_deadline_arg(text: str) -> int:
+    """argparse type of --handshake-deadline: whole ms, 0..10000."""
+    from vfmig.errors import ConfigError
+    from vfmig.migration.source import check_handshake_deadline
+
+    try:
+        ms = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
+    try:
+        check_handshake_deadline(ms)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ms
+
+
 # vm run ----------------------------------------------------------------------------------------
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M; 64M..16G and more)")
@@ -92,6 +126,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default="sequential", help="sequential, random or hotcold")
     p.add_argument("--wss", default="0", help="working-set size (default: all RAM above 4 MiB)")
     p.add_argument("--tracker", default="bitmap", help="dirty tracker the VM is built for: bitmap or ring")
+    p.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
 
 
 def guest_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +140,7 @@ def guest_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "rate_pps": args.rate,
         "pattern": args.pattern,
         "wss_bytes": parse_size(args.wss),
+        "guest_ack": args.guest_ack,
     }
 
 
@@ -180,6 +216,14 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         help="fail the migration (the source keeps running) if the vCPUs do not all stop within MS (default 1 s)",
     )
     p.add_argument("--psk-file", metavar="PATH", help="pre-shared key the destination asks for (see receive)")
+    p.add_argument(
+        "--handshake-deadline",
+        type=handshake_deadline_arg,
+        default=None,
+        metavar="MS",
+        help="how long the guest's VF driver may take to quiesce before the stop (default 50; 0: don't ask it, "
+        "its driver on the destination then resets the device)",
+    )
 
 
 def migration_options(args: argparse.Namespace) -> Any:
@@ -187,7 +231,9 @@ def migration_options(args: argparse.Namespace) -> Any:
     from vfmig.migration.source import MigrationOptions
     from vfmig.units import parse_rate
 
-    extra = {} if args.pause_timeout is None else {"pause_timeout_ms": args.pause_timeout}
+    extra: dict[str, Any] = {} if args.pause_timeout is None else {"pause_timeout_ms": args.pause_timeout}
+    if args.handshake_deadline is not None:
+        extra["handshake_deadline_ms"] = args.handshake_deadline
     return MigrationOptions(
         **extra,
         channels=args.channels,
@@ -271,6 +317,9 @@ def _progress(event: str, data: dict[str, Any]) -> None:
     elif event == "stopped":
         device = f", device state {data['device_bytes'] / 2**10:.1f} KiB" if data.get("device_bytes") else ""
         print(f"  stop-and-copy: {data['final_pages']:,} pages with the guest stopped{device}", file=sys.stderr)
+    elif event == "handshake":
+        took = f"acked in {data['latency_us']} us" if data.get("outcome") == "acked" else data.get("outcome")
+        print(f"  guest handshake: {took} (deadline {data['deadline_ms']} ms)", file=sys.stderr)
     elif event == "resumed":
         print(f"  guest resumed on {data['on']}", file=sys.stderr)
     elif event == "cancel":
@@ -544,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)")
     demo.add_argument("--pattern", default="sequential")
+    demo.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
     demo.set_defaults(func=cmd_demo)
 
     return p

@@ -57,7 +57,15 @@ def run_demo(
     given = getattr(args, "device", None)
     devices = DEMO_DEVICES if given is None else tuple(d for d in given if d is not None)
     guest = args.guest or (DEVICE_GUEST if devices else "dirtier")
-    kw = {"vcpus": args.vcpus, "guest": guest, "tracker": tracker, "rate_pps": args.rate, "pattern": args.pattern}
+    guest_ack = getattr(args, "guest_ack", "normal")
+    kw = {
+        "vcpus": args.vcpus,
+        "guest": guest,
+        "tracker": tracker,
+        "rate_pps": args.rate,
+        "pattern": args.pattern,
+        "guest_ack": guest_ack,
+    }
     with MicroVM(memory=memory, devices=devices, **kw) as vm:
         opts.validate(vm)  # bad options fail before any process starts
         print(
@@ -69,6 +77,11 @@ def run_demo(
             print(
                 f"  device {d.name}: {d.kind}, {human_bytes(d.state_bytes)} of state, {d.dma_rate:,} packets/s, "
                 f"precopy {'on' if d.precopy else 'off'}",
+                file=sys.stderr,
+            )
+        if devices:
+            print(
+                f"  guest handshake: deadline {opts.handshake_deadline_ms} ms, the VF driver acks {guest_ack}",
                 file=sys.stderr,
             )
         dst, address = start_destination(run_seconds=1.0)
