@@ -358,6 +358,44 @@ def _judge_destination_device(dst: MicroVM, loaded: dict[str, bytes], src: Micro
         problems.append(f"the destination's device {VF} loaded a state that differs from the source's at stop")
 
 
+class _Signaller:
+    """A process's signal, sent from the proxy's hook at the case's record, and the case's end
+    (SIGCONT after a SIGSTOP), in that order. The destination may send the record last and finish
+    before the proxy's thread has taken it: the end waits for the signal, and a hook that still
+    comes after the end sends nothing (`late`), so no SIGSTOP ever lands after the SIGCONT and
+    leaves the process stopped for good."""
+
+    WAIT_S = 10.0  # how long the end waits for a signal whose record is still on its way
+
+    def __init__(self, pid: int, sig: signal.Signals) -> None:
+        self.pid, self.sig = pid, sig
+        self.sent = threading.Event()
+        self.late = False
+        self._over = False
+        self._lock = threading.Lock()
+
+    def hook(self) -> None:
+        with self._lock:
+            if self._over:
+                self.late = True
+                return
+            os.kill(self.pid, self.sig)
+            self.sent.set()
+
+    def end(self) -> None:
+        self.sent.wait(self.WAIT_S)
+        with self._lock:
+            self._over = True
+        if self.sig == signal.SIGSTOP:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    def check(self, proxy: FaultProxy, problems: list[str]) -> None:
+        if proxy.fired.is_set() and not self.sent.is_set():
+            why = "after the case ended" if self.late else "but the hook never ran"
+            problems.append(f"the fault fired {why}: {self.sig.name} was not sent")
+
+
 def _source_outcome(err: BaseException | None) -> tuple[str, str | None]:
     if err is None:
         return "completed", None
@@ -489,7 +527,8 @@ def _run_destination_process(case: Case) -> Verdict:
         json_path = os.path.join(tmp, "dst.json")
         proc, port = _start_receiver(json_path)
         try:
-            proxy = _Proxy(("127.0.0.1", port), _fault(case, lambda: os.kill(proc.pid, sig))).start()
+            signaller = _Signaller(proc.pid, sig)
+            proxy = _Proxy(("127.0.0.1", port), _fault(case, signaller.hook)).start()
             err: BaseException | None = None
             report: Report | None = None
             try:
@@ -497,9 +536,8 @@ def _run_destination_process(case: Case) -> Verdict:
             except MigrationError as e:
                 err = e
             finally:
+                signaller.end()  # SIGCONT after a SIGSTOP, never before it
                 proxy.close()
-            if sig == signal.SIGSTOP:
-                os.kill(proc.pid, signal.SIGCONT)
             try:
                 out, errout = proc.communicate(timeout=ACCEPT_S + 20)
             except subprocess.TimeoutExpired:
@@ -518,6 +556,7 @@ def _run_destination_process(case: Case) -> Verdict:
         outcome, error = _source_outcome(err)
         phase = case.pos.phase
         _check_hit(case, proxy, problems)
+        signaller.check(proxy, problems)
         _judge_source(case, vm, outcome, error, digest[0], report, problems)
         _judge_source_device(vm, outcome, error, counters, problems)
         details["destination"] = f"exit {proc.returncode}: {(out + errout).strip()[-300:]}"
@@ -568,7 +607,8 @@ def _run_source_process(case: Case) -> Verdict:
             counters = _source_device(path)
             listener = Listener("tcp://127.0.0.1:0", timeouts=_timeouts())
             with serve_destination(listener, run_seconds=RUN_S, accept_timeout=ACCEPT_S + 5) as dst:
-                proxy = _Proxy(("127.0.0.1", dst.port), _fault(case, lambda: os.kill(src.pid, sig))).start()
+                signaller = _Signaller(src.pid, sig)
+                proxy = _Proxy(("127.0.0.1", dst.port), _fault(case, signaller.hook)).start()
                 answer: dict[str, Any] = {}
                 req = {"cmd": "migrate", "to": proxy.address, "options": control.options_to_dict(_options(case))}
 
@@ -581,12 +621,11 @@ def _run_source_process(case: Case) -> Verdict:
                 th = threading.Thread(target=ask, daemon=True)
                 th.start()
                 res = dst.wait(60)  # the destination ends on its own short timeouts
-                if sig == signal.SIGSTOP:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(src.pid, signal.SIGCONT)
+                signaller.end()  # SIGCONT after a SIGSTOP, never before it
                 th.join(60)
                 proxy.close()
                 _check_hit(case, proxy, problems)
+                signaller.check(proxy, problems)
                 error = answer.get("error")
                 details["source"] = answer.get("error") or "completed"
                 details["destination"] = "runs the guest" if isinstance(res, Incoming) else f"discarded: {res}"
