@@ -60,7 +60,8 @@ _Static_assert(VFDRV_RX_BUF_GPA + VFDRV_RX_N * SIMVF_BUF_MAX <= VFDRV_TX_BUF_GPA
 #define VFDRV_MIG_IDLE     0u /* no notice outstanding */
 #define VFDRV_MIG_NOTIFIED 1u /* a notice was taken; a cancel or the post-load interrupt ends it */
 #define VFDRV_LATE_ACK_NS  500000000ull
-_Static_assert(sizeof(struct simvf_guest_stats) == 128 && __builtin_offsetof(struct simvf_guest_stats, mig_notices) == 72,
+_Static_assert(sizeof(struct simvf_guest_stats) == 136 && __builtin_offsetof(struct simvf_guest_stats, mig_notices) == 72 &&
+                   __builtin_offsetof(struct simvf_guest_stats, reset_discarded) == 128,
                "struct simvf_guest_stats differs between the 32-bit guest and the 64-bit host");
 
 /* xAPIC registers. */
@@ -105,7 +106,6 @@ struct vfdrv_priv {
     uint64_t mig_spurious;         /* ... that found nothing to do (no notice outstanding, no MIGRATED) */
     uint64_t acks_dropped;         /* delayed acks not sent: the status had moved on when they fell due */
     uint64_t tx_held_back;         /* TX packets not sent because the driver was quiesced */
-    uint64_t rx_discarded;         /* completed RX descriptors a reset threw away unread */
     uint64_t tx_discarded;         /* posted TX descriptors a reset threw away unprocessed */
 };
 
@@ -274,15 +274,16 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
          * (packets in the ring unread, the drops meanwhile) cannot be told apart, so the books
          * note the skipped sequence numbers instead. The wire never goes back: that is an error. */
         p->oracle_resync = 0;
-        if (seq < gs->next_seq) {
+        int back = seq < gs->next_seq;
+        if (back)
             rx_error(SIMVF_ERR_GAP, desc, dlen, pkt, 0);
-        } else {
+        else
             gs->resync_skipped = gs->resync_skipped + (seq - gs->next_seq);
-            gs->received = gs->received + 1;
-        }
         gs->last_drops = drops;
         gs->next_seq = seq + 1;
         p->rx_bad_run = 0;
+        if (!back)
+            gs->received = gs->received + 1; /* last: see below */
         return;
     }
     uint64_t next = gs->next_seq + p->rx_bad_run, last_drops = gs->last_drops;
@@ -298,11 +299,13 @@ static void rx_packet(uint32_t desc, uint32_t dlen)
         }
         return;
     }
-    gs->received = gs->received + 1;
     gs->dropped_seen = gs->dropped_seen + (seq - next);
     gs->last_drops = drops;
     gs->next_seq = seq + 1;
     p->rx_bad_run = 0;
+    /* received last (volatile stores stay in order, and x86 keeps them so): whoever sees it reach
+     * the device's delivered count sees the books balanced, even if the VM stops right here. */
+    gs->received = gs->received + 1;
 }
 
 static int rx_pending(void) { return rx_ring()[priv()->rx_head].flags & SIMVF_DESC_DONE; }
@@ -424,7 +427,7 @@ static void mig_reset(void)
     uint32_t unread = 0;
     for (uint32_t i = 0; i < VFDRV_RX_N; i++)
         unread += (rx_ring()[i].flags & SIMVF_DESC_DONE) != 0;
-    p->rx_discarded = p->rx_discarded + unread;
+    gs->reset_discarded = gs->reset_discarded + unread;
     tx_reclaim();
     p->tx_discarded = p->tx_discarded + (p->tx_head - p->tx_clean);
     mmio_write32(r + SIMVF_REG_CTRL, SIMVF_CTRL_RESET);

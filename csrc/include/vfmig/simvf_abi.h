@@ -134,7 +134,8 @@ struct simvf_guest_stats {
     uint32_t bdf;            /* where enumeration found the device: bus << 8 | dev << 3 | fn */
     uint32_t first_error;    /* which check failed first: SIMVF_ERR_* */
     /* The migration handshake (the capability above), as the driver took part in it. The
-     * oracle's books balance: received + dropped_seen + resync_skipped == next_seq. */
+     * oracle's books balance: received + dropped_seen + resync_skipped == next_seq; and the
+     * device's: delivered == received + reset_discarded + what waits in the RX ring. */
     uint64_t mig_notices;      /* migration interrupts that found MIGRATING: a stop is coming */
     uint64_t acks;             /* DEV_STATUS = VFMIG_DEV_ACK written */
     uint64_t resets;           /* post-load with RESET_REQUIRED: device, rings and oracle restarted */
@@ -143,6 +144,7 @@ struct simvf_guest_stats {
     uint64_t resync_skipped;   /* sequence numbers passed over when the oracle restarted after a reset */
     uint32_t last_vmm_status;  /* VMM_STATUS as the last migration interrupt read it */
     uint32_t quiesced;         /* 1 while RX re-posting and TX are held back for a migration */
+    uint64_t reset_discarded;  /* packets a reset threw out of the RX ring unread */
 };
 enum simvf_guest_error { SIMVF_ERR_NONE = 0, SIMVF_ERR_MAGIC = 1, SIMVF_ERR_LEN = 2, SIMVF_ERR_CSUM = 3, SIMVF_ERR_GAP = 4 };
 
