@@ -439,6 +439,112 @@ static void test_guest_handshake(void)
            slow_us);
 }
 
+/* The handshake's outcome as simvf holds it now, and as its PCI section carries it (blob byte 40). */
+static uint32_t hs_outcome_now(struct vfmig_device *d)
+{
+    return atomic_load(&((struct vfmig_pci_func *)d)->hs.outcome);
+}
+
+static uint32_t stream_outcome(const uint8_t *s, long len)
+{
+    for (long off = 0; off + (long)sizeof(struct simvf_sec_hdr) <= len;) {
+        struct simvf_sec_hdr h;
+        memcpy(&h, s + off, sizeof(h));
+        if (h.type == SIMVF_SEC_PCI) {
+            uint32_t o;
+            CHECK(h.len >= 48);
+            memcpy(&o, s + off + (long)sizeof(h) + 40, sizeof(o));
+            return o;
+        }
+        off += (long)sizeof(h) + h.len;
+    }
+    CHECK(!"a PCI section");
+    return ~0u;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* simvf's arcs around the handshake, with the real driver. Under the engine's 50 ms deadline a
+ * normal driver acks in a few ms. A source that runs again after a notice cancels it once: its
+ * device's STOP -> RUNNING (or PRE_COPY -> RUNNING) does, and the engine's prestop_abort after
+ * that says nothing more. A paused VM gets no notice. In PRE_COPY an ack after the deadline and
+ * before the stop is LATE in the state the stop saves, and after the move the driver resets. */
+static void test_guest_handshake_arcs(void)
+{
+    struct vfmig_err err = {{0}};
+    struct vfmig_device *d;
+    struct vfmig_vm *vm = boot_vfdrv(1, 256, VFMIG_ACK_NORMAL, 0, &d);
+    const volatile struct simvf_guest_stats *g = guest_stats(vm);
+    uint32_t lat[7];
+    for (uint32_t i = 0; i < 7; i++) {
+        struct vfmig_prestop_result o = guest_handshake(d, 50);
+        CHECK(o.outcome == VFMIG_HS_ACKED && g->acks == i + 1 && o.end_ns - o.start_ns < 50000000ull);
+        lat[i] = o.latency_us;
+        vfmig_mig_prestop_abort(d->mig);
+        wait_guest(&g->cancels, i + 1);
+    }
+    qsort(lat, 7, sizeof(lat[0]), cmp_u32);
+
+    CHECK(guest_handshake(d, 50).outcome == VFMIG_HS_ACKED);
+    CHECK(vfmig_vm_pause(vm, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0 && vfmig_mig_get_state(d->mig) == VFMIG_MIG_STOP);
+    CHECK(hs_outcome_now(d) == VFMIG_HS_ACKED);
+    uint64_t notices = g->mig_notices;
+    struct vfmig_prestop_result o = guest_handshake(d, 50); /* paused: nobody to answer */
+    CHECK(o.outcome == VFMIG_HS_DISABLED && o.end_ns - o.start_ns < 5000000ull && hs_outcome_now(d) == VFMIG_HS_ACKED);
+    CHECK(vfmig_vm_resume(vm) == 0);
+    wait_guest(&g->cancels, 8);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == 0 && hs_outcome_now(d) == VFMIG_HS_NONE && g->quiesced == 0);
+    vfmig_mig_prestop_abort(d->mig); /* the engine's own, after the device's: no second cancel */
+    usleep(50000);
+    CHECK(g->cancels == 8 && g->mig_notices == notices);
+
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_PRE_COPY, &err) == 0);
+    CHECK(guest_handshake(d, 50).outcome == VFMIG_HS_ACKED);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_RUNNING, &err) == 0); /* cancelled before the stop */
+    wait_guest(&g->cancels, 9);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == 0);
+    guest_settle(vm, d);
+    vfmig_vm_destroy(vm);
+
+    vm = boot_vfdrv(1, 256, VFMIG_ACK_LATE, 0, &d); /* acks 500 ms after the notice */
+    g = guest_stats(vm);
+    CHECK(vfmig_simvf_keep_stop_state(d, 1) == 0);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_PRE_COPY, &err) == 0);
+    o = guest_handshake(d, 20);
+    CHECK(o.outcome == VFMIG_HS_TIMEOUT && g->acks == 0);
+    wait_guest(&g->acks, 1); /* the vCPUs still run: the ack comes, late */
+    CHECK(hs_outcome_now(d) == VFMIG_HS_TIMEOUT && migcap(d, VFMIG_MIGCAP_DEV_STATUS) == VFMIG_DEV_ACK);
+    CHECK(vfmig_vm_pause(vm, VFMIG_PAUSE_TIMEOUT_MS_DEFAULT) == 0);
+    CHECK(vfmig_mig_get_state(d->mig) == VFMIG_MIG_STOP_COPY && hs_outcome_now(d) == VFMIG_HS_LATE);
+    long slen;
+    uint8_t *stop = state_of(d, &slen, 1);
+    CHECK(stream_outcome(stop, slen) == VFMIG_HS_LATE);
+    free(stop);
+    static uint8_t buf[1 << 20]; /* the rest of the precopy stream (all of it: nothing was read) */
+    size_t len = 0;
+    long n;
+    while ((n = vfmig_mig_read(d->mig, buf + len, sizeof(buf) - len, &err)) > 0)
+        len += (size_t)n;
+    CHECK(n == 0 && stream_outcome(buf, (long)len) == VFMIG_HS_LATE);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_STOP, &err) == 0);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_RESUMING, &err) == 0);
+    CHECK(vfmig_mig_write(d->mig, buf, len, &err) == (long)len);
+    CHECK(vfmig_mig_set_state(d->mig, VFMIG_MIG_STOP, &err) == 0);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == VFMIG_VMM_MIGRATING); /* loaded: still the source's at stop */
+    CHECK(vfmig_vm_resume(vm) == 0);
+    CHECK(migcap(d, VFMIG_MIGCAP_VMM_STATUS) == (VFMIG_VMM_MIGRATED | VFMIG_VMM_RESET_REQUIRED));
+    wait_guest(&g->resets, 1);
+    CHECK(g->resumed_in_place == 0 && g->cancels == 0);
+    guest_settle(vm, d);
+    vfmig_vm_destroy(vm);
+    printf("vfdrv handshake arcs: 7 acks under a 50 ms deadline in %u..%u us (median %u); one cancel per "
+           "notice; LATE carried by the stop-copy stream, then reset\n", lat[0], lat[6], lat[3]);
+}
+
 int main(int argc, char **argv)
 {
     test_bad_config();
@@ -452,6 +558,7 @@ int main(int argc, char **argv)
         fclose(f);
         test_guest_driver();
         test_guest_handshake();
+        test_guest_handshake_arcs();
     }
     printf("test_simvf: ok\n");
     return 0;
