@@ -12,6 +12,11 @@ cdef extern from "vfmig/guest_abi.h":
     enum:
         VFMIG_PORT_CLOCK_LO
         VFMIG_MMIO_CLOCK
+    enum:
+        VFMIG_ACK_NORMAL
+        VFMIG_ACK_NEVER
+        VFMIG_ACK_LATE
+        VFMIG_ACK_SLOW
 
 cdef extern from "vfmig/device.h":
     enum:
@@ -304,6 +309,7 @@ cdef extern from "vfmig/simvf_abi.h":
         uint64_t resync_skipped
         uint32_t last_vmm_status
         uint32_t quiesced
+        uint64_t reset_discarded
 
 cdef extern from "vfmig/pci.h":
     # A PCI function embeds its vfmig_device first: the device a simvf registers is its function.

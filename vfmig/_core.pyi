@@ -137,6 +137,7 @@ SIMVF_STATE_MIN: int
 SIMVF_STATE_MAX: int
 SIMVF_RATE_MAX: int
 HS_OUTCOMES: tuple[str, ...]
+GUEST_ACKS: dict[str, int]
 MIGCAP_SIZE: int
 MIGCAP_REGS: dict[str, int]
 VMM_STATUS_BITS: dict[str, int]

@@ -629,7 +629,8 @@ cdef class VM:
                 "interrupts": s.interrupts, "bdf": s.bdf, "first_error": s.first_error,
                 "mig_notices": s.mig_notices, "acks": s.acks, "resets": s.resets,
                 "resumed_in_place": s.resumed_in_place, "cancels": s.cancels, "resync_skipped": s.resync_skipped,
-                "last_vmm_status": s.last_vmm_status, "quiesced": s.quiesced}
+                "last_vmm_status": s.last_vmm_status, "quiesced": s.quiesced,
+                "reset_discarded": s.reset_discarded}
 
     def dma_pages_logged(self, str name):
         """Pages the device's DMA dirty log reported since logging last started; None without
@@ -993,6 +994,8 @@ _MIG_STATE_VALUES = {n: i for i, n in enumerate(MIG_STATES)}
 SIMVF_STATE_MIN = VFMIG_SIMVF_STATE_MIN
 SIMVF_STATE_MAX = VFMIG_SIMVF_STATE_MAX
 SIMVF_RATE_MAX = VFMIG_SIMVF_RATE_MAX
+GUEST_ACKS = {"normal": VFMIG_ACK_NORMAL, "never": VFMIG_ACK_NEVER, "late": VFMIG_ACK_LATE,
+              "slow": VFMIG_ACK_SLOW}  # how vfdrv answers the handshake (guest_abi.h enum vfmig_guest_ack)
 HS_OUTCOMES = tuple(vfmig_hs_outcome_name(i).decode() for i in range(VFMIG_HS__COUNT))
 MIGCAP_SIZE = VFMIG_MIGCAP_SIZE
 MIGCAP_REGS = {"ctrl": VFMIG_MIGCAP_CTRL, "irq": VFMIG_MIGCAP_IRQ, "vmm_status": VFMIG_MIGCAP_VMM_STATUS,

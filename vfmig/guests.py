@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from vfmig import _core
 from vfmig.errors import ConfigError
 
 GUESTS = ("dirtier", "idle", "vfdrv")  # vfdrv: simvf's driver plus the dirtier's workload
 DEVICE_GUEST = "vfdrv"  # the guest a VM with a simvf runs unless told otherwise
 PATTERNS = {"sequential": 0, "random": 1, "hotcold": 2}
-# How vfdrv answers a migration notice: enum vfmig_guest_ack in csrc/include/vfmig/guest_abi.h
-# (not exposed by vfmig._core yet; keep the two in step). "slow" is written "slow:US".
-GUEST_ACKS = {"normal": 0, "never": 1, "late": 2, "slow": 3}
+# How vfdrv answers a migration notice (enum vfmig_guest_ack in guest_abi.h). "slow" is written "slow:US".
+GUEST_ACKS = _core.GUEST_ACKS
 ACK_DELAY_MAX_US = 10_000_000
 
 PAGE_SIZE = 4096
