@@ -104,6 +104,8 @@ struct vfdrv_priv {
     uint64_t ack_delay_ns, ack_due_ns;
     uint64_t mig_repeats;          /* migration interrupts that found a status already handled */
     uint64_t mig_spurious;         /* ... that found nothing to do (no notice outstanding, no MIGRATED) */
+    uint32_t last_loads;           /* VFMIG_MIGCAP_LOADS when the last post-load was handled */
+    uint32_t loads_seen;           /* last_loads is valid */
     uint64_t acks_dropped;         /* delayed acks not sent: the status had moved on when they fell due */
     uint64_t tx_held_back;         /* TX packets not sent because the driver was quiesced */
     uint64_t tx_discarded;         /* posted TX descriptors a reset threw away unprocessed */
@@ -447,7 +449,6 @@ static void mig_event(uint32_t status)
 {
     volatile struct vfdrv_priv *p = priv();
     volatile struct simvf_guest_stats *gs = gstats();
-    uint32_t prev = gs->last_vmm_status;
     gs->last_vmm_status = status;
     if ((status & VFMIG_VMM_MIGRATING) && !(status & VFMIG_VMM_MIGRATED)) {
         /* A stop is coming. */
@@ -479,11 +480,15 @@ static void mig_event(uint32_t status)
     }
     if (status & VFMIG_VMM_MIGRATED) {
         /* The post-load interrupt on the destination. One already handled (an interrupt the
-         * source left pending lands too) is not acted on twice. */
-        if (p->mig_phase == VFDRV_MIG_IDLE && status == prev) {
+         * source left pending lands too) is not acted on twice; the VMM counts its loads, so a
+         * second move with the same status is still a new one. */
+        uint32_t loads = pci_read8(gs->bdf, p->migcap + VFMIG_MIGCAP_LOADS);
+        if (p->loads_seen && loads == p->last_loads) {
             p->mig_repeats = p->mig_repeats + 1;
             return;
         }
+        p->last_loads = loads;
+        p->loads_seen = 1;
         if (status & VFMIG_VMM_RESET_REQUIRED) {
             mig_reset();
             gs->resets = gs->resets + 1;

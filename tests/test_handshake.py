@@ -287,7 +287,9 @@ def test_late_ack_is_a_timeout_then_late_and_confuses_nothing(monkeypatch: pytes
     def prestop_then_wait_for_the_ack(self: source.Migration) -> None:
         real(self)
         hook.append(self.vm.core.handshake_state(VF))
-        wait_until(lambda: _driver(self.vm)["acks"] >= 1, "the late ack")
+        # The VMM's register, not the driver's counter: the driver counts an ack before its
+        # config write lands, and a stop in between would see none.
+        wait_until(lambda: self.vm.core.handshake_state(VF)["dev_status"] & _core.DEV_ACK, "the late ack")
 
     monkeypatch.setattr(source.Migration, "_prestop", prestop_then_wait_for_the_ack)
     loaded: list[dict[str, Any]] = []
@@ -481,3 +483,23 @@ def test_failed_migration_after_the_handshake_tells_the_source_driver(
         assert st["acks"] == 1 and st["quiesced"] == 0, st
         _packets_flow(vm)
         assert vm.core.handshake_state(VF)["vmm_status"] == 0
+
+
+@needs_kvm
+def test_a_second_move_is_a_new_post_load_notice() -> None:
+    """Two hops in a row without a handshake (deadline 0): each destination sets the same VMM
+    status (migrated, reset required), and the driver must still take the second as new (the
+    VMM counts its loads in the capability) and reset again, its oracle holding."""
+    with _hs_vm() as vm:
+        _started(vm)
+        _, inc1 = _migrate(vm, deadline_ms=0)
+    with inc1.vm:
+        wait_until(lambda: _driver(inc1.vm)["resets"] >= 1, "the first destination's driver to reset")
+        _packets_flow(inc1.vm)
+        report, inc2 = _migrate(inc1.vm, deadline_ms=0)
+    assert report.handshake is not None and report.handshake.reset_required is True, report.handshake
+    with inc2.vm:
+        wait_until(lambda: _driver(inc2.vm)["resets"] >= 2, "the second destination's driver to reset again")
+        _packets_flow(inc2.vm)
+        st = _oracle_holds(inc2.vm)
+        assert st["resets"] == 2 and st["resumed_in_place"] == 0, st

@@ -608,6 +608,18 @@ static uint32_t hs_latency_us(uint64_t from, uint64_t to)
     return us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
 }
 
+/* Takes m, but gives up at deadline_ns (CLOCK_MONOTONIC). Polls with trylock: portable to every
+ * sanitizer build, and the wait is short. 1 if taken. */
+static int lock_until(pthread_mutex_t *m, uint64_t deadline_ns)
+{
+    while (pthread_mutex_trylock(m) != 0) {
+        if (vfmig_now_ns() >= deadline_ns)
+            return 0;
+        nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
+    }
+    return 1;
+}
+
 int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct vfmig_prestop_result *out)
 {
     uint64_t t0 = vfmig_now_ns();
@@ -615,7 +627,16 @@ int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct v
     if (!f->migcap) /* migration=off: no register to tell the guest with; the outcome stays NONE */
         return 0;
     uint32_t o = f->migcap;
-    pthread_mutex_lock(&f->config_lock);
+    /* Arming needs config_lock, which a guest writing config space in a loop can keep busy (a
+     * BAR or decode change holds it across KVM ioctls): take it only until the deadline. Not
+     * armed by then: no notice went out, the guest is treated as not quiesced. */
+    if (!lock_until(&f->config_lock, deadline_ns)) {
+        atomic_store(&f->hs.outcome, VFMIG_HS_DISABLED);
+        atomic_store(&f->hs.latency_us, 0);
+        out->end_ns = vfmig_now_ns();
+        return 0;
+    }
+    t0 = vfmig_now_ns();
     /* Without MSI-X there is no vector to raise; a deadline already past leaves no time to
      * answer. Either way no notice goes out, so nothing needs undoing later. */
     if (!(cfg_get(f, o + VFMIG_MIGCAP_CTRL) & VFMIG_MIGCAP_ENABLE) || !f->msix_nvec || t0 >= deadline_ns) {
@@ -723,6 +744,7 @@ void vfmig_pci_handshake_loaded(struct vfmig_pci_func *f)
         uint8_t st = VFMIG_VMM_MIGRATED | (f->hs.outcome == VFMIG_HS_ACKED ? 0 : VFMIG_VMM_RESET_REQUIRED);
         cfg_set(f, o + VFMIG_MIGCAP_VMM_STATUS, st);
         cfg_set(f, o + VFMIG_MIGCAP_DEV_STATUS, 0);
+        cfg_set(f, o + VFMIG_MIGCAP_LOADS, (uint8_t)(cfg_get(f, o + VFMIG_MIGCAP_LOADS) + 1));
         f->hs.post_load = 1;
     }
     pthread_mutex_unlock(&f->config_lock);
@@ -1068,8 +1090,8 @@ int vfmig_pci_check(const struct vfmig_pci_func *f, const uint8_t *buf, size_t l
     const uint8_t *c = buf + STATE_HEADER;
     for (uint32_t o = 0; o < VFMIG_PCI_CONFIG_SIZE; o++) {
         uint8_t fixed = (uint8_t)~(f->wmask[o] | f->w1cmask[o]);
-        if (f->migcap && o == f->migcap + VFMIG_MIGCAP_VMM_STATUS)
-            fixed = 0; /* the VMM's register: state, not identity */
+        if (f->migcap && (o == f->migcap + VFMIG_MIGCAP_VMM_STATUS || o == f->migcap + VFMIG_MIGCAP_LOADS))
+            fixed = 0; /* the VMM's registers: state, not identity */
         if (!((c[o] ^ cfg_get(f, o)) & fixed))
             continue;
         uint32_t start, flen;

@@ -663,6 +663,14 @@ static int simvf_prestop(void *dev, uint64_t deadline_ns, struct vfmig_prestop_r
     if (st != VFMIG_MIG_RUNNING && st != VFMIG_MIG_PRE_COPY) {
         uint64_t t = vfmig_now_ns();
         *out = (struct vfmig_prestop_result){.outcome = VFMIG_HS_DISABLED, .start_ns = t, .end_ns = t};
+        /* Nobody runs to answer. What the state carries must not claim more than is true: an
+         * ack of this VM's own standing notice still holds (the driver stays quiesced), but an
+         * outcome loaded with the state, or from a notice since withdrawn, would tell the
+         * destination that a driver quiesced which was never asked. */
+        if (!(s->pci.hs.notified && atomic_load(&s->pci.hs.outcome) == VFMIG_HS_ACKED)) {
+            atomic_store(&s->pci.hs.outcome, VFMIG_HS_DISABLED);
+            atomic_store(&s->pci.hs.latency_us, 0);
+        }
         return 0;
     }
     return vfmig_pci_handshake(&s->pci, deadline_ns, out);

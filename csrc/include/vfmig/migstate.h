@@ -72,7 +72,8 @@ struct vfmig_mig_ops {
      * waits. Never fails the migration: an error here is reported, and the migration goes on. */
     int (*prestop)(void *dev, uint64_t deadline_ns, struct vfmig_prestop_result *out, struct vfmig_err *err);
     /* Optional. The migration failed after prestop ran and the source VM runs on: tell the
-     * guest (the driver resumes its queues). Migration thread, no lock held. */
+     * guest (the driver resumes its queues). Migration thread, m->lock held (it serialises the
+     * device's migration hooks; no vCPU, interrupt or device path takes it). */
     void (*prestop_abort)(void *dev);
 };
 

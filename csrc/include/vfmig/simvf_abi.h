@@ -108,6 +108,10 @@ static inline uint32_t simvf_csum(const volatile uint32_t *w, uint32_t nwords, u
 #define VFMIG_MIGCAP_IRQ          0x09u /* RW u8: the MSI-X vector for migration notices */
 #define VFMIG_MIGCAP_VMM_STATUS   0x0Au /* RO u8 to the guest: VFMIG_VMM_* set by the VMM */
 #define VFMIG_MIGCAP_DEV_STATUS   0x0Bu /* RW u8: VFMIG_DEV_* written by the driver */
+#define VFMIG_MIGCAP_LOADS        0x0Cu /* RO u8: how many times a VMM loaded this function's state
+                                         * (mod 256). A new value is a new post-load notice, so a
+                                         * driver that moves twice with the same VMM status still
+                                         * sees the second one. */
 #define VFMIG_MIGCAP_SIGNATURE    0x4749464Du /* "MFIG" */
 #define VFMIG_MIGCAP_ENABLE       0x01u
 #define VFMIG_VMM_MIGRATING       0x01u /* migration is about to stop the VM */
