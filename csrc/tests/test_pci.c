@@ -1224,6 +1224,72 @@ static void test_hs_no_lock(void)
            (double)c.write_ns / 1e6);
 }
 
+/* A guest flipping the command register's memory bit in a loop (each flip moves a doorbell's
+ * ioeventfd, a KVM ioctl under config_lock) from before the arming: the handshake still returns
+ * by its deadline (it takes config_lock only until then; it used to wait for it without bound,
+ * 2.4 s past a 20 ms deadline with two such threads). */
+struct storm {
+    struct hs_env *e;
+    _Atomic int stop;
+    long flips;
+};
+
+static void *storm_run(void *arg)
+{
+    struct storm *st = arg;
+    uint32_t cmd = cfg_rd(st->e->vm, 0, 0x04, 2);
+    while (!atomic_load(&st->stop)) {
+        cmd ^= 0x2;
+        cfg_wr(st->e->vm, 0, 0x04, cmd, 2);
+        st->flips++;
+    }
+    cfg_wr(st->e->vm, 0, 0x04, cmd | 0x2, 2);
+    return NULL;
+}
+
+static void test_hs_config_storm(void)
+{
+    struct hs_env e = hs_env(1, 0);
+    struct vfmig_pci_func *f = &e.t->f;
+    struct storm st[2] = {{.e = &e}, {.e = &e}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[i], NULL, storm_run, &st[i]) == 0);
+    uint64_t worst = 0;
+    for (int k = 0; k < 20; k++) {
+        struct vfmig_prestop_result r;
+        uint64_t deadline = vfmig_now_ns() + 20 * MS;
+        CHECK(vfmig_pci_handshake(f, deadline, &r) == 0);
+        uint64_t back = vfmig_now_ns(), over = back > deadline ? back - deadline : 0;
+        worst = over > worst ? over : worst;
+        CHECK(r.outcome == VFMIG_HS_TIMEOUT || r.outcome == VFMIG_HS_DISABLED); /* nobody acks */
+        vfmig_pci_handshake_stopped(f);
+        vfmig_pci_handshake_abort(f);
+        lapic_clear_irr(&e.vm->vcpus[0]);
+    }
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&st[i].stop, 1);
+        CHECK(pthread_join(th[i], NULL) == 0);
+    }
+    /* A bound, not the 2 ms of a quiet host: two threads keep both cores busy here. */
+    CHECK(worst < 20 * MS);
+    /* The deterministic form: config_lock held well past the deadline (as by a config write
+     * stuck in a slow ioctl). The handshake gives up at the deadline without a notice. */
+    pthread_mutex_lock(&f->config_lock);
+    struct hs_mig m = {.f = f, .deadline = vfmig_now_ns() + 20 * MS};
+    pthread_t mt;
+    CHECK(pthread_create(&mt, NULL, hs_mig_run, &m) == 0);
+    for (int i = 0; i < 200 && !atomic_load(&m.done); i++)
+        usleep(1000);
+    int done_while_held = atomic_load(&m.done);
+    pthread_mutex_unlock(&f->config_lock);
+    CHECK(pthread_join(mt, NULL) == 0);
+    CHECK(done_while_held && m.out.outcome == VFMIG_HS_DISABLED && !lapic_irr(&e.vm->vcpus[0], HS_LAPIC));
+    vfmig_vm_destroy(e.vm);
+    printf("test_hs_config_storm: ok (%ld + %ld flips; worst return %.3f ms past a 20 ms deadline)\n", st[0].flips,
+           st[1].flips, (double)worst / 1e6);
+}
+
 /* Abort: MIGRATING cleared and the vector raised once per notice; the ack no longer counts. */
 static void test_hs_abort(void)
 {
@@ -1374,6 +1440,7 @@ int main(void)
     test_hs_spam();
     test_hs_garbage();
     test_hs_no_lock();
+    test_hs_config_storm();
     test_hs_abort();
     test_hs_state();
     printf("handshake timing: %d timed waits, %d overran %.0f ms (retried; largest %.3f ms), largest overrun "
