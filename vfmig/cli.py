@@ -224,6 +224,11 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         help="how long the guest's VF driver may take to quiesce before the stop (default 50; 0: don't ask it, "
         "its driver on the destination then resets the device)",
     )
+    p.add_argument(
+        "--probes",
+        action="store_true",
+        help="watch both sides with BPF probes (downtime, interrupt and handshake latency as the kernel saw them)",
+    )
 
 
 def migration_options(args: argparse.Namespace) -> Any:
@@ -241,6 +246,7 @@ def migration_options(args: argparse.Namespace) -> Any:
         bandwidth=parse_rate(args.bandwidth),
         verify=args.verify,
         psk_file=args.psk_file,
+        probes=args.probes,
         policy=Policy(
             max_downtime_ms=args.max_downtime,
             max_iterations=args.max_iterations,
@@ -596,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
     demo.set_defaults(func=cmd_demo)
 
+    from vfmig.observe import watch
+
+    watch.add_parser(sub)
     return p
 
 

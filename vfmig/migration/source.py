@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vfmig import _core
 from vfmig.auth import Authenticator, read_key
@@ -51,6 +51,9 @@ from vfmig.migration.wire import (
 )
 from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, HandshakeReport, Iteration, Report
 from vfmig.vm import MicroVM, check_pause_timeout
+
+if TYPE_CHECKING:
+    from vfmig.observe.probes import ProbeSession
 
 VERSION = _core.STREAM_VERSION
 # The devices' pre-stop hooks (the guest handshake) run just before the stop, with the vCPUs
@@ -80,6 +83,7 @@ class MigrationOptions:
     pause_timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT  # a vCPU stuck in a device must not stall the stop
     psk_file: str | None = None  # pre-shared key the destination asks for (vfmig receive --psk-file)
     handshake_deadline_ms: int = PRESTOP_DEADLINE_MS  # the guest handshake before the stop; 0: don't ask
+    probes: bool = False  # watch both sides with the kernel probes; the report gains `probes`
 
     def authenticator(self) -> Authenticator:
         return Authenticator(read_key(self.psk_file) if self.psk_file else None)
@@ -146,8 +150,15 @@ class Migration:
     """One outgoing migration of a running MicroVM. run() returns the Report or raises."""
 
     def __init__(
-        self, vm: MicroVM, to: str, options: MigrationOptions | None = None, progress: Progress | None = None
+        self,
+        vm: MicroVM,
+        to: str,
+        options: MigrationOptions | None = None,
+        progress: Progress | None = None,
+        probes: ProbeSession | None = None,
     ) -> None:
+        """`probes`: an attached session to reuse (its owner closes it); otherwise
+        options.probes attaches one for this migration alone."""
         self.vm = vm
         self.to = to
         self.opts = options or MigrationOptions()
@@ -162,6 +173,9 @@ class Migration:
         self._devices: list[_Device] = []  # the VM's devices with a migration state machine
         self._reset_devices: list[str] = []  # devices the abort had to reset out of ERROR
         self.report = Report(status="running")
+        self._probes = probes
+        self._own_probes = False
+        self._dst_pid: int | None = None
 
     def cancel(self) -> None:
         """Any thread: stop at the next record or phase boundary; the source keeps running."""
@@ -180,10 +194,12 @@ class Migration:
         r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, GuestReport(cfg.guest), cfg.tracker
         r.channels, r.max_downtime_ms = self.opts.channels, self.opts.policy.max_downtime_ms
         r.bandwidth_limit_Bps = self.opts.bandwidth
+        self._attach_probes()  # compiling them is not part of the migration's time
         t0 = time.monotonic_ns()
         try:
             self._setup(host, port)
             r.setup_ms = (time.monotonic_ns() - t0) / 1e6
+            self._watch_peer()
             with self._watch_destination():
                 self._precopy(t0)
                 self._stop_and_copy()
@@ -203,6 +219,7 @@ class Migration:
                 r.error = f"{r.error}; {IN_DOUBT}"
             if not_resumed:
                 r.error = f"{r.error}; {not_resumed}"
+            self._detach_probes()
             raise (CommitError if committed else MigrationError)(r.error) from e
         # The guest runs on the destination now: nothing below can fail the migration.
         r.status = "completed"
@@ -215,7 +232,55 @@ class Migration:
             r.verification.method += f" (incomplete: {e})"
         finally:
             self._close()
+            self._detach_probes()
         return r
+
+    # kernel probes (outside the migration's timings) -----------------------------------------------
+    def _attach_probes(self) -> None:
+        if self._probes is None and self.opts.probes:
+            from vfmig.observe.probes import ProbeSession
+
+            self._probes, self._own_probes = ProbeSession(), True
+            self._probes.start([os.getpid()])
+        elif self._probes is not None:
+            self._probes.watch(os.getpid())
+            self._probes.reset()
+
+    def _watch_peer(self) -> None:
+        """The destination's process, when it is on this host: the probes watch it too."""
+        if self._probes is None or self._ctrl is None:
+            return
+        from vfmig.observe.peer import local_peer_pid
+
+        self._dst_pid = local_peer_pid(self._ctrl.sock)
+        if self._dst_pid is not None:
+            self._probes.watch(self._dst_pid)
+
+    def _detach_probes(self) -> None:
+        """Once the destination ran (or the migration ended): what the kernel saw, into the report."""
+        if self._probes is None:
+            return
+        from vfmig.observe.runs import Side
+        from vfmig.report.probes import ProbeReport
+
+        dst = None
+        try:
+            src_tids = frozenset(self.vm.core.vcpu_tids())
+            src = Side(os.getpid(), tids=src_tids)
+            dst = None if self._dst_pid is None else Side(self._dst_pid, exclude=src_tids)
+            rep = self._probes.collect(src, dst)
+        except Exception as e:  # noqa: BLE001 - a probe failure never fails a migration
+            rep = ProbeReport(backend=self._probes.backend, error=f"reading the probes failed: {_describe(e)}")
+        try:
+            if dst is None and rep.error is None:
+                rep.unavailable.append(
+                    {"event": "destination", "reason": "not a process on this host: run `vfmig probe` there"}
+                )
+            self.report.probes = rep
+        finally:
+            if self._own_probes:
+                self._probes.close()
+            self._probes = None
 
     # phases ------------------------------------------------------------------------------------
     def _setup(self, host: str, port: int) -> None:

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vfmig.report.probes import ProbeReport
 from vfmig.units import human_bytes
 
 # Checkpoint names follow QEMU's (README, Measurement). The guest handshake comes before the
@@ -175,6 +176,7 @@ class Report:
     devices: list[DeviceReport] = field(default_factory=list)
     handshake: HandshakeReport | None = None  # None: no device with a pre-stop hook
     destination: dict[str, Any] = field(default_factory=dict)
+    probes: ProbeReport | None = None  # what the kernel saw (MigrationOptions.probes)
 
     def checkpoint(self, name: str) -> int | None:
         for c in self.checkpoints:
@@ -205,12 +207,23 @@ class Report:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Report:
-        nested = ("iterations", "checkpoints", "downtime_breakdown", "verification", "guest", "devices", "handshake")
+        nested = (
+            "iterations",
+            "checkpoints",
+            "downtime_breakdown",
+            "verification",
+            "guest",
+            "devices",
+            "handshake",
+            "probes",
+        )
         r = cls(**{k: v for k, v in doc.items() if k not in nested})
         r.guest = GuestReport.from_doc(doc.get("guest"))
         r.devices = [DeviceReport(**d) for d in doc.get("devices", [])]
         hs = doc.get("handshake")
         r.handshake = HandshakeReport(**hs) if isinstance(hs, dict) else None  # None also in older reports
+        pr = doc.get("probes")
+        r.probes = ProbeReport.from_dict(pr) if isinstance(pr, dict) else None
         r.iterations = [Iteration(**i) for i in doc.get("iterations", [])]
         r.checkpoints = [Checkpoint(**c) for c in doc.get("checkpoints", [])]
         r.downtime_breakdown = DowntimeBreakdown(**doc.get("downtime_breakdown", {}))
@@ -227,7 +240,7 @@ class Report:
             f"tracker {self.tracker}, {self.channels} channel(s)"
         )
         if self.status != "completed":
-            return "\n".join(lines)
+            return "\n".join(lines + ["  " + ln for ln in (self.probes.summary_lines() if self.probes else [])])
         lines += [
             f"  total         {self.total_time_ms:.1f} ms (setup {self.setup_ms:.1f} ms), stop: {self.stop_reason}",
             f"  downtime      {self.downtime_ms:.2f} ms (limit {self.max_downtime_ms:g} ms)"
@@ -274,4 +287,6 @@ class Report:
                 f"  destination   guest counter {d['touches_at_resume']:,} -> {d['touches_after']:,} "
                 f"after {d['ran_s']:.1f} s; wrap edges per vCPU {d['wrap_edges']}"
             )
+        if self.probes is not None:
+            lines += ["  " + ln for ln in self.probes.summary_lines()]
         return "\n".join(lines)

@@ -1,0 +1,174 @@
+/* Downtime as the kernel sees it: when each vCPU thread of a watched VMM runs guest code.
+ *
+ * Three sources, kept apart so the loader can use the best one that fired:
+ *   KVM_ENTRY  kvm:kvm_entry / kvm:kvm_exit (each VM entry; some KVMs never fire them);
+ *   KVM_RUN    raw_syscalls enter/exit of ioctl(KVM_RUN) on the thread;
+ *   UEXIT      kvm:kvm_userspace_exit (returns only: a first entry is bounded by the first exit).
+ * Per thread: first and last entry, first and last exit, the longest out-of-guest gap; per
+ * process a log2 histogram of gaps (µs). USDT vfmig:checkpoint calls are kept as exact records.
+ * Each record is written only by its own thread, so no locks are needed. */
+#include "probes.h"
+
+enum { SRC_KVM_ENTRY = 0, SRC_KVM_RUN = 1, SRC_UEXIT = 2, N_RUN_SOURCES = 3 };
+
+struct run_key {
+    u32 tid;
+    u32 source;
+};
+
+struct run_rec {
+    u64 first_entry, last_entry, first_exit, last_exit;
+    u64 runs, max_gap_ns, max_gap_end;
+    u32 tgid, in_run;
+    char comm[16];
+};
+
+struct gap_key {
+    u32 tgid;
+    u32 source;
+    u64 slot;
+};
+
+BPF_HASH(runs, struct run_key, struct run_rec, 8192);
+BPF_HISTOGRAM(gap_hist, struct gap_key, 2048);
+BPF_ARRAY(run_fired, u64, N_RUN_SOURCES);
+
+static __always_inline struct run_rec *run_rec(u32 source, u32 *tgid_out)
+{
+    u32 flags = 0;
+    u32 tgid = watched_tgid(&flags);
+    if (!tgid)
+        return 0;
+    struct run_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .source = source};
+    struct run_rec zero = {};
+    struct run_rec *r = runs.lookup_or_try_init(&k, &zero);
+    if (r && !r->tgid) {
+        r->tgid = tgid;
+        bpf_get_current_comm(&r->comm, sizeof(r->comm));
+    }
+    *tgid_out = tgid;
+    return r;
+}
+
+static __always_inline void guest_entry(u32 source)
+{
+    u32 tgid = 0;
+    struct run_rec *r = run_rec(source, &tgid);
+    if (!r)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    if (!r->first_entry)
+        r->first_entry = now;
+    if (r->last_exit && now > r->last_exit) {
+        u64 gap = now - r->last_exit;
+        if (gap > r->max_gap_ns) {
+            r->max_gap_ns = gap;
+            r->max_gap_end = now;
+        }
+        struct gap_key gk = {.tgid = tgid, .source = source, .slot = bpf_log2l(gap / 1000)};
+        gap_hist.increment(gk);
+    }
+    r->last_entry = now;
+    r->runs++;
+    r->in_run = 1;
+    run_fired.increment(source);
+}
+
+static __always_inline void guest_exit(u32 source)
+{
+    u32 tgid = 0;
+    struct run_rec *r = run_rec(source, &tgid);
+    if (!r)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    if (!r->first_exit)
+        r->first_exit = now;
+    r->last_exit = now;
+    r->in_run = 0;
+    run_fired.increment(source);
+}
+
+#ifdef VFMIG_TP_KVM_ENTRY
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+    guest_entry(SRC_KVM_ENTRY);
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_KVM_EXIT
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    guest_exit(SRC_KVM_ENTRY);
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_SYS_ENTER
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+    if (args->id == VFMIG_NR_IOCTL && (u32)args->args[1] == VFMIG_KVM_RUN)
+        guest_entry(SRC_KVM_RUN);
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_SYS_EXIT
+TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+{
+    if (args->id != VFMIG_NR_IOCTL)
+        return 0;
+    /* Only an ioctl whose enter was KVM_RUN on this thread. */
+    struct run_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .source = SRC_KVM_RUN};
+    struct run_rec *r = runs.lookup(&k);
+    if (r && r->in_run)
+        guest_exit(SRC_KVM_RUN);
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_KVM_USERSPACE_EXIT
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+    guest_exit(SRC_UEXIT);
+    return 0;
+}
+#endif
+
+/* ---- checkpoints: rare, so every one is kept as an exact record, up to CP_SLOTS ---- */
+#define CP_SLOTS 512
+#define CP_NAME 40
+
+struct cp_key {
+    u64 ts;
+    u32 tid, pad;
+};
+
+struct cp_rec {
+    u64 t_user;
+    u32 tgid, pad;
+    char name[CP_NAME];
+};
+
+BPF_HASH(cps, struct cp_key, struct cp_rec, CP_SLOTS);
+BPF_ARRAY(cp_counts, u64, 2); /* [0] seen, [1] not kept (the table was full) */
+
+#ifdef VFMIG_USDT_CHECKPOINT
+int vfmig_on_checkpoint(struct pt_regs *ctx)
+{
+    u32 flags = 0;
+    u32 tgid = watched_tgid(&flags);
+    if (!tgid)
+        return 0;
+    struct cp_key k = {.ts = bpf_ktime_get_ns(), .tid = (u32)bpf_get_current_pid_tgid()};
+    struct cp_rec rec = {.tgid = tgid};
+    u64 name = 0;
+    bpf_usdt_readarg(1, ctx, &name);
+    bpf_usdt_readarg(2, ctx, &rec.t_user);
+    bpf_probe_read_user_str(rec.name, sizeof(rec.name), (void *)name);
+    cp_counts.increment(0);
+    if (cps.insert(&k, &rec))
+        cp_counts.increment(1);
+    return 0;
+}
+#endif
