@@ -5,6 +5,7 @@ the faults a device stream can have. The KVM tests run an in-process destination
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -120,6 +121,7 @@ def test_device_spec_parses_and_travels_in_the_config() -> None:
     spec = parse_device("simvf,state=16M,dma_rate=20000,precopy=off,name=nic1")
     assert spec == DeviceSpec("simvf", "nic1", 16 << 20, 20_000, precopy=False, migration=True)
     assert parse_device("simvf") == DeviceSpec()
+    assert parse_device("simvf,dma_rate=0").dma_rate == 0  # a VF whose wire sends nothing
     cfg = VMConfig(256 << 20, devices=(spec, DeviceSpec()))
     back = VMConfig.from_dict(cfg.to_dict())
     assert back == cfg and back.devices[0] is not spec
@@ -565,3 +567,38 @@ def test_resume_with_a_device_in_error_runs_the_vcpus_and_says_so() -> None:
         with pytest.raises(VfmigError, match="resumed, but a device did not start: .*vf0"):
             vm.resume()
         assert not vm.paused and keeps_running(vm)
+
+
+@needs_kvm
+def test_vcpu_threads_and_msix_counters_for_the_probes() -> None:
+    """What the BPF probes filter and count by: each vCPU thread is this process's task named
+    vcpuN with its tid published once the VM started, and the VF's per-vector MSI-X message
+    counter moves by exactly the one message a raise sends. dma_rate=0: the wire raises nothing
+    on its own, so the RX vector carries only the test's raise."""
+    with MicroVM(memory="128M", vcpus=2, guest="vfdrv", devices=[DeviceSpec(state_bytes=1 << 20, dma_rate=0)]) as vm:
+        assert vm.core.vcpu_tids() == [0, 0]
+        vm.start()
+        tids = vm.core.vcpu_tids()
+        assert len(set(tids)) == 2 and 0 not in tids, tids
+        tasks = os.listdir("/proc/self/task")
+        for i, tid in enumerate(tids):
+            assert str(tid) in tasks, (tid, tasks)
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                assert f.read() == f"vcpu{i}\n"
+
+        # The driver enables MSI-X and unmasks its vectors before it says it runs.
+        wait_until(lambda: (_driver(vm) if vm.vf_driver() else {}).get("state_name") == "running", "the VF driver")
+        rx = _core.SIMVF_VECTORS["rx"]
+        before = vm.core.msix_counts(VF)
+        assert len(before) == len(_core.SIMVF_VECTORS) and before[rx] == 0, before
+        assert vm.core.msix_raise(VF, rx) is True
+        assert vm.core.msix_counts(VF)[rx] == before[rx] + 1
+
+        with pytest.raises(ValueError, match="has no MSI-X vector 4: it has 4"):
+            vm.core.msix_raise(VF, len(before))
+        with pytest.raises(ValueError, match="has no MSI-X vector -1"):
+            vm.core.msix_raise(VF, -1)
+        with pytest.raises(ValueError, match="no device named 'nope'"):
+            vm.core.msix_counts("nope")
+        with pytest.raises(ValueError, match="device 'console' is not a PCI function with MSI-X"):
+            vm.core.msix_counts("console")

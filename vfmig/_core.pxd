@@ -97,6 +97,7 @@ cdef extern from "vfmig/vm.h":
     struct vfmig_vcpu:
         uint32_t id
         uint64_t exits[8]
+        int tid  # _Atomic in C: each read is an atomic load
     struct vfmig_vm:
         int vm_fd
         int mem_fd
@@ -323,10 +324,18 @@ cdef extern from "vfmig/pci.h":
         vfmig_pci_handshake hs
     enum:
         VFMIG_PCI_CONFIG_SIZE
+        VFMIG_PCI_MSIX_MAX
     uint32_t vfmig_pci_config_read(vfmig_pci_func *f, uint32_t off, uint32_t len) nogil
+    int vfmig_pci_msix_notify(vfmig_pci_func *f, uint32_t vec) nogil
+    uint32_t vfmig_pci_msix_counts(const vfmig_pci_func *f, uint64_t *out, uint32_t cap) nogil
     uint8_t vfmig_pci_migcap_reg(vfmig_pci_func *f, uint32_t reg) nogil
 
 cdef extern from "vfmig/simvf_abi.h":
+    enum:
+        SIMVF_VEC_RX
+        SIMVF_VEC_TX
+        SIMVF_VEC_MIGRATION
+        SIMVF_VEC_MISC
     enum:
         VFMIG_PCI_CONFIG_ADDR
         VFMIG_PCI_CONFIG_DATA

@@ -168,6 +168,11 @@ cdef class VM:
                 out[EXIT_KINDS[k]] += vm.vcpus[c].exits[k]
         return out
 
+    def vcpu_tids(self):
+        """Kernel thread id of each vCPU's thread, by index (0 before start), for tracers."""
+        cdef vfmig_vm *vm = self._vm()
+        return [vm.vcpus[c].tid for c in range(vm.nvcpus)]
+
     def console(self):
         cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b"console")
         cdef char buf[65536]
@@ -525,6 +530,43 @@ cdef class VM:
                 rc = host.access(host, NULL, VFMIG_PCI_CONFIG_DATA + (off & 3), data, size, 1)
         if rc < 0:
             raise CoreError(-rc, f"config write to {name!r} at {off:#x} failed")
+
+    # MSI-X of a PCI function (pci.h), for observing and driving interrupts ----------------------
+    cdef vfmig_pci_func *_msix(self, str name) except NULL:
+        """_pci's lookup, with ValueError for a name no device has (not _dev's KeyError) and for
+        a device that is no PCI function with MSI-X."""
+        cdef vfmig_pci_func *f
+        self._vm()  # a closed VM says so, not that the device is missing
+        try:
+            f = self._pci(name)
+        except KeyError:
+            raise ValueError(f"no device named {name!r}") from None
+        except ValueError:
+            raise ValueError(f"device {name!r} is not a PCI function with MSI-X") from None
+        if vfmig_pci_msix_counts(f, NULL, 0) == 0:
+            raise ValueError(f"device {name!r} is not a PCI function with MSI-X")
+        return f
+
+    def msix_counts(self, str name):
+        """Messages each MSI-X vector of the function sent (irqfd writes), by vector."""
+        cdef vfmig_pci_func *f = self._msix(name)
+        cdef uint64_t counts[VFMIG_PCI_MSIX_MAX]
+        cdef uint32_t n = vfmig_pci_msix_counts(f, counts, VFMIG_PCI_MSIX_MAX)
+        return [counts[v] for v in range(n)]
+
+    def msix_raise(self, str name, entry):
+        """Test knob: the device raises MSI-X vector entry, as its own interrupt path does. True
+        if the message was sent now, False if it was left pending (masked, MSI-X off)."""
+        cdef vfmig_pci_func *f = self._msix(name)
+        cdef uint32_t n = vfmig_pci_msix_counts(f, NULL, 0)
+        cdef uint32_t vec
+        cdef int rc
+        if not 0 <= entry < n:  # any int: a huge one is a bad entry too, not an OverflowError
+            raise ValueError(f"device {name!r} has no MSI-X vector {entry}: it has {n} (0..{n - 1})")
+        vec = entry
+        with nogil:
+            rc = vfmig_pci_msix_notify(f, vec)  # takes msix_lock; -EINVAL excluded above
+        return rc == 1
 
     # simvf, the emulated NIC VF (devices.h) ---------------------------------------------------
     def add_simvf(self, str name, uint64_t state_bytes, uint32_t dma_rate, bint precopy=True,
@@ -994,6 +1036,8 @@ _MIG_STATE_VALUES = {n: i for i, n in enumerate(MIG_STATES)}
 SIMVF_STATE_MIN = VFMIG_SIMVF_STATE_MIN
 SIMVF_STATE_MAX = VFMIG_SIMVF_STATE_MAX
 SIMVF_RATE_MAX = VFMIG_SIMVF_RATE_MAX
+SIMVF_VECTORS = {"rx": SIMVF_VEC_RX, "tx": SIMVF_VEC_TX, "migration": SIMVF_VEC_MIGRATION,
+                 "misc": SIMVF_VEC_MISC}  # a simvf's MSI-X vectors by use (simvf_abi.h)
 GUEST_ACKS = {"normal": VFMIG_ACK_NORMAL, "never": VFMIG_ACK_NEVER, "late": VFMIG_ACK_LATE,
               "slow": VFMIG_ACK_SLOW}  # how vfdrv answers the handshake (guest_abi.h enum vfmig_guest_ack)
 HS_OUTCOMES = tuple(vfmig_hs_outcome_name(i).decode() for i in range(VFMIG_HS__COUNT))

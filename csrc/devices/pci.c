@@ -15,6 +15,7 @@
 
 #include "vfmig/irq.h"
 #include "vfmig/pci.h"
+#include "vfmig/usdt.h"
 #include "vfmig/vm.h"
 
 /* Type-0 header (PCI Local Bus 3.0 §6.1). */
@@ -401,11 +402,25 @@ static int msix_vec_deliverable(struct vfmig_pci_func *f, uint32_t v)
            vfmig_irq_route_ready(f->vm->irq, f->gsi[v]);
 }
 
-/* msix_lock held; an eventfd write never blocks (KVM consumes the count at once). */
+/* bus << 8 | dev << 3 | fn, as the probes name a function: bus 0, function 0 (pci.h). Marked
+ * unused: only the probes use it, and they vanish without sys/sdt.h. */
+__attribute__((unused)) static uint32_t func_bdf(const struct vfmig_pci_func *f)
+{
+    return f->devfn;
+}
+
+/* msix_lock held; an eventfd write never blocks (KVM consumes the count at once). Every
+ * message the function sends goes through here, pending ones too, so the probe and the
+ * counter see each one. */
 static int msix_signal(struct vfmig_pci_func *f, uint32_t v)
 {
     uint64_t one = 1;
-    return write(f->irqfd[v], &one, sizeof(one)) == (ssize_t)sizeof(one);
+    VFMIG_USDT(msix_raise, func_bdf(f), v, ((uint64_t)f->msix[v].addr_hi << 32 | f->msix[v].addr_lo),
+               f->msix[v].data);
+    if (write(f->irqfd[v], &one, sizeof(one)) != (ssize_t)sizeof(one))
+        return 0;
+    atomic_fetch_add_explicit(&f->msix_sent[v], 1, memory_order_relaxed);
+    return 1;
 }
 
 /* Sends what became deliverable: unmasked, enabled, and its route in KVM. msix_lock held. */
@@ -508,6 +523,13 @@ int vfmig_pci_msix_notify(struct vfmig_pci_func *f, uint32_t vec)
     return sent;
 }
 
+uint32_t vfmig_pci_msix_counts(const struct vfmig_pci_func *f, uint64_t *out, uint32_t cap)
+{
+    for (uint32_t v = 0; v < f->msix_nvec && v < cap; v++)
+        out[v] = atomic_load_explicit(&f->msix_sent[v], memory_order_relaxed);
+    return f->msix_nvec;
+}
+
 /* ---- config space ---- */
 
 uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t len)
@@ -587,6 +609,7 @@ static void hs_note_ack(struct vfmig_pci_func *f)
     uint64_t none = 0, now = vfmig_now_ns();
     if (!atomic_compare_exchange_strong(&f->hs.acked_ns, &none, now ? now : 1))
         return;
+    VFMIG_USDT(handshake_ack, func_bdf(f));
     uint64_t one = 1;
     if (write(f->hs.ack_fd, &one, sizeof(one)) < 0) {
         /* Cannot fail on a valid eventfd; the waiter reads acked_ns after every wake-up anyway. */
@@ -660,6 +683,7 @@ int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct v
     f->hs.raised_ns = vfmig_now_ns();
     uint32_t vec = cfg_get(f, o + VFMIG_MIGCAP_IRQ); /* < msix_nvec: config_write and check keep it so */
     pthread_mutex_unlock(&f->config_lock);
+    VFMIG_USDT(handshake_raise, func_bdf(f), vec, deadline_ns);
     vfmig_pci_msix_notify(f, vec); /* msix_lock briefly; masked: pending in the PBA, as hardware */
 
     /* No lock held from here: the vCPU that writes the ack takes config_lock, the interrupt
@@ -690,6 +714,7 @@ int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct v
     out->latency_us = in_time ? hs_latency_us(f->hs.raised_ns, acked) : 0;
     atomic_store(&f->hs.latency_us, out->latency_us);
     atomic_store(&f->hs.outcome, out->outcome);
+    VFMIG_USDT(handshake_end, func_bdf(f), out->outcome, (uint64_t)out->latency_us);
     out->end_ns = vfmig_now_ns();
     return 0;
 }
@@ -703,6 +728,7 @@ void vfmig_pci_handshake_stopped(struct vfmig_pci_func *f)
     if (f->hs.outcome == VFMIG_HS_TIMEOUT && acked) {
         f->hs.outcome = VFMIG_HS_LATE;
         f->hs.latency_us = hs_latency_us(f->hs.raised_ns, acked);
+        VFMIG_USDT(handshake_end, func_bdf(f), (uint32_t)VFMIG_HS_LATE, (uint64_t)f->hs.latency_us);
     }
     atomic_store(&f->hs.armed, 0);
     pthread_mutex_unlock(&f->config_lock);

@@ -221,6 +221,7 @@ static void table_update(struct simvf *s, uint64_t now)
 static void *wire_thread(void *arg)
 {
     struct simvf *s = arg;
+    pthread_setname_np(pthread_self(), "simvf-wire"); /* for perf and the BPF probes' thread filters */
     struct pollfd fds[3] = {{.fd = s->tx_db, .events = POLLIN}, {.fd = s->rx_db, .events = POLLIN},
                             {.fd = s->wake, .events = POLLIN}};
     while (!atomic_load(&s->quit)) {

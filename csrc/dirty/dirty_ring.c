@@ -80,6 +80,7 @@ static void *harvester(void *arg)
     struct vfmig_tracker *t = arg;
     struct ring_priv *p = t->priv;
     struct timespec ts = {0, HARVEST_US * 1000L};
+    pthread_setname_np(pthread_self(), "vfmig-harvest"); /* for perf and the BPF probes' thread filters */
     while (!atomic_load(&p->stop)) {
         pthread_mutex_lock(&p->lock);
         int r = harvest(t);

@@ -211,6 +211,9 @@ static void *rx_thread(void *arg)
 {
     struct vfmig_chan_rx *ch = arg;
     struct vfmig_receiver *r = ch->owner;
+    char name[16]; /* "vfmig-rx0".."vfmig-rx15": for perf and the BPF probes' thread filters */
+    snprintf(name, sizeof(name), "vfmig-rx%u", (unsigned)(ch - r->ch));
+    pthread_setname_np(pthread_self(), name);
     int rc = recv_channel(r, (uint32_t)(ch - r->ch));
     ch->rc = rc;
     if (rc < 0) /* one bad channel dooms the migration: stop the others promptly */

@@ -373,8 +373,16 @@ static void msix_program(struct vfmig_vm *vm, uint32_t vec, uint32_t lapic_vec, 
 
 static uint64_t pba(struct vfmig_vm *vm) { return mm_rd(vm, BAR1_AT + 0x1000, 8); }
 
+/* Whether the per-vector message counters read c0..c3 (vfmig_pci_msix_counts). */
+static int sent_are(struct vfmig_pci_func *f, uint64_t c0, uint64_t c1, uint64_t c2, uint64_t c3)
+{
+    uint64_t c[NVEC] = {99, 99, 99, 99};
+    return vfmig_pci_msix_counts(f, c, NVEC) == NVEC && c[0] == c0 && c[1] == c1 && c[2] == c2 && c[3] == c3;
+}
+
 /* Masking leaves a notification pending in the PBA; unmasking (vector or function) sends it
- * through the MSI route into the LAPIC. */
+ * through the MSI route into the LAPIC. The message counters count what was sent: a raise
+ * left pending only once it goes out. */
 static void test_msix(struct vfmig_vm *vm, struct tdev *t)
 {
     struct vfmig_pci_func *f = &t->f;
@@ -386,33 +394,42 @@ static void test_msix(struct vfmig_vm *vm, struct tdev *t)
     mm_wr(vm, BAR1_AT + 12, ONES32, 4);     /* only the mask bit exists */
     CHECK(mm_rd(vm, BAR1_AT + 12, 4) == 1);
     CHECK(mm_rd(vm, BAR1_AT + 16 * NVEC, 4) == 0); /* reserved space after the table */
+    CHECK(sent_are(f, 0, 0, 0, 0));
 
     msix_program(vm, 0, 0x41, 0);
     CHECK(mm_rd(vm, BAR1_AT + 8, 4) == 0x41 && mm_rd(vm, BAR1_AT + 12, 4) == 0);
     CHECK(vfmig_irq_route_ready(vm->irq, f->gsi[0]));
     CHECK(vfmig_pci_msix_notify(f, 0) == 0); /* MSI-X off: pending */
-    CHECK(pba(vm) == 1);
+    CHECK(pba(vm) == 1 && sent_are(f, 0, 0, 0, 0));
     cfg_wr(vm, 0, x + 2, 0xC000, 2); /* enabled, function masked */
     CHECK(pba(vm) == 1 && vfmig_pci_msix_notify(f, 0) == 0);
+    CHECK(sent_are(f, 0, 0, 0, 0)); /* two raises, one pending bit, nothing sent */
     CHECK(!(lapic_reg(&vm->vcpus[0], 0x200 + 0x41 / 32 * 0x10) >> (0x41 % 32) & 1));
     cfg_wr(vm, 0, x + 2, 0x8000, 2); /* function unmasked: the pending one goes */
     CHECK(pba(vm) == 0);
     CHECK(lapic_irr(&vm->vcpus[0], 0x41));
-    CHECK(vfmig_pci_msix_notify(f, 0) == 1);
+    CHECK(sent_are(f, 1, 0, 0, 0)); /* one message for the pending bit */
+    CHECK(vfmig_pci_msix_notify(f, 0) == 1 && sent_are(f, 2, 0, 0, 0));
 
     msix_program(vm, 1, 0x42, 1); /* programmed while masked: no route yet */
     CHECK(!vfmig_irq_route_ready(vm->irq, f->gsi[1]));
     CHECK(vfmig_pci_msix_notify(f, 1) == 0 && pba(vm) == 2);
+    CHECK(sent_are(f, 2, 0, 0, 0)); /* a masked vector's raise counts only once delivered */
     mm_wr(vm, BAR1_AT + 0x1000, ONES32, 4); /* the PBA is read-only */
     CHECK(pba(vm) == 2);
     mm_wr(vm, BAR1_AT + 16 + 12, 0, 4);     /* unmask: route, then delivery */
     CHECK(vfmig_irq_route_ready(vm->irq, f->gsi[1]));
     CHECK(pba(vm) == 0 && lapic_irr(&vm->vcpus[0], 0x42));
+    CHECK(sent_are(f, 2, 1, 0, 0));
 
     mm_wr(vm, BAR1_AT + 16 + 8, 0x43, 4); /* new data while unmasked: the route follows */
     CHECK(vfmig_pci_msix_notify(f, 1) == 1 && lapic_irr(&vm->vcpus[0], 0x43));
     CHECK(vfmig_pci_msix_notify(f, NVEC) == -EINVAL);
     CHECK(vfmig_pci_msix_notify(f, 99) == -EINVAL);
+    CHECK(sent_are(f, 2, 2, 0, 0));
+    uint64_t one[1] = {99};
+    CHECK(vfmig_pci_msix_counts(f, one, 1) == NVEC && one[0] == 2); /* out holds only cap */
+    CHECK(vfmig_pci_msix_counts(f, NULL, 0) == NVEC);
     printf("test_msix: ok\n");
 }
 
@@ -485,6 +502,7 @@ static void test_state_roundtrip(struct vfmig_vm *a, struct tdev *ta, uint8_t *b
 {
     struct vfmig_err err = {{0}};
     CHECK(vfmig_pci_msix_notify(&ta->f, 3) == 0); /* vector 3 still masked: pending */
+    CHECK(sent_are(&ta->f, 2, 2, 0, 0));             /* and not counted */
     msix_program(a, 2, 0x44, 1);
     size_t size = vfmig_pci_state_size(&ta->f);
     CHECK(size == HDR + 4096 + 16 * NVEC + 8);
@@ -653,8 +671,9 @@ static void *notify_loop(void *arg)
 }
 
 /* A device thread raising a vector while the guest masks, unmasks and re-routes it: every
- * notification is sent or left pending, nothing stays pending once all is unmasked, and (under
- * TSan) no data race. */
+ * notification is sent or left pending, nothing stays pending once all is unmasked, the
+ * message counter (read meanwhile, lock-free) counts each direct send and at most one message
+ * per raise left pending, and (under TSan) no data race. */
 static void test_concurrency(void)
 {
     struct vfmig_vm *vm = make_vm();
@@ -674,12 +693,17 @@ static void test_concurrency(void)
         mm_wr(vm, BAR1_AT + 12, i % 2, 4);                     /* vector mask on every other */
         mm_wr(vm, BAR1_AT + 8, 0x50 + i % 8, 4);               /* re-route while unmasked */
         cfg_wr(vm, 0, 0x04, i % 2 ? 0x0002 : 0x0006, 2);       /* bus master flips */
+        uint64_t c[NVEC];
+        CHECK(vfmig_pci_msix_counts(&t->f, c, NVEC) == NVEC && c[1] == 0);
     }
     atomic_store(&r.stop, 1);
     CHECK(pthread_join(th, NULL) == 0);
     cfg_wr(vm, 0, x + 2, 0x8000, 2);
     mm_wr(vm, BAR1_AT + 12, 0, 4);
     CHECK(r.bad == 0 && r.sent > 0 && r.pending > 0 && pba(vm) == 0);
+    uint64_t c[NVEC];
+    vfmig_pci_msix_counts(&t->f, c, NVEC);
+    CHECK(c[0] > (uint64_t)r.sent && c[0] <= (uint64_t)r.sent + (uint64_t)r.pending); /* pending bits went out */
     vfmig_vm_destroy(vm);
     printf("test_concurrency: ok (%d sent, %d left pending)\n", atomic_load(&r.sent), atomic_load(&r.pending));
 }
@@ -705,6 +729,7 @@ static void test_builder(void)
     CHECK_FAILS(vfmig_pci_add_msix(f, 4, 0, 0, 0x1000, &err), err, "does not fit");
     CHECK_FAILS(vfmig_pci_add_msix(f, 4, 0, 0, 0x30, &err), err, "overlap");
     CHECK_FAILS(vfmig_pci_add_doorbell(f, 0, 0, 0, &err), err, "with a handler");
+    CHECK(vfmig_pci_msix_counts(f, NULL, 0) == 0); /* no MSI-X yet: no counters */
     CHECK(vfmig_pci_add_msix(f, 32, 0, 0, 0x800, &err) == 0);
     CHECK_FAILS(vfmig_pci_add_msix(f, 1, 0, 0, 0x800, &err), err, "already has MSI-X");
     CHECK(vfmig_pci_add_migcap(f, &err) == 0);

@@ -170,9 +170,23 @@ static int handle_exit(struct vfmig_vcpu *cpu)
     }
 }
 
+/* Names the thread "vcpuN" and publishes its tid; vfmig_vm_start waits for the tid. vCPU
+ * thread, as it starts; takes vm->lock briefly. Naming cannot fail with a name this short. */
+static void vcpu_announce(struct vfmig_vcpu *cpu)
+{
+    char name[16];
+    snprintf(name, sizeof(name), "vcpu%u", cpu->id);
+    pthread_setname_np(pthread_self(), name);
+    pthread_mutex_lock(&cpu->vm->lock);
+    atomic_store(&cpu->tid, (int)gettid());
+    pthread_cond_broadcast(&cpu->vm->cond);
+    pthread_mutex_unlock(&cpu->vm->lock);
+}
+
 static void *vcpu_thread(void *arg)
 {
     struct vfmig_vcpu *cpu = arg;
+    vcpu_announce(cpu);
     sigset_t only_kick;
     sigfillset(&only_kick);
     sigdelset(&only_kick, KICK_SIGNAL);
@@ -202,6 +216,7 @@ static void *vcpu_thread(void *arg)
 static void *throttle_thread(void *arg)
 {
     struct vfmig_vm *vm = arg;
+    pthread_setname_np(pthread_self(), "vfmig-throttle");
     /* Tick at a quarter slice, so a vCPU overruns its slice by at most that much. */
     struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)(THROTTLE_SLICE_NS / 4)};
     while (atomic_load(&vm->throttle_pct) > 0 && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE)) {
@@ -253,6 +268,17 @@ static int set_devices_running(struct vfmig_vm *vm, int running)
     return rc;
 }
 
+/* Until every vCPU thread has published its tid, so vcpu_tids() read after start is complete.
+ * Each thread does that first thing, without waiting on anything: a wait of microseconds. */
+static void wait_vcpu_tids(struct vfmig_vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    for (uint32_t i = 0; i < vm->nvcpus; i++)
+        while (!atomic_load(&vm->vcpus[i].tid))
+            pthread_cond_wait(&vm->cond, &vm->lock);
+    pthread_mutex_unlock(&vm->lock);
+}
+
 int vfmig_vm_start(struct vfmig_vm *vm)
 {
     if (vm->started)
@@ -268,6 +294,7 @@ int vfmig_vm_start(struct vfmig_vm *vm)
             return vfmig_fail(&vm->err, EAGAIN, "cannot start vCPU thread %u", i);
         cpu->thread_live = 1;
     }
+    wait_vcpu_tids(vm);
     vm->started = 1;
     return 0;
 }

@@ -85,6 +85,9 @@ struct vfmig_pci_func {
     int irqfd[VFMIG_PCI_MSIX_MAX];  /* eventfd per vector, bound to gsi[] with KVM_IRQFD */
     uint32_t gsi[VFMIG_PCI_MSIX_MAX];
     pthread_mutex_t msix_lock;      /* table, PBA and routes: held briefly, never across a blocking call */
+    /* Messages sent per vector (irqfd writes that succeeded), for observability: counted under
+     * msix_lock, read lock-free; local to this process, not migrated. */
+    _Atomic uint64_t msix_sent[VFMIG_PCI_MSIX_MAX];
 
     uint16_t migcap;                /* config offset of the migration capability; 0: migration=off */
     struct vfmig_pci_handshake hs;
@@ -136,6 +139,9 @@ static inline int vfmig_pci_bus_master(const struct vfmig_pci_func *f)
  * way into KVM (delivered when that commit completes). Any thread; takes msix_lock briefly.
  * 1 if it was delivered, 0 if left pending, -EINVAL for a bad vector. */
 int vfmig_pci_msix_notify(struct vfmig_pci_func *f, uint32_t vec);
+/* The messages each vector sent so far (a raise left pending counts once it is delivered)
+ * into out[0 .. min(cap, nvec)); returns nvec (0 without MSI-X). Any thread, lock-free. */
+uint32_t vfmig_pci_msix_counts(const struct vfmig_pci_func *f, uint64_t *out, uint32_t cap);
 
 /* Config space as the guest reads it (little-endian, len 1/2/4). Any thread; config_lock. */
 uint32_t vfmig_pci_config_read(struct vfmig_pci_func *f, uint32_t off, uint32_t len);

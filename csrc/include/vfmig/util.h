@@ -23,8 +23,10 @@ static inline uint64_t vfmig_now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-/* Records a named checkpoint: fires the USDT probe vfmig:checkpoint(name, t_ns) and returns
- * t_ns. Thread-safe, lock-free. */
+/* Records a named checkpoint: fires the USDT probe vfmig:checkpoint(name, t_ns), writes the
+ * line "vfmig: <name>" to tracefs trace_marker for perf/ftrace (one write(); the file is
+ * opened once, and nothing is written ever after if it cannot be: not root, no tracefs; a
+ * failed write is ignored), and returns t_ns. Any thread, lock-free; never fails. */
 uint64_t vfmig_checkpoint(const char *name);
 
 #endif

@@ -51,6 +51,10 @@ struct vfmig_vcpu {
     struct kvm_dirty_gfn *ring; /* NULL in bitmap mode */
     pthread_t thread;
     int thread_live;
+    /* Its thread's kernel id (gettid()), for tracers that filter by tid: stored by the thread as
+     * it starts, and vfmig_vm_start returns only once every vCPU's is set; 0 before. Any thread
+     * reads it lock-free. */
+    _Atomic int tid;
     int paused;                 /* under vm->lock */
     _Atomic int throttle_due;
     _Atomic uint64_t throttle_ran_since_ns; /* set by the vCPU thread after each throttle sleep */
