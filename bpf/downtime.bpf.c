@@ -4,9 +4,20 @@
  *   KVM_ENTRY  kvm:kvm_entry / kvm:kvm_exit (each VM entry; some KVMs never fire them);
  *   KVM_RUN    raw_syscalls enter/exit of ioctl(KVM_RUN) on the thread;
  *   UEXIT      kvm:kvm_userspace_exit (returns only: a first entry is bounded by the first exit).
+ *
+ * Inside KVM_RUN is not the same as running the guest: on a busy host a vCPU thread can be
+ * preempted in KVM_RUN for milliseconds, and when the VMM's stop signal finds it off the CPU,
+ * KVM returns -EINTR as soon as it is scheduled again, without entering the guest. So for
+ * KVM_RUN, sched:sched_switch and signal:signal_generate say when the guest last ran: a run
+ * that ends in -EINTR ended its guest execution when the thread went off the CPU if the
+ * signal found it off the CPU, and ran no guest code at all if the signal came before the
+ * run began (an immediate exit). `last_exit` is that end of guest execution; `raw_exit` the
+ * syscall's return.
+ *
  * Per thread: first and last entry, first and last exit, the longest out-of-guest gap; per
  * process a log2 histogram of gaps (µs). USDT vfmig:checkpoint calls are kept as exact records.
- * Each record is written only by its own thread, so no locks are needed. */
+ * Each record's run fields are written only by its own thread; the scheduler and signal
+ * events write only on_at/off_at/kick fields, which the thread reads at its next exit. */
 #include "probes.h"
 
 enum { SRC_KVM_ENTRY = 0, SRC_KVM_RUN = 1, SRC_UEXIT = 2, N_RUN_SOURCES = 3 };
@@ -19,7 +30,9 @@ struct run_key {
 struct run_rec {
     u64 first_entry, last_entry, first_exit, last_exit;
     u64 runs, max_gap_ns, max_gap_end;
-    u32 tgid, in_run;
+    u64 raw_exit, on_at, off_at, kick_at, kick_off_at; /* KVM_RUN only */
+    u64 empty_runs;                                    /* KVM_RUN: -EINTR before any guest code */
+    u32 tgid, in_run, kicked_off, pad;
     char comm[16];
 };
 
@@ -74,18 +87,44 @@ static __always_inline void guest_entry(u32 source)
     run_fired.increment(source);
 }
 
+static __always_inline void exit_at(struct run_rec *r, u32 source, u64 end)
+{
+    if (!r->first_exit)
+        r->first_exit = end;
+    r->last_exit = end;
+    r->in_run = 0;
+    run_fired.increment(source);
+}
+
 static __always_inline void guest_exit(u32 source)
 {
     u32 tgid = 0;
     struct run_rec *r = run_rec(source, &tgid);
-    if (!r)
+    if (r)
+        exit_at(r, source, bpf_ktime_get_ns());
+}
+
+#define VFMIG_EINTR 4
+
+/* The end of a KVM_RUN: when did its guest code stop running? (see the top of this file) */
+static __always_inline void kvm_run_exit(long ret)
+{
+    struct run_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .source = SRC_KVM_RUN};
+    struct run_rec *r = runs.lookup(&k); /* only a thread that entered KVM_RUN has one */
+    if (!r || !r->in_run)
         return;
     u64 now = bpf_ktime_get_ns();
-    if (!r->first_exit)
-        r->first_exit = now;
-    r->last_exit = now;
-    r->in_run = 0;
-    run_fired.increment(source);
+    r->raw_exit = now;
+    if (ret != -VFMIG_EINTR) {
+        exit_at(r, SRC_KVM_RUN, now); /* a guest exit: it ran up to here */
+    } else if (r->kick_at && r->kick_at < r->last_entry) {
+        r->empty_runs++; /* the signal was pending before the run began: no guest code ran */
+        r->in_run = 0;
+    } else if (r->kicked_off && r->kick_off_at >= r->last_entry) {
+        exit_at(r, SRC_KVM_RUN, r->kick_off_at); /* preempted, then stopped without running again */
+    } else {
+        exit_at(r, SRC_KVM_RUN, now);
+    }
 }
 
 #ifdef VFMIG_TP_KVM_ENTRY
@@ -116,13 +155,43 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 #ifdef VFMIG_TP_SYS_EXIT
 TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 {
-    if (args->id != VFMIG_NR_IOCTL)
-        return 0;
-    /* Only an ioctl whose enter was KVM_RUN on this thread. */
-    struct run_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .source = SRC_KVM_RUN};
+    if (args->id == VFMIG_NR_IOCTL)
+        kvm_run_exit(args->ret); /* only an ioctl whose enter was KVM_RUN on this thread */
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_SCHED_SWITCH
+static __always_inline struct run_rec *in_kvm_run(u32 tid)
+{
+    struct run_key k = {.tid = tid, .source = SRC_KVM_RUN};
     struct run_rec *r = runs.lookup(&k);
-    if (r && r->in_run)
-        guest_exit(SRC_KVM_RUN);
+    return r && r->in_run ? r : 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    u64 now = bpf_ktime_get_ns();
+    struct run_rec *r = in_kvm_run((u32)args->prev_pid);
+    if (r)
+        r->off_at = now;
+    r = in_kvm_run((u32)args->next_pid);
+    if (r)
+        r->on_at = now;
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_SIGNAL_GENERATE
+TRACEPOINT_PROBE(signal, signal_generate)
+{
+    struct run_key k = {.tid = (u32)args->pid, .source = SRC_KVM_RUN};
+    struct run_rec *r = runs.lookup(&k);
+    if (!r)
+        return 0;
+    r->kick_at = bpf_ktime_get_ns();
+    r->kicked_off = r->in_run && r->off_at > r->on_at; /* preempted inside KVM_RUN */
+    r->kick_off_at = r->off_at;
     return 0;
 }
 #endif

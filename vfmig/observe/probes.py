@@ -68,6 +68,8 @@ EVENTS = (
     Event("KVM_RUN enter", "downtime", (_tp("raw_syscalls", "sys_enter"),)),
     Event("KVM_RUN exit", "downtime", (_tp("raw_syscalls", "sys_exit"),)),
     Event("KVM_RUN return", "downtime", (_tp("kvm", "kvm_userspace_exit"),)),
+    Event("vCPU on/off CPU", "downtime", (_tp("sched", "sched_switch"),)),
+    Event("vCPU kick", "downtime", (_tp("signal", "signal_generate"),)),
     Event("checkpoint", "downtime", (_usdt("checkpoint"),)),
     Event("device raise (emulated)", "irqlat", (_usdt("msix_raise"),)),
     Event(
@@ -230,6 +232,7 @@ class ProbeSession:
         self._pids: set[int] = set()
         self._stats_fd: int | None = None
         self._t0 = 0
+        self._stats_base = (0, 0)  # (ns, runs) at the last reset: run-time stats only grow
         self._fallback_reason: list[dict[str, str]] = []
 
     # lifecycle --------------------------------------------------------------------------------
@@ -271,10 +274,10 @@ class ProbeSession:
         cflags = [f"-I{bpf_dir()}", *plan.cflags(len(self.hs_outcomes))]
         self._stats_fd = _enable_bpf_stats()
         try:
-            self._b = bcc.BPF(text=text, cflags=cflags, usdt_contexts=[usdt] if usdt else [])
+            self._b = bcc.BPF(text=text.encode(), cflags=cflags, usdt_contexts=[usdt] if usdt else [])
             for m in plan.chosen.values():
                 if m.kind == "kprobe":
-                    self._b.attach_kprobe(event=m.point, fn_name=m.fn)
+                    self._b.attach_kprobe(event=m.point.encode(), fn_name=m.fn.encode())
         except Exception as e:  # noqa: BLE001 - a compile or attach failure: fall back, say why
             self._close_stats()
             raise ProbesUnavailable(f"bcc could not load the probes: {str(e).strip().splitlines()[-1]}") from None
@@ -299,7 +302,7 @@ class ProbeSession:
         self._pids.add(pid)
         if self._b is not None:
             flags = 1 | (2 if self._usdt_lib is not None and usdt_library(pid) == self._usdt_lib else 0)
-            self._b["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint32(flags)
+            self._b[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint32(flags)
         elif self._fallback is not None:
             self._fallback.watch(pid)
 
@@ -307,10 +310,16 @@ class ProbeSession:
         """Forget what was seen (between migrations); the watched processes stay."""
         if self._b is not None:
             for name in self._map_names():
-                self._b[name].clear()
+                self._b[name.encode()].clear()
+            # Run records stay: a vCPU preempted inside KVM_RUN since before this reset still
+            # needs its entry when it stops. Only threads that are gone are dropped.
+            runs_map = self._b[b"runs"]
+            for k in [k for k in runs_map if not os.path.exists(f"/proc/{k.tid}")]:
+                del runs_map[k]
         elif self._fallback is not None:
             self._fallback.reset()
         self._t0 = time.monotonic_ns()
+        self._stats_base = self._prog_totals()
 
     def close(self) -> None:
         if self._b is not None:
@@ -335,7 +344,7 @@ class ProbeSession:
 
     def _map_names(self) -> list[str]:
         names = {
-            "downtime": ["runs", "gap_hist", "run_fired", "cps", "cp_counts"],
+            "downtime": ["gap_hist", "run_fired", "cps", "cp_counts"],
             "irqlat": ["pending", "irq_hist", "vec_src", "irq_counts", "raise_at"],
             "handshake": ["hs_open", "hs_hist", "hs_counts", "hs_outcomes"],
         }
@@ -348,7 +357,7 @@ class ProbeSession:
         if self._b is None or "downtime" not in self.sets:
             return []
         out = []
-        for k, v in self._b["runs"].items():
+        for k, v in self._b[b"runs"].items():
             out.append(
                 RunRecord(
                     tid=k.tid,
@@ -376,6 +385,10 @@ class ProbeSession:
             rep.attached = self._fallback.attached()
             rep.unavailable += self._fallback.unavailable()
         records = self.run_records()
+        if src is not None:
+            rep.pids["source"] = src.pid
+        if dst is not None:
+            rep.pids["destination"] = dst.pid
         if src is not None and dst is not None:
             kd = runs.downtime(records, src, dst)
             if kd is not None:
@@ -389,30 +402,32 @@ class ProbeSession:
         b = self._b
         fired: dict[str, int] = {}
         if "downtime" in self.sets:
-            rf = [b["run_fired"][ctypes.c_int(i)].value for i in range(3)]
+            rf = [b[b"run_fired"][ctypes.c_int(i)].value for i in range(3)]
             fired.update({"guest entry": rf[0], "guest exit": rf[0], "KVM_RUN enter": rf[1], "KVM_RUN exit": rf[1]})
             fired["KVM_RUN return"] = rf[2]
+            # Scheduler and signal events matter only to a vCPU inside KVM_RUN; count those runs.
+            fired["vCPU on/off CPU"] = fired["vCPU kick"] = rf[1]
             self._read_checkpoints(rep)
-            fired["checkpoint"] = b["cp_counts"][ctypes.c_int(0)].value
+            fired["checkpoint"] = b[b"cp_counts"][ctypes.c_int(0)].value
             slots: dict[int, dict[int, int]] = {}
             best = next((s for s in (0, 1, 2) if rf[s]), None)
-            for k, v in b["gap_hist"].items():
+            for k, v in b[b"gap_hist"].items():
                 if k.source == best:
                     slots.setdefault(k.tgid, {})[k.slot] = v.value
             for pid, sl in sorted(slots.items()):
                 bk = log2_buckets(sl)
                 rep.histograms.append(Histogram("vCPU out of guest", pid, sum(x[2] for x in bk), bk))
         if "irqlat" in self.sets:
-            counts = {n: b["irq_counts"][ctypes.c_int(i)].value for i, n in enumerate(IRQ_COUNTS)}
+            counts = {n: b[b"irq_counts"][ctypes.c_int(i)].value for i, n in enumerate(IRQ_COUNTS)}
             rep.irq_counts = counts
-            srcs = {(k.tgid, k.vec): v for k, v in b["vec_src"].items()}
+            srcs = {(k.tgid, k.vec): v for k, v in b[b"vec_src"].items()}
             fired["device raise (emulated)"] = sum(v.raises for v in srcs.values())
             fired["device raise (vfio-msix)"] = counts["vfio_msix"]
             fired.update(
                 {"MSI into KVM": counts["msi"], "LAPIC accept": counts["accepted"], "guest EOI": counts["eoi"]}
             )
             groups: dict[tuple[int, int, int], dict[int, int]] = {}
-            for k, v in b["irq_hist"].items():
+            for k, v in b[b"irq_hist"].items():
                 groups.setdefault((k.tgid, k.vec, k.stage), {})[k.slot] = v.value
             for (pid, vec, stage), sl in sorted(groups.items()):
                 bk = log2_buckets(sl)
@@ -423,12 +438,12 @@ class ProbeSession:
                     h.entry = s.entry
                 rep.histograms.append(h)
         if "handshake" in self.sets:
-            hc = {n: b["hs_counts"][ctypes.c_int(i)].value for i, n in enumerate(HS_COUNTS)}
-            oc = {n: b["hs_outcomes"][ctypes.c_int(i)].value for i, n in enumerate(self.hs_outcomes)}
+            hc = {n: b[b"hs_counts"][ctypes.c_int(i)].value for i, n in enumerate(HS_COUNTS)}
+            oc = {n: b[b"hs_outcomes"][ctypes.c_int(i)].value for i, n in enumerate(self.hs_outcomes)}
             fired.update({"handshake raise": hc["raised"], "handshake ack": hc["acks"] + hc["acks_past_deadline"]})
             fired["handshake end"] = sum(oc.values())
             sl = {}
-            for k, v in b["hs_hist"].items():
+            for k, v in b[b"hs_hist"].items():
                 sl[k.slot] = sl.get(k.slot, 0) + v.value
             bk = log2_buckets(sl)
             rep.handshake = {**hc, "outcomes": {k: v for k, v in oc.items() if v}, "buckets": bk}
@@ -441,7 +456,7 @@ class ProbeSession:
     def _read_checkpoints(self, rep: ProbeReport) -> None:
         b = self._b
         cps = sorted(
-            (k.ts, v.tgid, bytes(v.name).split(b"\0", 1)[0].decode(errors="replace")) for k, v in b["cps"].items()
+            (k.ts, v.tgid, bytes(v.name).split(b"\0", 1)[0].decode(errors="replace")) for k, v in b[b"cps"].items()
         )
         if cps:
             t0 = cps[0][0]
@@ -449,18 +464,24 @@ class ProbeSession:
             rep.checkpoint_deltas_ms = [
                 {"from": a[2], "to": z[2], "ms": (z[0] - a[0]) / 1e6} for a, z in zip(cps, cps[1:], strict=False)
             ]
-        lost = b["cp_counts"][ctypes.c_int(1)].value
+        lost = b[b"cp_counts"][ctypes.c_int(1)].value
         if lost:
             rep.unavailable.append({"event": "checkpoint", "reason": f"{lost} checkpoints past {CP_SLOTS} not kept"})
+
+    def _prog_totals(self) -> tuple[int, int]:
+        ns = cnt = 0
+        if self._b is not None and self._stats_fd is not None:
+            for fn in self._b.funcs.values():
+                t, c = _prog_stats(fn.fd)
+                ns, cnt = ns + t, cnt + c
+        return ns, cnt
 
     def _overhead(self) -> dict[str, float]:
         """CPU time the kernel spent running the probes (BPF run-time stats) over the window."""
         if self._stats_fd is None:
             return {}
-        ns = runs_ = 0
-        for fn in self._b.funcs.values():
-            t, c = _prog_stats(fn.fd)
-            ns, runs_ = ns + t, runs_ + c
+        ns, runs_ = self._prog_totals()
+        ns, runs_ = ns - self._stats_base[0], runs_ - self._stats_base[1]
         window = max(1, time.monotonic_ns() - self._t0)
         return {
             "probe_runs": runs_,

@@ -128,12 +128,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
             src, dst = _sides(args.pid)
             if session.backend == "none":
                 raise ConfigError(f"no probes: {session.error}")
-            if not args.json:
-                print(
-                    f"vfmig probe: watching {', '.join(map(str, args.pid))} with {session.backend}; Ctrl-C ends",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            # On stderr even with --json: a script waits for this line to know the probes are on.
+            print(
+                f"vfmig probe: watching {', '.join(map(str, args.pid))} with {session.backend}; Ctrl-C ends",
+                file=sys.stderr,
+                flush=True,
+            )
             printer = _Printer(args.pid)
             end = time.monotonic() + args.duration if args.duration else None
             while not stop.is_set():

@@ -61,6 +61,7 @@ class ProbeReport:
     unavailable: list[dict[str, str]] = field(default_factory=list)  # {event, reason}
     silent: list[str] = field(default_factory=list)  # attached, but never fired for the watched processes
     error: str | None = None  # why nothing was measured (then every figure below is None)
+    pids: dict[str, int] = field(default_factory=dict)  # source, destination
     downtime_ms: float | None = None
     downtime_source: str | None = None
     overlap_ms: float | None = None  # the destination ran guest code before the source stopped
@@ -97,9 +98,10 @@ class ProbeReport:
             )
         else:
             lines.append("probes        kernel downtime: no guest execution seen on both sides")
+        role = {pid: f"{name}: " for name, pid in self.pids.items()}
         for h in self.histograms:
             if h.what != "vCPU out of guest":
-                lines.append(f"              {h.summary()}")
+                lines.append(f"              {role.get(h.pid, '')}{h.summary()}")
         if self.handshake:
             hs = self.handshake
             lines.append(
