@@ -106,14 +106,17 @@ def test_bpf_downtime_agrees_with_engine_and_guest_over_20_migrations(session: P
     - the kernel's VM downtime (the last source vCPU's last guest execution to the first
       destination vCPU's first) with the engine's (src-downtime-start to dst-vm-started);
     - the kernel's shortest per-vCPU gap with the guest's own clock, which is per vCPU too
-      (the guest reads its clock after every page, so its view is as fine as the kernel's)."""
+      (the guest reads its clock after every page, so its view is as fine as the kernel's).
+    One vCPU with a core to itself: two vCPUs sharing a core take turns in slices of a few
+    ms, and a vCPU that entered KVM_RUN but waits for the core has not run its guest yet,
+    which the kernel cannot tell from the entry (it can at the stop: see downtime.bpf.c)."""
     rows = []
     with _vcpus_alone() as pin:
         for i in range(20):
             dst, address = start_destination(run_seconds=0.3)
             pin(dst.pid)
             try:
-                with MicroVM(memory="64M", vcpus=2, guest="dirtier", rate_pps=20_000, clock_every=1) as vm:
+                with MicroVM(memory="64M", vcpus=1, guest="dirtier", rate_pps=20_000, clock_every=1) as vm:
                     vm.start()
                     pin(vm)
                     wait_running(vm, passes=1)  # past the first touches of its memory
@@ -127,7 +130,7 @@ def test_bpf_downtime_agrees_with_engine_and_guest_over_20_migrations(session: P
             eng, guest, kern = report.downtime_ms, report.guest_observed_downtime_ms, p.downtime_ms
             rows.append((i, eng, guest, kern, p.per_vcpu_gap_ms))
             assert eng is not None and guest is not None and kern is not None, (rows[-1], p.downtime_source, p.silent)
-            assert len(p.per_vcpu_gap_ms) == 2 and min(p.per_vcpu_gap_ms) >= kern - 1e-6, rows[-1]
+            assert len(p.per_vcpu_gap_ms) == 1 and min(p.per_vcpu_gap_ms) >= kern - 1e-6, rows[-1]
             assert _agree(kern, eng) and _agree(min(p.per_vcpu_gap_ms), guest), rows
             assert p.downtime_source is not None and "KVM_RUN" in p.downtime_source
             # The checkpoints came through USDT from both processes, in order, with the kernel's
@@ -325,7 +328,7 @@ def test_cli_migrate_probes_and_vfmig_probe_see_the_same_downtime(tmp_path: Path
         host_skip(str(_bpf_reason()))
     sock = str(tmp_path / "vm.sock")
     vm = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", "64M", "--vcpus", "2", "--control", sock],
+        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", "64M", "--vcpus", "1", "--control", sock],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -367,7 +370,7 @@ def test_cli_migrate_probes_and_vfmig_probe_see_the_same_downtime(tmp_path: Path
     assert watched["pids"] == [vm.pid, dst.pid]
     seen = watched["probes"]["downtime_ms"]
     assert seen is not None and _agree(seen, eng) and _agree(seen, kern), (eng, kern, seen)
-    assert len(watched["probes"]["per_vcpu_gap_ms"]) == 2
+    assert len(watched["probes"]["per_vcpu_gap_ms"]) == 1
 
 
 @needs_kvm
