@@ -40,8 +40,71 @@ static inline volatile struct vfmig_vcpu_stats *vcpu_stats(uint32_t id)
     return (volatile struct vfmig_vcpu_stats *)(VFMIG_STATS_GPA + id * VFMIG_STATS_STRIDE);
 }
 
+/* Where clock_ns() reads time. By default the VMM's clock device (vfmig: port 0x5F0, or MMIO
+ * when the boot parameters say so). QEMU has no such device (an unassigned port reads all ones,
+ * a clock that never moves), so under a multiboot loader "clock=tsc" or "clock=kvmclock" on the
+ * command line (multiboot.c) picks a clock the CPU or KVM provides instead. */
+enum guest_clock { GUEST_CLOCK_VMM = 0, GUEST_CLOCK_TSC = 1, GUEST_CLOCK_KVMCLOCK = 2 };
+extern uint32_t guest_clock; /* multiboot.c: GUEST_CLOCK_VMM unless multiboot_setup chose another */
+
+/* clock=kvmclock: vCPU 0's pvclock_vcpu_time_info (KVM's ABI), registered by multiboot_setup in
+ * the free page after the stats. The multiboot setup runs one vCPU. */
+#define GUEST_PVCLOCK_GPA 0x4000u
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01u
+struct pvclock_vcpu_time_info {
+    uint32_t version; /* odd while KVM updates it */
+    uint32_t pad0;
+    uint64_t tsc_timestamp;
+    uint64_t system_time; /* ns at tsc_timestamp */
+    uint32_t tsc_to_system_mul;
+    signed char tsc_shift;
+    uint8_t flags;
+    uint8_t pad[2];
+};
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void wrmsr(uint32_t msr, uint64_t v)
+{
+    __asm__ volatile("wrmsr" ::"c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
+}
+
+/* (a * mul) >> 32 without a 128-bit product (32-bit code). */
+static inline uint64_t mul_u64_u32_shr32(uint64_t a, uint32_t mul)
+{
+    return (uint64_t)(uint32_t)(a >> 32) * mul + (((uint64_t)(uint32_t)a * mul) >> 32);
+}
+
+static inline uint64_t kvmclock_ns(void)
+{
+    const volatile struct pvclock_vcpu_time_info *p = (const volatile struct pvclock_vcpu_time_info *)GUEST_PVCLOCK_GPA;
+    uint32_t version;
+    uint64_t ns;
+    do {
+        version = p->version;
+        __asm__ volatile("" ::: "memory");
+        uint64_t delta = rdtsc() - p->tsc_timestamp;
+        signed char shift = p->tsc_shift;
+        delta = shift < 0 ? delta >> -shift : delta << shift;
+        ns = p->system_time + mul_u64_u32_shr32(delta, p->tsc_to_system_mul);
+        __asm__ volatile("" ::: "memory");
+    } while ((version & 1) || version != p->version);
+    return ns;
+}
+
+/* The guest's clock: ns, except under clock=tsc, where it is raw TSC ticks (the host scales them
+ * with the TSC frequency; the gap threshold is then in ticks too). */
 static inline uint64_t clock_ns(void)
 {
+    if (guest_clock == GUEST_CLOCK_TSC)
+        return rdtsc();
+    if (guest_clock == GUEST_CLOCK_KVMCLOCK)
+        return kvmclock_ns();
     if (boot_params()->clock_mmio) {
         volatile uint32_t *mmio = (volatile uint32_t *)VFMIG_MMIO_CLOCK;
         uint32_t lo = mmio[0]; /* latches the high half for this vCPU */
