@@ -46,6 +46,9 @@ class Qemu:
             "-serial",
             "none",
             "-nodefaults",
+            # vCPU threads named "CPU N/KVM", so `vfmig probe` can match per-vCPU gaps across two QEMUs
+            "-name",
+            "guest=vm,debug-threads=on",
             "-kernel",
             str(guest_elf(guest)),
             "-qmp",

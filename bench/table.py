@@ -93,6 +93,58 @@ def render_reliability() -> str:
     return "\n".join(rows)
 
 
+PROBES_BEGIN, PROBES_END = "<!-- probes:begin -->", "<!-- probes:end -->"
+
+
+def _ms(s: dict[str, float] | None, sign: bool = False) -> str:
+    """A bench/probes_bench.py summary ({median, min, max, n}) as 'median (min to max)'."""
+    if not s:
+        return "none"
+    f = "{:+.1f}" if sign else "{:.1f}"
+    return f"{f.format(s['median'])} ms ({f.format(s['min'])} to {f.format(s['max'])}, n={s['n']})"
+
+
+def render_probes(path: Path | None = None) -> str:
+    """bench/results/probes.json (bench/probes_bench.py) as a table: the downtime QEMU reports
+    against the one the kernel saw and the guest's clock saw, and what the probes cost vfmig."""
+    path = path or RESULTS / "probes.json"
+    if not path.exists():
+        return "(no probe results yet: run bench/probes_bench.py)"
+    r = json.loads(path.read_text())
+    rows = ["| measure | result (median, range) |", "|---|---|"]
+    q = r.get("qemu")
+    if q:
+        run = f"QEMU 7.2, {q['memory_mib']} MiB dirtier, {q['reps']} migrations"
+        rows.append(f"| {run}: downtime QEMU reports (query-migrate) | {_ms(q['qemu_downtime_ms'])} |")
+        rows.append(
+            f"| {run}: downtime the kernel saw (BPF: source's last guest exit to destination's first entry) | "
+            f"{_ms(q['bpf_downtime_ms'])} |"
+        )
+        rows.append(f"| {run}: kernel minus QEMU, per run | {_ms(q['bpf_minus_qemu_ms'], sign=True)} |")
+        for clock, g in q["guest"].items():
+            if g["max_gap_ms"]:
+                rows.append(f"| {run}: largest gap the guest's clock saw ({clock}) | {_ms(g['max_gap_ms'])} |")
+        if q.get("guest_finding"):
+            finding = q["guest_finding"].replace("|", "\\|")
+            rows.append(f"| what the guest's clock sees under QEMU | {finding} |")
+    elif r.get("qemu_skipped"):
+        rows.append(f"| QEMU runs | skipped: {r['qemu_skipped']} |")
+    o = r.get("overhead")
+    if o:
+        run = f"vfmig {o['memory_mib']} MiB dirtier, with / without probes ({o['pairs']} alternating pairs)"
+        tp = ", ".join(f"{x:.2f}" for x in o["throughput_ratio_runs"])
+        rows.append(f"| {run}: throughput | {o['throughput_ratio']:.3f}x (pairs: {tp}) |")
+        if o["downtime_ratio"] is not None:
+            dt = ", ".join(f"{x:.2f}" for x in o["downtime_ratio_runs"])
+            rows.append(f"| {run}: downtime | {o['downtime_ratio']:.3f}x (pairs: {dt}) |")
+        if o.get("probe_cpu_ms") is not None:
+            rows.append(
+                f"| {run}: the probes' own CPU time per migration | {o['probe_cpu_ms']:.1f} ms "
+                f"({o['probe_cpu_share_pct']:.2f}% of the CPUs while attached) |"
+            )
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -102,6 +154,7 @@ def update_readme() -> None:
     readme = ROOT / "README.md"
     text = _replace(readme.read_text(), BEGIN, END, render())
     text = _replace(text, RELIABILITY_BEGIN, RELIABILITY_END, render_reliability())
+    text = _replace(text, PROBES_BEGIN, PROBES_END, render_probes())  # where README has the markers
     readme.write_text(text)
 
 
@@ -109,3 +162,4 @@ if __name__ == "__main__":
     update_readme()
     print(render())
     print(render_reliability())
+    print(render_probes())
