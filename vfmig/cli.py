@@ -602,9 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
     demo.set_defaults(func=cmd_demo)
 
-    from vfmig.observe import watch
+    from vfmig.observe import trace, watch
 
     watch.add_parser(sub)
+    trace.add_parser(sub)
     return p
 
 
