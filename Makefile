@@ -33,6 +33,7 @@ bench: bootstrap
 	$(PY) bench/vm_bench.py
 	$(PY) bench/migrate_bench.py
 	$(PY) bench/device_bench.py
+	$(PY) bench/probes_bench.py
 	$(PY) bench/table.py
 
 clean:
