@@ -8,12 +8,17 @@
  * Inside KVM_RUN is not the same as running the guest: on a busy host a vCPU thread can be
  * preempted in KVM_RUN for milliseconds, and when the VMM's stop signal finds it off the CPU,
  * KVM returns -EINTR as soon as it is scheduled again, without entering the guest. So for
- * KVM_RUN, sched:sched_switch and signal:signal_generate say when the guest last ran: a run
- * that ends in -EINTR ended its guest execution when the thread went off the CPU if the
- * signal found it off the CPU, and ran no guest code at all if the signal came before the
- * run began (an immediate exit). `last_exit` is that end of guest execution; `raw_exit` the
- * syscall's return.
- *
+ * KVM_RUN, sched:sched_switch and signal:signal_generate say when the guest last could run.
+ * A run that ends in -EINTR ended it:
+ *   - when the thread went off the CPU, if the first stop signal of the run found it
+ *     preempted (runnable) or blocked uninterruptibly (the guest was stalled);
+ *   - at that signal, if it found it sleeping interruptibly (a halted vCPU: idle, not stalled,
+ *     it would have run on an interrupt until then);
+ *   - at the syscall's return otherwise (it was on the CPU);
+ *   - never, if the signal came before the run began (an immediate exit: no guest code ran;
+ *     such a run is not an entry either).
+ * `last_exit` is that end of guest execution; `raw_exit` the syscall's return. The verdict is
+ * the first signal's: a VMM re-kicks until its vCPUs stop, and a later kick must not undo it.
  * Per thread: first and last entry, first and last exit, the longest out-of-guest gap; per
  * process a log2 histogram of gaps (µs). USDT vfmig:checkpoint calls are kept as exact records.
  * Each record's run fields are written only by its own thread; the scheduler and signal
@@ -30,9 +35,10 @@ struct run_key {
 struct run_rec {
     u64 first_entry, last_entry, first_exit, last_exit;
     u64 runs, max_gap_ns, max_gap_end;
-    u64 raw_exit, on_at, off_at, kick_at, kick_off_at; /* KVM_RUN only */
-    u64 empty_runs;                                    /* KVM_RUN: -EINTR before any guest code */
-    u32 tgid, in_run, kicked_off, pad;
+    u64 raw_exit, on_at, off_at, kick_at, kick_end; /* KVM_RUN only */
+    u64 empty_runs;                                 /* KVM_RUN: -EINTR before any guest code */
+    u64 prev_entry, prev_first_entry;               /* to undo an empty run's entry */
+    u32 tgid, in_run, off_state, kicked, pad;
     char comm[16];
 };
 
@@ -70,6 +76,8 @@ static __always_inline void guest_entry(u32 source)
     if (!r)
         return;
     u64 now = bpf_ktime_get_ns();
+    r->prev_entry = r->last_entry;
+    r->prev_first_entry = r->first_entry;
     if (!r->first_entry)
         r->first_entry = now;
     if (r->last_exit && now > r->last_exit) {
@@ -118,10 +126,14 @@ static __always_inline void kvm_run_exit(long ret)
     if (ret != -VFMIG_EINTR) {
         exit_at(r, SRC_KVM_RUN, now); /* a guest exit: it ran up to here */
     } else if (r->kick_at && r->kick_at < r->last_entry) {
-        r->empty_runs++; /* the signal was pending before the run began: no guest code ran */
+        /* The signal was pending before the run began: no guest code ran, and this was no
+         * entry either (a destination's first run can be one). */
+        r->empty_runs++;
+        r->last_entry = r->prev_entry;
+        r->first_entry = r->prev_first_entry;
         r->in_run = 0;
-    } else if (r->kicked_off && r->kick_off_at >= r->last_entry) {
-        exit_at(r, SRC_KVM_RUN, r->kick_off_at); /* preempted, then stopped without running again */
+    } else if (r->kicked && r->kick_end) {
+        exit_at(r, SRC_KVM_RUN, r->kick_end);
     } else {
         exit_at(r, SRC_KVM_RUN, now);
     }
@@ -173,14 +185,19 @@ TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
     struct run_rec *r = in_kvm_run((u32)args->prev_pid);
-    if (r)
+    if (r) {
         r->off_at = now;
+        r->off_state = (u32)args->prev_state; /* 0 (or above 0xff): preempted; 1: sleeping; 2: blocked */
+    }
     r = in_kvm_run((u32)args->next_pid);
     if (r)
         r->on_at = now;
     return 0;
 }
 #endif
+
+#define VFMIG_TASK_INTERRUPTIBLE 1
+#define VFMIG_TASK_UNINTERRUPTIBLE 2
 
 #ifdef VFMIG_TP_SIGNAL_GENERATE
 TRACEPOINT_PROBE(signal, signal_generate)
@@ -189,9 +206,18 @@ TRACEPOINT_PROBE(signal, signal_generate)
     struct run_rec *r = runs.lookup(&k);
     if (!r)
         return 0;
-    r->kick_at = bpf_ktime_get_ns();
-    r->kicked_off = r->in_run && r->off_at > r->on_at; /* preempted inside KVM_RUN */
-    r->kick_off_at = r->off_at;
+    if (r->in_run && r->kicked && r->kick_at >= r->last_entry)
+        return 0; /* the first signal of this run decided */
+    u64 now = bpf_ktime_get_ns();
+    r->kick_at = now;
+    r->kicked = r->in_run;
+    r->kick_end = 0;
+    if (r->in_run && r->off_at > r->on_at && r->off_at >= r->last_entry) {
+        /* Off the CPU inside KVM_RUN: preempted or blocked, the guest stopped when it went
+         * off; sleeping (halted), it was idle and could have run until now. */
+        u32 st = r->off_state & 0xff;
+        r->kick_end = (st & VFMIG_TASK_INTERRUPTIBLE) && !(st & VFMIG_TASK_UNINTERRUPTIBLE) ? now : r->off_at;
+    }
     return 0;
 }
 #endif

@@ -10,10 +10,17 @@
  * pending when an EOI comes is completed by it: raises that coalesced into one interrupt are
  * all counted, so the HANDLED total equals the raises that reached an EOI.
  *
- * Pending raises sit in a ring per (process, vector) with one producer (the device raises
- * under its MSI-X lock; a vfio vector's host interrupt is on one CPU at a time) and one
- * consumer (the vCPU the message targets). Tracing programs cannot take bpf_spin_lock, so
- * the ring publishes with an atomic tail; a raise that finds it full is counted as untimed. */
+ * Vectors are per local APIC, so everything is keyed by (process, destination APIC id, vector):
+ * the id is the MSI address's destination field, and kvm_eoi names the APIC that EOIs. (With
+ * logical destination mode the two need not match; vfmig's guests and Linux in x2APIC physical
+ * mode use physical ids.) Pending raises sit in a ring per key with one producer (a vector of
+ * one APIC belongs to one MSI-X entry, raised under its function's MSI-X lock; a vfio vector's
+ * host interrupt runs on one CPU at a time) and one consumer (that APIC's vCPU). Tracing
+ * programs cannot take bpf_spin_lock, so the ring publishes with an atomic tail; a raise that
+ * finds it full is counted as untimed. A raise that lands while its vector is in service is
+ * completed by that service's EOI, so its latency reads short and its own EOI as unmatched.
+ * EOIs are seen as kvm:kvm_eoi, or kvm:kvm_pv_eoi for guests using the paravirtual EOI; with
+ * APICv/AVIC most EOIs of edge interrupts do not exit, and the loader says so. */
 #include "probes.h"
 
 #define PEND_SLOTS 32
@@ -33,6 +40,7 @@ enum {
 
 struct vec_key {
     u32 tgid; /* 0: a host interrupt, whose process is not known in hard-irq context */
+    u32 apic; /* destination APIC id */
     u32 vec;
 };
 
@@ -43,9 +51,9 @@ struct pend {
 
 struct irq_hist_key {
     u32 tgid;
+    u32 apic;
     u32 vec;
     u32 stage;
-    u32 pad;
     u64 slot;
 };
 
@@ -87,7 +95,7 @@ static __always_inline u32 complete(struct vec_key *k, u64 now)
         if (head + i == tail)
             break;
         u64 ts = p->ts[(head + i) & PEND_MASK];
-        struct irq_hist_key hk = {.tgid = k->tgid, .vec = k->vec, .stage = STAGE_HANDLED};
+        struct irq_hist_key hk = {.tgid = k->tgid, .apic = k->apic, .vec = k->vec, .stage = STAGE_HANDLED};
         hk.slot = bpf_log2l(now > ts ? (now - ts) / 1000 : 0);
         irq_hist.increment(hk);
         done++;
@@ -111,10 +119,12 @@ int vfmig_on_msix_raise(struct pt_regs *ctx)
         return 0;
     u64 now = bpf_ktime_get_ns();
     u32 bdf = 0, entry = 0, data = 0; /* bcc reads an argument only into its declared size */
+    u64 addr = 0;
     bpf_usdt_readarg(1, ctx, &bdf);
     bpf_usdt_readarg(2, ctx, &entry);
+    bpf_usdt_readarg(3, ctx, &addr);
     bpf_usdt_readarg(4, ctx, &data);
-    struct vec_key k = {.tgid = tgid, .vec = data & 0xff};
+    struct vec_key k = {.tgid = tgid, .apic = (addr >> 12) & 0xff, .vec = data & 0xff};
     struct vec_src zero = {.bdf = bdf, .entry = entry};
     struct vec_src *s = vec_src.lookup_or_try_init(&k, &zero);
     if (s) {
@@ -169,11 +179,11 @@ KFUNC_PROBE(vfio_msihandler)
 TRACEPOINT_PROBE(kvm, kvm_msi_set_irq)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 vec = (u32)args->data & 0xff;
+    u32 vec = (u32)args->data & 0xff, apic = (args->address >> 12) & 0xff;
     int zero = 0;
     u64 *hw = hw_start.lookup(&zero);
     if (hw && *hw && now - *hw < 1000000) { /* the vfio interrupt this CPU is handling */
-        struct vec_key k = {.tgid = 0, .vec = vec};
+        struct vec_key k = {.tgid = 0, .apic = apic, .vec = vec};
         push_start(&k, *hw);
         *hw = 0;
         irq_counts.increment(IRQ_MSI);
@@ -186,7 +196,7 @@ TRACEPOINT_PROBE(kvm, kvm_msi_set_irq)
     irq_counts.increment(IRQ_MSI);
     if (flags & VFMIG_T_USDT)
         return 0; /* its device's raise already started it */
-    struct vec_key k = {.tgid = tgid, .vec = vec};
+    struct vec_key k = {.tgid = tgid, .apic = apic, .vec = vec};
     push_start(&k, now);
     note_deliver_start(now);
     return 0;
@@ -201,7 +211,8 @@ TRACEPOINT_PROBE(kvm, kvm_apic_accept_irq)
     if (!start)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    struct irq_hist_key hk = {.tgid = bpf_get_current_pid_tgid() >> 32, .vec = args->vec, .stage = STAGE_DELIVER};
+    struct irq_hist_key hk = {
+        .tgid = bpf_get_current_pid_tgid() >> 32, .apic = args->apicid, .vec = args->vec, .stage = STAGE_DELIVER};
     hk.slot = bpf_log2l(now > *start ? (now - *start) / 1000 : 0);
     irq_hist.increment(hk);
     raise_at.delete(&tid);
@@ -210,23 +221,36 @@ TRACEPOINT_PROBE(kvm, kvm_apic_accept_irq)
 }
 #endif
 
-#ifdef VFMIG_TP_KVM_EOI
-TRACEPOINT_PROBE(kvm, kvm_eoi)
+static __always_inline void guest_eoi(u32 apic, int vector)
 {
-    if (args->vector < 0)
-        return 0; /* an EOI with nothing in service */
+    if (vector < 0)
+        return; /* an EOI with nothing in service */
     u32 flags = 0;
     u32 tgid = watched_tgid(&flags);
     if (!tgid)
-        return 0;
+        return;
     u64 now = bpf_ktime_get_ns();
     irq_counts.increment(IRQ_EOI);
-    struct vec_key k = {.tgid = tgid, .vec = (u32)args->vector};
+    struct vec_key k = {.tgid = tgid, .apic = apic, .vec = (u32)vector};
     if (complete(&k, now))
-        return 0;
-    struct vec_key hwk = {.tgid = 0, .vec = (u32)args->vector};
+        return;
+    struct vec_key hwk = {.tgid = 0, .apic = apic, .vec = (u32)vector};
     if (!complete(&hwk, now))
         irq_counts.increment(IRQ_UNMATCHED);
+}
+
+#ifdef VFMIG_TP_KVM_EOI
+TRACEPOINT_PROBE(kvm, kvm_eoi)
+{
+    guest_eoi(args->apicid, args->vector);
+    return 0;
+}
+#endif
+
+#ifdef VFMIG_TP_KVM_PV_EOI
+TRACEPOINT_PROBE(kvm, kvm_pv_eoi)
+{
+    guest_eoi(args->apicid, args->vector);
     return 0;
 }
 #endif

@@ -53,6 +53,11 @@ static void marker_write(const char *name)
     }
 }
 
+void vfmig_checkpoint_prepare(void)
+{
+    pthread_once(&marker_once, marker_open);
+}
+
 uint64_t vfmig_checkpoint(const char *name)
 {
     uint64_t t = vfmig_now_ns();

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,74 @@ def test_a_migration_on_a_host_without_probes_completes_and_says_why(monkeypatch
     assert report.status == "completed" and report.probes is not None
     assert report.probes.error is not None and report.probes.downtime_ms is None
     assert "probes        none: bcc is not installed" in report.summary()
+
+
+# ---- review follow-ups: halted vCPUs, bucket bounds, failures that must not fail a migration ----
+
+
+@needs_kvm
+def test_a_halted_vcpu_is_idle_not_stalled(session: ProbeSession) -> None:
+    """The `idle` guest halts: its vCPU sleeps inside KVM_RUN. The stop signal finds it asleep,
+    and its outage starts at that signal, not at its last halt (which would make the kernel's
+    downtime as long as the guest had been idle)."""
+    with MicroVM(memory="64M", guest="idle") as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        (tid,) = vm.core.vcpu_tids()
+
+        def halted_a_while() -> bool:
+            # Asleep in KVM's halt, and 50 ms since it last entered KVM_RUN (far more
+            # than the tolerance: counting the halt as the outage's start would show).
+            with open(f"/proc/self/task/{tid}/wchan") as f:
+                asleep = f.read() == "kvm_vcpu_block"
+            recs = [r for r in session.run_records() if r.tid == tid and r.source == KVM_RUN]
+            return asleep and bool(recs) and time.monotonic_ns() - recs[0].last_entry > 50_000_000
+
+        wait_until(halted_a_while, "the idle guest's vCPU to halt")
+        report = Migration(vm, dst.address, MigrationOptions(), probes=session).run()
+    p = report.probes
+    assert p is not None and p.downtime_ms is not None and report.downtime_ms is not None, p
+    assert _agree(p.downtime_ms, report.downtime_ms), (p.downtime_ms, report.downtime_ms)
+
+
+def test_log2_bucket_bounds_hold_the_values_bcc_puts_there() -> None:
+    """bcc's bpf_log2l(v) is floor(log2(v)) + 1, and 1 for 0: each value must fall in the
+    bounds the report gives its slot."""
+    from vfmig.report.probes import log2_buckets, slot_bounds
+
+    def bpf_log2l(v: int) -> int:  # bcc's helpers.h, for v < 2^32
+        return max(v.bit_length(), 1)
+
+    for v in [0, 1, 2, 3, 4, 7, 8, 1000, 1023, 1024, 65535]:
+        lo, hi = slot_bounds(bpf_log2l(v))
+        assert lo <= v <= hi, (v, lo, hi)
+    assert log2_buckets({1: 3, 2: 0, 11: 2}) == [[0, 1, 3], [1024, 2047, 2]]
+
+
+def test_a_probe_set_bcc_cannot_compile_falls_back_to_tracefs(monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = _bpf_reason()
+    if reason:
+        host_skip(reason)
+    monkeypatch.setattr(probes_mod, "program_text", lambda sets=SETS: "int broken(void) { return nope; }")
+    with ProbeSession() as s:
+        s.start([os.getpid()])
+        rep = s.collect()
+        assert s.backend == "tracefs" and s._b is None and s.plan is None
+    assert any("bcc could not load the probes" in u["reason"] for u in rep.unavailable), rep.unavailable
+    assert {a["method"] for a in rep.attached} == {"tracefs"}, rep.attached
+
+
+@needs_kvm
+def test_a_probe_failure_does_not_fail_the_migration(monkeypatch: pytest.MonkeyPatch, session: ProbeSession) -> None:
+    from vfmig.observe import peer
+
+    def broken(sock: object) -> int:
+        raise OSError("no /proc here (test)")
+
+    monkeypatch.setattr(peer, "local_peer_pid", broken)
+    with MicroVM(memory="64M", guest="dirtier", rate_pps=5000) as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm)
+        report = Migration(vm, dst.address, MigrationOptions(), probes=session).run()
+    assert report.status == "completed" and report.probes is not None
+    why = {u["event"]: u["reason"] for u in report.probes.unavailable}
+    assert "watching the destination failed: " in why["destination"] and "no /proc here" in why["destination"]

@@ -682,8 +682,9 @@ int vfmig_pci_handshake(struct vfmig_pci_func *f, uint64_t deadline_ns, struct v
     f->hs.deadline_ns = deadline_ns;
     f->hs.raised_ns = vfmig_now_ns();
     uint32_t vec = cfg_get(f, o + VFMIG_MIGCAP_IRQ); /* < msix_nvec: config_write and check keep it so */
-    pthread_mutex_unlock(&f->config_lock);
+    /* Before the unlock: a guest that polls VMM_STATUS may ack as soon as it is released. */
     VFMIG_USDT(handshake_raise, func_bdf(f), vec, deadline_ns);
+    pthread_mutex_unlock(&f->config_lock);
     vfmig_pci_msix_notify(f, vec); /* msix_lock briefly; masked: pending in the PBA, as hardware */
 
     /* No lock held from here: the vCPU that writes the ack takes config_lock, the interrupt

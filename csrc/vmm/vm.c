@@ -135,6 +135,7 @@ static int enable_dirty_mode(struct vfmig_vm *vm, struct vfmig_err *err)
 
 int vfmig_vm_create(const struct vfmig_vm_config *cfg, struct vfmig_vm **out, struct vfmig_err *err)
 {
+    vfmig_checkpoint_prepare(); /* a destination's first checkpoint is inside the downtime */
     int r = check_config(cfg, err);
     if (r < 0)
         return r;

@@ -176,6 +176,7 @@ class Migration:
         self._probes = probes
         self._own_probes = False
         self._dst_pid: int | None = None
+        self._probe_note: str | None = None
 
     def cancel(self) -> None:
         """Any thread: stop at the next record or phase boundary; the source keeps running."""
@@ -195,6 +196,13 @@ class Migration:
         r.channels, r.max_downtime_ms = self.opts.channels, self.opts.policy.max_downtime_ms
         r.bandwidth_limit_Bps = self.opts.bandwidth
         self._attach_probes()  # compiling them is not part of the migration's time
+        try:
+            return self._migrate(host, port)
+        finally:
+            self._detach_probes()  # however it ended, even on Ctrl-C
+
+    def _migrate(self, host: str, port: int) -> Report:
+        r = self.report
         t0 = time.monotonic_ns()
         try:
             self._setup(host, port)
@@ -219,7 +227,6 @@ class Migration:
                 r.error = f"{r.error}; {IN_DOUBT}"
             if not_resumed:
                 r.error = f"{r.error}; {not_resumed}"
-            self._detach_probes()
             raise (CommitError if committed else MigrationError)(r.error) from e
         # The guest runs on the destination now: nothing below can fail the migration.
         r.status = "completed"
@@ -232,29 +239,47 @@ class Migration:
             r.verification.method += f" (incomplete: {e})"
         finally:
             self._close()
-            self._detach_probes()
         return r
 
     # kernel probes (outside the migration's timings) -----------------------------------------------
     def _attach_probes(self) -> None:
-        if self._probes is None and self.opts.probes:
-            from vfmig.observe.probes import ProbeSession
+        """Probes never fail a migration: whatever goes wrong here ends up in report.probes."""
+        try:
+            if self._probes is None and self.opts.probes:
+                from vfmig.observe.probes import ProbeSession
 
-            self._probes, self._own_probes = ProbeSession(), True
-            self._probes.start([os.getpid()])
-        elif self._probes is not None:
-            self._probes.watch(os.getpid())
-            self._probes.reset()
+                self._probes, self._own_probes = ProbeSession(), True
+                self._probes.start([os.getpid()])
+            elif self._probes is not None:
+                self._probes.watch(os.getpid())
+                self._probes.reset()
+        except Exception as e:  # noqa: BLE001
+            self._probe_failed(f"attaching the probes failed: {_describe(e)}")
 
     def _watch_peer(self) -> None:
-        """The destination's process, when it is on this host: the probes watch it too."""
+        """The destination's process, when it is on this host: the probes watch it too. (A local
+        proxy in between is taken for the destination; it runs no guest, so the report then
+        has no kernel downtime.)"""
         if self._probes is None or self._ctrl is None:
             return
         from vfmig.observe.peer import local_peer_pid
 
-        self._dst_pid = local_peer_pid(self._ctrl.sock)
-        if self._dst_pid is not None:
-            self._probes.watch(self._dst_pid)
+        try:
+            self._dst_pid = local_peer_pid(self._ctrl.sock)
+            if self._dst_pid is not None:
+                self._probes.watch(self._dst_pid)
+        except Exception as e:  # noqa: BLE001 - the migration goes on; the report says why
+            self._dst_pid, self._probe_note = None, f"watching the destination failed: {_describe(e)}"
+
+    def _probe_failed(self, why: str) -> None:
+        from vfmig.report.probes import ProbeReport
+
+        backend = self._probes.backend if self._probes is not None else "none"
+        self.report.probes = ProbeReport(backend=backend, error=why)
+        if self._own_probes and self._probes is not None:
+            with contextlib.suppress(Exception):
+                self._probes.close()
+        self._probes = None
 
     def _detach_probes(self) -> None:
         """Once the destination ran (or the migration ended): what the kernel saw, into the report."""
@@ -273,13 +298,13 @@ class Migration:
             rep = ProbeReport(backend=self._probes.backend, error=f"reading the probes failed: {_describe(e)}")
         try:
             if dst is None and rep.error is None:
-                rep.unavailable.append(
-                    {"event": "destination", "reason": "not a process on this host: run `vfmig probe` there"}
-                )
+                why = self._probe_note or "not a process on this host: run `vfmig probe` there"
+                rep.unavailable.append({"event": "destination", "reason": why})
             self.report.probes = rep
         finally:
             if self._own_probes:
-                self._probes.close()
+                with contextlib.suppress(Exception):
+                    self._probes.close()
             self._probes = None
 
     # phases ------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ from vfmig.report.probes import Histogram, ProbeReport, log2_buckets
 SETS = ("downtime", "irqlat", "handshake")
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+# With these on, most EOIs of edge-triggered interrupts complete in hardware without an exit.
+APIC_VIRT = (
+    ("/sys/module/kvm_intel/parameters/enable_apicv", "APICv"),
+    ("/sys/module/kvm_amd/parameters/avic", "AVIC"),
+)
 USDT_PROVIDER = "vfmig"
 
 
@@ -80,6 +85,7 @@ EVENTS = (
     Event("MSI into KVM", "irqlat", (_tp("kvm", "kvm_msi_set_irq"),)),
     Event("LAPIC accept", "irqlat", (_tp("kvm", "kvm_apic_accept_irq"),)),
     Event("guest EOI", "irqlat", (_tp("kvm", "kvm_eoi"),)),
+    Event("guest PV EOI", "irqlat", (_tp("kvm", "kvm_pv_eoi"),)),
     Event("handshake raise", "handshake", (_usdt("handshake_raise"),)),
     Event("handshake ack", "handshake", (_usdt("handshake_ack"),)),
     Event("handshake end", "handshake", (_usdt("handshake_end"),)),
@@ -127,6 +133,15 @@ def usdt_library(pid: int) -> str | None:
             name = os.path.basename(path)
             if name.startswith("_core") and ".so" in name and "/vfmig/" in path:
                 return path
+    return None
+
+
+def apic_virtualization() -> str | None:
+    """APICv or AVIC if KVM has it on (then EOIs mostly do not exit), else None."""
+    for path, name in APIC_VIRT:
+        with contextlib.suppress(OSError), open(path) as f:
+            if f.read().strip() in ("Y", "1"):
+                return name
     return None
 
 
@@ -241,8 +256,14 @@ class ProbeSession:
         pids = list(pids)
         try:
             self._start_bcc(pids)
-        except ProbesUnavailable as e:
-            self._fallback_reason = [{"event": "BPF probes", "reason": str(e)}]
+        except Exception as e:  # noqa: BLE001 - whatever bcc raised, fall back and say why
+            if self._b is not None:
+                with contextlib.suppress(Exception):
+                    self._b.cleanup()
+            self._b, self.plan, self._usdt_lib = None, None, None
+            self._close_stats()
+            why = str(e) if isinstance(e, ProbesUnavailable) else f"bcc failed: {type(e).__name__}: {e}"
+            self._fallback_reason = [{"event": "BPF probes", "reason": why}]
             self._start_tracefs(pids)
         self._t0 = time.monotonic_ns()
 
@@ -279,8 +300,13 @@ class ProbeSession:
                 if m.kind == "kprobe":
                     self._b.attach_kprobe(event=m.point.encode(), fn_name=m.fn.encode())
         except Exception as e:  # noqa: BLE001 - a compile or attach failure: fall back, say why
+            if self._b is not None:
+                with contextlib.suppress(Exception):
+                    self._b.cleanup()
+            self._b, self.plan, self._usdt_lib = None, None, None
             self._close_stats()
-            raise ProbesUnavailable(f"bcc could not load the probes: {str(e).strip().splitlines()[-1]}") from None
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise ProbesUnavailable(f"bcc could not load the probes: {last}") from None
         self.backend = "bcc"
         for pid in pids:
             self.watch(pid)
@@ -381,6 +407,14 @@ class ProbeSession:
         rep = ProbeReport(backend=self.backend, unavailable=list(self._fallback_reason))
         if self.plan is not None:
             rep.attached, rep.unavailable = self.plan.attached(), rep.unavailable + self.plan.unavailable
+            if "irqlat" in self.sets and (virt := apic_virtualization()):
+                rep.unavailable.append(
+                    {
+                        "event": "guest EOI",
+                        "reason": f"{virt} is on: most EOIs of edge interrupts do not exit, so 'irq handled' "
+                        "misses them and their raises stay pending (counted as untimed)",
+                    }
+                )
         elif self._fallback is not None:
             rep.attached = self._fallback.attached()
             rep.unavailable += self._fallback.unavailable()
@@ -420,19 +454,19 @@ class ProbeSession:
         if "irqlat" in self.sets:
             counts = {n: b[b"irq_counts"][ctypes.c_int(i)].value for i, n in enumerate(IRQ_COUNTS)}
             rep.irq_counts = counts
-            srcs = {(k.tgid, k.vec): v for k, v in b[b"vec_src"].items()}
+            srcs = {(k.tgid, k.apic, k.vec): v for k, v in b[b"vec_src"].items()}
             fired["device raise (emulated)"] = sum(v.raises for v in srcs.values())
             fired["device raise (vfio-msix)"] = counts["vfio_msix"]
             fired.update(
                 {"MSI into KVM": counts["msi"], "LAPIC accept": counts["accepted"], "guest EOI": counts["eoi"]}
             )
-            groups: dict[tuple[int, int, int], dict[int, int]] = {}
+            groups: dict[tuple[int, int, int, int], dict[int, int]] = {}
             for k, v in b[b"irq_hist"].items():
-                groups.setdefault((k.tgid, k.vec, k.stage), {})[k.slot] = v.value
-            for (pid, vec, stage), sl in sorted(groups.items()):
+                groups.setdefault((k.tgid, k.apic, k.vec, k.stage), {})[k.slot] = v.value
+            for (pid, apic, vec, stage), sl in sorted(groups.items()):
                 bk = log2_buckets(sl)
-                h = Histogram(IRQ_STAGES[stage], pid, sum(x[2] for x in bk), bk, vector=vec)
-                s = srcs.get((pid, vec))
+                h = Histogram(IRQ_STAGES[stage], pid, sum(x[2] for x in bk), bk, vector=vec, apic=apic)
+                s = srcs.get((pid, apic, vec))
                 if s is not None:
                     h.device = f"{s.bdf >> 8:02x}:{(s.bdf >> 3) & 0x1F:02x}.{s.bdf & 7}"
                     h.entry = s.entry

@@ -79,12 +79,12 @@ def _first_in(r: RunRecord) -> int:
 
 
 def _by_vcpu(records: list[RunRecord]) -> dict[int, RunRecord]:
-    """vCPU index -> record, from thread names, else in the order the threads first ran."""
+    """vCPU index -> record, from thread names, else by thread id (VMMs create their vCPU
+    threads in index order; when each first ran after the probes attached says nothing)."""
     named = {vcpu_index(r.comm): r for r in records}
     if None not in named and len(named) == len(records):
         return {k: v for k, v in named.items() if k is not None}
-    ordered = sorted(records, key=lambda r: (_first_in(r) or r.first_exit, r.tid))
-    return dict(enumerate(ordered))
+    return dict(enumerate(sorted(records, key=lambda r: r.tid)))
 
 
 def downtime(records: Iterable[RunRecord], src: Side, dst: Side) -> KernelDowntime | None:

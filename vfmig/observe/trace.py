@@ -429,18 +429,31 @@ def record(tool: str, output: str, command: Sequence[str]) -> tuple[int, Recordi
     root = _tracefs()
     if root is None:
         raise HostError("tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
-    with _recording(tool, output, root) as rec:
-        rec.start()
-        child = subprocess.Popen([sys.executable, "-m", "vfmig", *command])
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C reached the migrate command too (the recorder runs in its own session):
-            # it ends the migration its own way; the trace of it is still worth keeping.
-            code = child.wait()
-        rec.stop()
-        markers = rec.count_markers()
-        return code, Recording(tool, output, markers, rec.open_with(), rec.notes)
+    # SIGTERM or SIGHUP must also end with the recorder stopped and its probes removed (the
+    # context manager's cleanup), not leave it recording the whole host.
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with _recording(tool, output, root) as rec:
+            rec.start()
+            child = subprocess.Popen([sys.executable, "-m", "vfmig", *command])
+            while True:
+                try:
+                    code = child.wait()
+                    break
+                except KeyboardInterrupt:
+                    # Ctrl-C reached the migrate command too (the recorder runs in its own
+                    # session): it ends the migration its own way, and the trace of it is worth
+                    # keeping, however often Ctrl-C is pressed meanwhile.
+                    continue
+            rec.stop()
+            markers = rec.count_markers()
+            return code, Recording(tool, output, markers, rec.open_with(), rec.notes)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:

@@ -293,7 +293,9 @@ class TracefsSession:
         with self._lock:
             self._drain()
             floor = time.monotonic_ns()
-            self._parser = RunParser(pids=self._parser.pids, floor_ns=floor)
+            # Runs under way stay open: a vCPU in one long KVM_RUN since before the reset (halted,
+            # or preempted) must still have its exit recorded when it stops.
+            self._parser = RunParser(pids=self._parser.pids, floor_ns=floor, in_run=dict(self._parser.in_run))
             self._backlog, self._backlog_bytes, self._partial = [], 0, b""
             self.lost_events = 0
             self._stats_base = self._dropped()

@@ -5,6 +5,7 @@ source and a destination, the downtime of the migration between them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -54,8 +55,8 @@ def _sides(pids: list[int]) -> tuple[Side | None, Side | None]:
     return (Side(pids[0]), Side(pids[1])) if len(pids) == 2 else (None, None)
 
 
-def _key(h: Histogram) -> tuple[str, int, int | None]:
-    return (h.what, h.pid, h.vector)
+def _key(h: Histogram) -> tuple[str, int, int | None, int | None]:
+    return (h.what, h.pid, h.apic, h.vector)
 
 
 def _delta(h: Histogram, before: Histogram | None) -> Histogram:
@@ -64,13 +65,13 @@ def _delta(h: Histogram, before: Histogram | None) -> Histogram:
         return h
     old = {(lo, hi): n for lo, hi, n in before.buckets}
     buckets = [[lo, hi, n - old.get((lo, hi), 0)] for lo, hi, n in h.buckets if n - old.get((lo, hi), 0) > 0]
-    return Histogram(h.what, h.pid, sum(b[2] for b in buckets), buckets, h.vector, h.device, h.entry)
+    return dataclasses.replace(h, total=sum(b[2] for b in buckets), buckets=buckets)
 
 
 class _Printer:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.prev: dict[tuple[str, int, int | None], Histogram] = {}
+        self.prev: dict[tuple[str, int, int | None, int | None], Histogram] = {}
         self.downtime_said = False
 
     def interval(self, rep: ProbeReport) -> None:

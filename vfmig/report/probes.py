@@ -6,15 +6,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def slot_bounds(i: int) -> tuple[int, int]:
+    """The values bcc's bpf_log2l() puts in slot i: it returns floor(log2(v)) + 1 for v >= 1
+    and 1 for 0, so slot 1 holds 0 and 1, slot i >= 2 holds 2^(i-1) .. 2^i - 1 (slot 0 none)."""
+    if i <= 1:
+        return (0, 1) if i == 1 else (0, 0)
+    return (1 << (i - 1), (1 << i) - 1)
+
+
 def log2_buckets(slots: dict[int, int]) -> list[list[int]]:
-    """bcc log2 slots -> [[low, high, count], ...] in the histogram's unit, empty ones left out.
-    Slot 0 holds 0; slot i holds 2^(i-1) .. 2^i - 1."""
-    out = []
-    for i in sorted(slots):
-        if slots[i]:
-            lo, hi = (0, 0) if i == 0 else (1 << (i - 1), (1 << i) - 1)
-            out.append([lo, hi, slots[i]])
-    return out
+    """bcc log2 slots -> [[low, high, count], ...] in the histogram's unit, empty ones left out."""
+    return [[*slot_bounds(i), slots[i]] for i in sorted(slots) if slots[i]]
 
 
 def bucket_quantile(buckets: list[list[int]], q: float) -> list[int] | None:
@@ -39,12 +41,15 @@ class Histogram:
     total: int
     buckets: list[list[int]]  # [[low_us, high_us, count], ...]
     vector: int | None = None  # guest interrupt vector
+    apic: int | None = None  # the local APIC (vCPU) it was sent to: vectors are per APIC
     device: str | None = None  # the raising function (bus:dev.fn) and its MSI-X entry, when known
     entry: int | None = None
 
     def summary(self) -> str:
         med, p99 = bucket_quantile(self.buckets, 0.5), bucket_quantile(self.buckets, 0.99)
         where = f" vector {self.vector:#x}" if self.vector is not None else ""
+        if self.apic is not None:
+            where += f" on APIC {self.apic}"
         if self.device is not None:
             where += f" ({self.device} entry {self.entry})"
         if med is None or p99 is None:

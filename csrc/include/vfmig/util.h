@@ -29,4 +29,8 @@ static inline uint64_t vfmig_now_ns(void)
  * failed write is ignored), and returns t_ns. Any thread, lock-free; never fails. */
 uint64_t vfmig_checkpoint(const char *name);
 
+/* Opens what checkpoints write to now, so the first checkpoint (which can fall inside a
+ * downtime) does not pay for it. Thread-safe, idempotent; nothing to report. */
+void vfmig_checkpoint_prepare(void);
+
 #endif
