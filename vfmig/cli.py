@@ -207,6 +207,14 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iterations", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=120.0, metavar="S")
     p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
+    p.add_argument(
+        "--limit-action",
+        choices=("force", "cancel"),
+        default="force",
+        help="when the downtime limit cannot be met (precopy stops converging, or --max-iterations/--time-limit "
+        "is reached): stop anyway and report the limit exceeded (force, default), or end the migration with "
+        "the source running (cancel)",
+    )
     p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
     p.add_argument(
@@ -252,6 +260,7 @@ def migration_options(args: argparse.Namespace) -> Any:
             max_iterations=args.max_iterations,
             time_limit_s=args.time_limit,
             auto_converge=args.auto_converge,
+            limit_action=args.limit_action,
         ),
     )
 
@@ -328,6 +337,8 @@ def _progress(event: str, data: dict[str, Any]) -> None:
         print(f"  guest handshake: {took} (deadline {data['deadline_ms']} ms)", file=sys.stderr)
     elif event == "resumed":
         print(f"  guest resumed on {data['on']}", file=sys.stderr)
+    elif event == "remedy":
+        print(f"  round {data['iteration']}: {data['remedy']} ({data['detail']})", file=sys.stderr)
     elif event == "cancel":
         if data.get("accepted"):
             print("  cancelling the migration (Ctrl-C again to stop waiting for the outcome)", file=sys.stderr)

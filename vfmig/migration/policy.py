@@ -1,4 +1,5 @@
-"""When to stop iterating: estimate the dirty rate and bandwidth, predict the downtime."""
+"""When to stop iterating: estimate the dirty rate and bandwidth, predict the downtime, notice
+early when precopy is not converging, and keep the downtime limit's promise (limit_action)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ PAGE_SIZE = 4096
 # Fixed cost of the stop phase beyond the final pages (pausing, device and vCPU state, load,
 # start), measured on this micro-VM at ~1-2 ms; used so tiny limits still predict honestly.
 STOP_OVERHEAD_MS = 2.0
+# What to do when the downtime limit cannot be met (like Nova's live_migration_timeout_action).
+# The default is force: an evacuation must finish, a VM with an assigned VF cannot fall back to
+# postcopy, and once precopy has stopped converging more rounds do not shorten the stop, they
+# only spend time and bandwidth; the report and the CLI then say loudly that the limit was
+# exceeded (downtime_limit_exceeded). Callers bound by the limit choose cancel: the migration
+# ends and the source keeps running.
+LIMIT_ACTIONS = ("force", "cancel")
 
 
 @dataclass
@@ -21,6 +29,8 @@ class Policy:
     throttle_initial: int = 20  # QEMU's cpu-throttle-initial
     throttle_increment: int = 10  # QEMU's cpu-throttle-increment
     throttle_max: int = 99
+    limit_action: str = "force"  # see LIMIT_ACTIONS
+    stall_rounds: int = 3  # rounds without the dirty set shrinking, on a busy link: not converging
 
     def validate(self) -> None:
         if not 0 < self.max_downtime_ms <= 600_000:
@@ -29,6 +39,10 @@ class Policy:
             raise ConfigError(f"max iterations must be 1..10000, got {self.max_iterations}")
         if not 0 < self.time_limit_s <= 86_400:
             raise ConfigError(f"time limit must be in (0, 86400] s, got {self.time_limit_s:g}")
+        if self.limit_action not in LIMIT_ACTIONS:
+            raise ConfigError(f"limit action must be one of {', '.join(LIMIT_ACTIONS)}, got {self.limit_action!r}")
+        if not 1 <= self.stall_rounds <= 100:
+            raise ConfigError(f"stall rounds must be 1..100, got {self.stall_rounds}")
 
     @staticmethod
     def final_dirty_pages(
@@ -71,3 +85,33 @@ class Policy:
         if current == 0:
             return self.throttle_initial
         return min(current + self.throttle_increment, self.throttle_max)
+
+
+@dataclass
+class ConvergenceWatch:
+    """Is precopy getting anywhere? Each round's dirty set should come out smaller; when it has
+    not fallen 10% below its smallest for `rounds` rounds while the link ran at 70% or more of
+    its best rate (the link, not something else, is what the guest outpaces), precopy is not
+    converging, and more of the same rounds will not make the stop shorter."""
+
+    rounds: int = 3
+    smallest: float = float("inf")
+    best_bandwidth: float = 0.0
+    flat: int = 0  # rounds since the dirty set last shrank
+
+    def observe(self, dirty_pages: int, bandwidth_Bps: float) -> bool:
+        """One round's dirty set and link rate; True when not converging."""
+        self.best_bandwidth = max(self.best_bandwidth, bandwidth_Bps)
+        busy = bandwidth_Bps >= 0.7 * self.best_bandwidth > 0
+        if dirty_pages < 0.9 * self.smallest or not busy:
+            self.smallest = min(self.smallest, float(dirty_pages))
+            self.flat = 0
+            return False
+        self.smallest = min(self.smallest, float(dirty_pages))
+        self.flat += 1
+        return self.flat >= self.rounds
+
+    def restart(self) -> None:
+        """A remedy engaged: give it `rounds` rounds to show."""
+        self.flat = 0
+        self.smallest = float("inf")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from vfmig import _core
 from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
-from vfmig.migration.policy import Policy
+from vfmig.migration.policy import ConvergenceWatch, Policy
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
     PHASE_STOPCOPY,
@@ -50,6 +50,7 @@ from vfmig.migration.wire import (
     parse_uri,
 )
 from vfmig.report.model import Checkpoint, DeviceReport, GuestReport, HandshakeReport, Iteration, Report
+from vfmig.units import human_bytes
 from vfmig.vm import MicroVM, check_pause_timeout
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ class CommitError(MigrationError):
 Progress = Callable[[str, dict[str, Any]], None]
 
 
+class LimitCancelled(MigrationError):
+    """The downtime limit could not be met and the limit action is cancel: the source runs on."""
+
+
 @dataclass
 class _Device:
     """A device with a migration state machine, as this migration drives it."""
@@ -194,6 +199,7 @@ class Migration:
         cfg = self.vm.config
         r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, GuestReport(cfg.guest), cfg.tracker
         r.channels, r.max_downtime_ms = self.opts.channels, self.opts.policy.max_downtime_ms
+        r.downtime_limit_ms, r.limit_action = self.opts.policy.max_downtime_ms, self.opts.policy.limit_action
         r.bandwidth_limit_Bps = self.opts.bandwidth
         self._attach_probes()  # compiling them is not part of the migration's time
         try:
@@ -219,7 +225,8 @@ class Migration:
             finally:
                 self._close()
             committed = self._committed
-            r.status = "in_doubt" if committed else "cancelled" if self._cancel.is_set() else "failed"
+            cancelled = self._cancel.is_set() or isinstance(e, LimitCancelled)
+            r.status = "in_doubt" if committed else "cancelled" if cancelled else "failed"
             r.error = reason or (str(e) if isinstance(e, VfmigError) else _describe(e))
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -227,18 +234,21 @@ class Migration:
                 r.error = f"{r.error}; {IN_DOUBT}"
             if not_resumed:
                 r.error = f"{r.error}; {not_resumed}"
-            raise (CommitError if committed else MigrationError)(r.error) from e
+            cls = CommitError if committed else LimitCancelled if isinstance(e, LimitCancelled) else MigrationError
+            raise cls(r.error) from e
         # The guest runs on the destination now: nothing below can fail the migration.
         r.status = "completed"
         r.total_time_ms = (time.monotonic_ns() - t0) / 1e6
         r.throughput_Bps = r.bytes_sent / (r.total_time_ms / 1e3) if r.total_time_ms else 0.0
         r.finish_timings()
+        r.judge_limit()
         try:
             self._complete()
         except VfmigError as e:
             r.verification.method += f" (incomplete: {e})"
         finally:
             self._close()
+        r.judge_limit()  # again, with the guest's own figure
         return r
 
     # kernel probes (outside the migration's timings) -----------------------------------------------
@@ -348,6 +358,7 @@ class Migration:
         policy, sender, r = self.opts.policy, self._sender, self.report
         assert sender is not None
         throttle = 0
+        watch = ConvergenceWatch(policy.stall_rounds)
         last_collect = time.monotonic_ns()
         bytes_per_page, bandwidth = 4096.0, 0.0
         index = 0
@@ -367,13 +378,32 @@ class Migration:
                 else float("inf")
             )
             if index > 1:
-                reason = policy.should_stop(index - 1, (now - t0) / 1e9, predicted, handshake_ms)
-                if reason:
+                elapsed_ms = (now - t0) / 1e6
+                reason = policy.should_stop(index - 1, elapsed_ms / 1e3, predicted, handshake_ms)
+                if reason and predicted <= policy.max_downtime_ms:
                     r.stop_reason = reason
-                    return  # the collected pages go with the final round
-                throttle = policy.throttle(throttle, dirty_rate * bytes_per_page, bandwidth)
-                if throttle:
+                    return  # converged: the collected pages go with the final round
+                stalled = watch.observe(dirty, bandwidth)
+                if stalled and policy.auto_converge and throttle < policy.throttle_max:
+                    # The next remedy: throttle harder now (delta pages, the first, are not built yet).
+                    throttle = policy.throttle(throttle, float("inf"), bandwidth)
+                    self._remedy("throttle", index, elapsed_ms, f"not converging: throttle to {throttle}%")
                     self.vm.core.set_throttle(throttle)
+                    watch.restart()
+                elif stalled or reason:
+                    why = reason or (
+                        f"not converging: the dirty set has not shrunk in {policy.stall_rounds} rounds "
+                        f"at {human_bytes(bandwidth)}/s"
+                    )
+                    self._limit_action(why, index, elapsed_ms, predicted)
+                    return
+                else:
+                    before = throttle
+                    throttle = policy.throttle(throttle, dirty_rate * bytes_per_page, bandwidth)
+                    if throttle:
+                        self.vm.core.set_throttle(throttle)
+                    if throttle and not before:
+                        self._remedy("throttle", index, elapsed_ms, f"dirtying faster than the link: {throttle}%")
             st = sender.send_round(zero_copy=False)
             sender.send_marker(index, dirty)
             device_bytes = self._drain_precopy()
@@ -407,6 +437,24 @@ class Migration:
                     "predicted_downtime_ms": predicted,
                 },
             )
+
+    def _remedy(self, name: str, iteration: int, at_ms: float, detail: str) -> None:
+        event = {"remedy": name, "iteration": iteration, "at_ms": round(at_ms, 1), "detail": detail}
+        self.report.remedies.append(event)
+        self.progress("remedy", event)
+
+    def _limit_action(self, why: str, iteration: int, at_ms: float, predicted_ms: float) -> None:
+        """The downtime limit cannot be met: stop anyway (force, the report says so) or end the
+        migration with the source running (cancel)."""
+        policy, r = self.opts.policy, self.report
+        action = policy.limit_action
+        self._remedy(f"limit action: {action}", iteration, at_ms, f"{why}; predicted downtime {predicted_ms:.1f} ms")
+        if action == "cancel":
+            raise LimitCancelled(
+                f"cancelled: the {policy.max_downtime_ms:g} ms downtime limit cannot be met ({why}; predicted "
+                f"downtime {predicted_ms:.1f} ms); --limit-action force would have stopped the guest anyway"
+            )
+        r.stop_reason = f"{why}; stopping anyway (limit action force, predicted {predicted_ms:.1f} ms)"
 
     def _stop_and_copy(self) -> None:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm

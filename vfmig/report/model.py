@@ -159,6 +159,11 @@ class Report:
     tracker: str = ""
     channels: int = 1
     max_downtime_ms: float = 0.0
+    downtime_limit_ms: float = 0.0  # the same limit, under the name the convergence report uses
+    # True when the downtime (the engine's or the guest's, whichever is longer) went past it.
+    downtime_limit_exceeded: bool | None = None
+    limit_action: str = ""  # what the policy does when the limit cannot be met: force or cancel
+    remedies: list[dict[str, Any]] = field(default_factory=list)  # {remedy, iteration, at_ms, detail}, in order
     bandwidth_limit_Bps: int = 0
     stop_reason: str = ""
     total_time_ms: float = 0.0
@@ -177,6 +182,16 @@ class Report:
     handshake: HandshakeReport | None = None  # None: no device with a pre-stop hook
     destination: dict[str, Any] = field(default_factory=dict)
     probes: ProbeReport | None = None  # what the kernel saw (MigrationOptions.probes)
+
+    def _limit_lines(self) -> list[str]:
+        lines = [f"  remedy        round {m['iteration']}: {m['remedy']} ({m['detail']})" for m in self.remedies]
+        if self.downtime_limit_exceeded:
+            worst = max(d for d in (self.downtime_ms, self.guest_observed_downtime_ms) if d is not None)
+            lines.append(
+                f"  WARNING       the downtime ({worst:.1f} ms) exceeded the {self.downtime_limit_ms:g} ms limit "
+                f"(limit action {self.limit_action or '?'})"
+            )
+        return lines
 
     def checkpoint(self, name: str) -> int | None:
         for c in self.checkpoints:
@@ -201,6 +216,13 @@ class Report:
             dst_device_load_ms=span("dst-ram-loaded", "dst-device-loaded"),
             dst_start_ms=span("dst-device-loaded", "dst-vm-started"),
         )
+
+    def judge_limit(self) -> None:
+        """Whether the stop broke the downtime limit, by the longer of the engine's and the
+        guest's figures (the guest's is what it felt)."""
+        seen = [d for d in (self.downtime_ms, self.guest_observed_downtime_ms) if d is not None]
+        if seen and self.downtime_limit_ms:
+            self.downtime_limit_exceeded = max(seen) > self.downtime_limit_ms
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,6 +271,7 @@ class Report:
                 if self.guest_observed_downtime_ms is not None
                 else ""
             ),
+            *self._limit_lines(),
             f"  sent          {human_bytes(self.bytes_sent)} at {human_bytes(self.throughput_Bps)}/s",
             "  iterations    #   dirty      sent      zero     bytes       ms   dirty/s     B/s",
         ]

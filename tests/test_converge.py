@@ -1,0 +1,150 @@
+"""A policy that keeps its word (issue 10): precopy that stops converging is noticed within a few
+rounds, the enabled remedies are tried in order, and then the limit action decides: force
+(stop anyway, and say the limit was exceeded) or cancel (the source runs on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.helpers import keeps_running, wait_running
+from vfmig.errors import ConfigError
+from vfmig.migration import Incoming, LimitCancelled, MigrationOptions, migrate
+from vfmig.migration.policy import ConvergenceWatch, Policy
+from vfmig.testing import serve_destination
+from vfmig.vm import MicroVM
+
+needs_kvm = pytest.mark.usefixtures("kvm")
+
+# The dirtier rewrites 32 MiB as fast as it can (GB/s) over a 100 MB/s link: every round finds
+# the whole working set dirty again, so the predicted stop (~330 ms) never nears the limit.
+WSS = 32 << 20
+LINK = 100_000_000
+LIMIT_MS = 5.0
+
+
+def _vm() -> MicroVM:
+    return MicroVM(memory="128M", guest="dirtier", wss_bytes=WSS)
+
+
+def _opts(**policy: object) -> MigrationOptions:
+    return MigrationOptions(bandwidth=LINK, verify=True, policy=Policy(**{"max_downtime_ms": LIMIT_MS, **policy}))
+
+
+# ---- the watch ---------------------------------------------------------------------------------
+
+
+def test_a_shrinking_dirty_set_is_converging() -> None:
+    w = ConvergenceWatch(rounds=3)
+    assert not any(w.observe(d, 100e6) for d in (8000, 6000, 4000, 2500, 1500, 800))
+
+
+def test_a_flat_dirty_set_on_a_busy_link_is_not_converging_after_exactly_n_rounds() -> None:
+    w = ConvergenceWatch(rounds=3)
+    seen = [w.observe(d, 100e6) for d in (8192, 8100, 8192, 8000, 8192)]
+    assert seen == [False, False, False, True, True]  # the first round sets the mark; 3 flat ones follow
+    w.restart()
+    assert [w.observe(8192, 100e6) for _ in range(4)] == [False, False, False, True]
+
+
+def test_a_flat_dirty_set_on_an_idle_link_is_not_blamed_on_the_link() -> None:
+    """When a round ran well below the link's best rate, something else held it back."""
+    w = ConvergenceWatch(rounds=2)
+    assert [w.observe(8192, bw) for bw in (100e6, 20e6, 100e6, 30e6, 100e6)] == [False] * 5
+
+
+def test_limit_action_is_checked() -> None:
+    with pytest.raises(ConfigError, match="limit action must be one of force, cancel"):
+        Policy(limit_action="ignore").validate()
+    out = run_cli("migrate", "--to", "tcp://127.0.0.1:1", "--limit-action", "ignore")
+    assert out.returncode == 2 and "--limit-action" in out.stderr
+
+
+# ---- the limit action ----------------------------------------------------------------------------
+
+
+@needs_kvm
+def test_cancel_ends_a_migration_that_cannot_meet_its_limit_early_and_the_source_runs_on() -> None:
+    """Every remedy off, limit action cancel: cancelled with a clear message within a few rounds
+    of the dirty set going flat (not after max_iterations), the destination never ran the guest,
+    and the source keeps running."""
+    opts = _opts(limit_action="cancel", max_iterations=30)
+    with _vm() as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        with pytest.raises(LimitCancelled) as ei:
+            migrate(vm, dst.address, opts)
+        msg = str(ei.value)
+        assert f"the {LIMIT_MS:g} ms downtime limit cannot be met (not converging" in msg, msg
+        assert keeps_running(vm), "the source must keep running"
+        dst.done.wait(30)
+        assert not isinstance(dst.result, Incoming), "the destination must not run the guest"
+
+
+@needs_kvm
+def test_cancel_reports_cancelled_with_the_rounds_it_took() -> None:
+    from vfmig.migration.source import Migration
+
+    with _vm() as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        m = Migration(vm, dst.address, _opts(limit_action="cancel"))
+        with pytest.raises(LimitCancelled):
+            m.run()
+        assert keeps_running(vm)
+    r = m.report
+    assert r.status == "cancelled" and r.error is not None and "cannot be met" in r.error
+    # Round 1 sends all of RAM; from round 2 the dirty set is flat: 3 flat rounds, then the action.
+    assert len(r.iterations) <= 1 + Policy().stall_rounds + 1, [i.dirty_pages for i in r.iterations]
+    assert [x["remedy"] for x in r.remedies] == ["limit action: cancel"], r.remedies
+
+
+@needs_kvm
+def test_force_stops_anyway_and_says_the_limit_was_exceeded() -> None:
+    with _vm() as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        r = migrate(vm, dst.address, _opts(limit_action="force"))
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed" and r.verification.memory_match is True
+    assert r.downtime_ms is not None and r.downtime_ms > LIMIT_MS
+    assert r.downtime_limit_exceeded is True and r.downtime_limit_ms == LIMIT_MS and r.limit_action == "force"
+    assert [x["remedy"] for x in r.remedies] == ["limit action: force"], r.remedies
+    assert "not converging" in r.stop_reason and len(r.iterations) <= 1 + Policy().stall_rounds + 2
+    assert f"exceeded the {LIMIT_MS:g} ms limit (limit action force)" in r.summary()
+    d = r.to_dict()
+    assert d["downtime_limit_exceeded"] is True and d["remedies"][0]["iteration"] >= 2
+
+
+@needs_kvm
+def test_a_migration_within_its_limit_says_so() -> None:
+    """The check can say no: an idle guest meets a 300 ms limit without any remedy."""
+    with MicroVM(memory="64M", guest="idle") as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        r = migrate(vm, dst.address, MigrationOptions(policy=Policy(limit_action="cancel")))
+    assert r.downtime_limit_exceeded is False and r.remedies == [] and "WARNING" not in r.summary()
+
+
+@needs_kvm
+def test_throttling_is_tried_before_the_limit_action_and_a_throttled_stop_is_not_hidden() -> None:
+    """With auto-converge on, throttling is the remedy the policy uses first (the limit action
+    comes only once the throttle is at its maximum and the dirty set is still flat); here it
+    makes precopy converge. But at 99% a vCPU sleeps 990 ms for every 10 ms it runs, and the
+    sleep under way at the stop is an outage the guest feels although the engine's downtime is
+    a few ms: the report must say the limit was exceeded, by the guest's own clock. (Cutting
+    that sleep short before the stop is the next step of issue 10.)"""
+    with _vm() as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        try:
+            r = migrate(vm, dst.address, _opts(limit_action="cancel", auto_converge=True, max_downtime_ms=50))
+        except LimitCancelled:
+            pytest.fail("throttling at up to 99% must bring a 32 MiB working set under 50 ms at 100 MB/s")
+    names = [x["remedy"] for x in r.remedies]
+    assert names and names[0] == "throttle" and "limit action: cancel" not in names, r.remedies
+    assert r.status == "completed" and r.verification.memory_match is True
+    assert r.stop_reason.startswith("predicted downtime") and r.downtime_ms is not None and r.downtime_ms <= 50
+    guest = r.guest_observed_downtime_ms
+    assert guest is not None and r.downtime_limit_exceeded is (guest > 50), (r.downtime_ms, guest)
+    if r.downtime_limit_exceeded:
+        assert "WARNING" in r.summary() and "exceeded the 50 ms limit" in r.summary()
