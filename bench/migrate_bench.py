@@ -76,15 +76,7 @@ def qemu_once(memory_mib: int, workload: dict[str, Any]) -> dict[str, float]:
         if guest == "dirtier":
             time.sleep(1.0)  # let it make a pass over its working set
         src.cmd("migrate-set-parameters", **{"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 100 << 30})
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        deadline = time.monotonic() + 120
-        while True:
-            info = src.cmd("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if info.get("status") != "completed":
-            raise RuntimeError(f"QEMU migration did not complete: {info.get('status')}")
+        info = src.migrate(port, poll_s=0.05)
         dst.cmd("query-status")
     total_ms = float(info["total-time"])
     transferred = int(info["ram"]["transferred"])

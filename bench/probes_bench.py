@@ -254,15 +254,8 @@ def qemu_once(memory_mib: int, wss_mib: int, clock: str, tsc_hz: int, rdtsc: Hos
             src.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
             probe = Probe(src.proc.pid, dst.proc.pid)
             before = StatsRead(src, rdtsc)
-            src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            info = src.migrate(port)
             deadline = time.monotonic() + 120
-            while True:
-                info = src.cmd("query-migrate")
-                if info.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            if info.get("status") != "completed":
-                raise RuntimeError(f"QEMU migration did not complete: {info.get('status')}")
             while dst.cmd("query-status")["status"] != "running":
                 if time.monotonic() > deadline:
                     raise RuntimeError("the QEMU destination never ran")

@@ -93,6 +93,20 @@ class Qemu:
             if "error" in msg:
                 raise RuntimeError(f"QMP {name}: {msg['error']}")
 
+    def migrate(self, port: int, timeout: float = 120, poll_s: float = 0.02) -> dict[str, Any]:
+        """Migrate to a destination listening on loopback `port`; query-migrate once it ends.
+        Raises unless it completed."""
+        self.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)  # QMP has events, but query-migrate is what carries the figures
+        if info.get("status") != "completed":
+            raise RuntimeError(f"QEMU migration did not complete: {info.get('status')}")
+        return info
+
     def read_u64(self, gpa: int) -> int:
         out = self.cmd("human-monitor-command", **{"command-line": f"xp /1gx {gpa:#x}"})
         return int(out.split(":")[1].split()[0], 16)

@@ -275,7 +275,9 @@ def test_each_event_takes_the_first_method_the_kernel_has(tmp_path: Path, monkey
     assert "-DVFMIG_TP_KVM_EOI" in plan.cflags(5) and "-DVFMIG_TP_KVM_ENTRY" not in plan.cflags(5)
 
 
-def test_without_bcc_or_tracefs_the_report_says_so_and_has_no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with neither bcc nor tracefs."""
     from vfmig.observe import tracefs
 
     def no_bcc() -> Any:
@@ -286,6 +288,10 @@ def test_without_bcc_or_tracefs_the_report_says_so_and_has_no_figures(monkeypatc
 
     monkeypatch.setattr(probes_mod, "import_bcc", no_bcc)
     monkeypatch.setattr(tracefs.TracefsSession, "__init__", no_tracefs)
+
+
+@pytest.mark.usefixtures("no_probes")
+def test_without_bcc_or_tracefs_the_report_says_so_and_has_no_figures() -> None:
     with ProbeSession(hs_outcomes=("none",)) as s:
         s.start([os.getpid()])
         rep = s.collect(Side(os.getpid()), Side(1))
@@ -375,19 +381,10 @@ def test_cli_migrate_probes_and_vfmig_probe_see_the_same_downtime(tmp_path: Path
 
 
 @needs_kvm
-def test_a_migration_on_a_host_without_probes_completes_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("no_probes")
+def test_a_migration_on_a_host_without_probes_completes_and_says_why() -> None:
     """Probes never fail a migration: with neither bcc nor tracefs it completes, and the report
     says why there are no kernel figures."""
-    from vfmig.observe import tracefs
-
-    def no_bcc() -> Any:
-        raise ProbesUnavailable("bcc is not installed (test)")
-
-    def no_tracefs(self: object) -> None:
-        raise ProbesUnavailable("tracefs is not mounted (test)")
-
-    monkeypatch.setattr(probes_mod, "import_bcc", no_bcc)
-    monkeypatch.setattr(tracefs.TracefsSession, "__init__", no_tracefs)
     with MicroVM(memory="64M", guest="dirtier", rate_pps=5000) as vm, serve_destination(run_seconds=0.2) as dst:
         vm.start()
         wait_running(vm)
