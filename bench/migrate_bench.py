@@ -28,6 +28,7 @@ from vfmig import _core  # noqa: E402
 from vfmig.demo import start_destination  # noqa: E402
 from vfmig.migration import MigrationOptions, migrate  # noqa: E402
 from vfmig.migration.policy import Policy  # noqa: E402
+from vfmig.report.model import Report  # noqa: E402
 from vfmig.vm import MicroVM  # noqa: E402
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11
@@ -36,16 +37,21 @@ WSS_MIB = 128
 WORKLOADS = {"idle": {"guest": "idle"}, "dirtying": {"guest": "dirtier", "rate_pps": 0, "wss_bytes": WSS_MIB << 20}}
 
 
-def vfmig_once(memory_mib: int, workload: dict[str, Any], channels: int) -> dict[str, float]:
+def migrate_once(memory_mib: int, workload: dict[str, Any], opts: MigrationOptions) -> Report:
+    """One vfmig migration of a settled VM to a `vfmig receive` process on loopback."""
     with MicroVM(memory=memory_mib << 20, **workload) as vm:
         dst, address = start_destination(run_seconds=0.3)
         try:
             vm.start()
             _settle(vm)
-            opts = MigrationOptions(channels=channels, policy=Policy(max_downtime_ms=DOWNTIME_LIMIT_MS))
-            r = migrate(vm, address, opts)
+            return migrate(vm, address, opts)
         finally:
             dst.wait(60)
+
+
+def vfmig_once(memory_mib: int, workload: dict[str, Any], channels: int) -> dict[str, float]:
+    opts = MigrationOptions(channels=channels, policy=Policy(max_downtime_ms=DOWNTIME_LIMIT_MS))
+    r = migrate_once(memory_mib, workload, opts)
     return {
         "throughput_Bps": r.throughput_Bps,
         "downtime_ms": r.downtime_ms or 0.0,

@@ -38,14 +38,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median, write_results  # noqa: E402
-from migrate_bench import _free_port, _settle, warm_memory  # noqa: E402
+from migrate_bench import _free_port, migrate_once, warm_memory  # noqa: E402
 from qemu import Qemu, available  # noqa: E402
 
-from vfmig.demo import start_destination  # noqa: E402
 from vfmig.guests import GAP_RING, STATS_GPA  # noqa: E402
-from vfmig.migration import MigrationOptions, migrate  # noqa: E402
+from vfmig.migration import MigrationOptions  # noqa: E402
 from vfmig.migration.policy import Policy  # noqa: E402
-from vfmig.vm import MicroVM  # noqa: E402
 
 WSS_MIB = 128  # the dirtier's working set, as in bench/migrate_bench.py
 DOWNTIME_LIMIT_MS = 300  # vfmig's policy; QEMU's default downtime-limit is the same (checked per run)
@@ -312,15 +310,8 @@ def qemu_once(memory_mib: int, wss_mib: int, clock: str, tsc_hz: int, rdtsc: Hos
 
 
 def vfmig_once(memory_mib: int, probes: bool) -> dict[str, Any]:
-    with MicroVM(memory=memory_mib << 20, guest="dirtier", rate_pps=0, wss_bytes=WSS_MIB << 20) as vm:
-        dst, address = start_destination(run_seconds=0.3)
-        try:
-            vm.start()
-            _settle(vm)
-            opts = MigrationOptions(probes=probes, policy=Policy(max_downtime_ms=DOWNTIME_LIMIT_MS))
-            r = migrate(vm, address, opts)
-        finally:
-            dst.wait(60)
+    opts = MigrationOptions(probes=probes, policy=Policy(max_downtime_ms=DOWNTIME_LIMIT_MS))
+    r = migrate_once(memory_mib, {"guest": "dirtier", "rate_pps": 0, "wss_bytes": WSS_MIB << 20}, opts)
     run: dict[str, Any] = {
         "probes": probes,
         "throughput_Bps": r.throughput_Bps,
