@@ -115,13 +115,13 @@ def test_a_migration_within_its_limit_says_so() -> None:
 
 
 @needs_kvm
-def test_throttling_is_tried_before_the_limit_action_and_a_throttled_stop_is_not_hidden() -> None:
+def test_throttling_is_tried_before_the_limit_action_and_a_throttled_stop_is_cut_short() -> None:
     """With auto-converge on, throttling is the remedy the policy uses first (the limit action
     comes only once the throttle is at its maximum and the dirty set is still flat); here it
-    makes precopy converge. But at 99% a vCPU sleeps 990 ms for every 10 ms it runs, and the
-    sleep under way at the stop is an outage the guest feels although the engine's downtime is
-    a few ms: the report must say the limit was exceeded, by the guest's own clock. (Cutting
-    that sleep short before the stop is the next step of issue 10.)"""
+    makes precopy converge. At 99% a vCPU sleeps 990 ms for every 10 ms it runs, and a stop that
+    lands in that sleep used to be an outage the guest felt (400-490 ms by its clock against an
+    engine downtime of 3-6 ms): the stop now wakes it and lets it run first, so the guest's own
+    clock agrees with the engine's downtime."""
     with _vm() as vm, serve_destination(run_seconds=0.2) as dst:
         vm.start()
         wait_running(vm, passes=1)
@@ -132,8 +132,31 @@ def test_throttling_is_tried_before_the_limit_action_and_a_throttled_stop_is_not
     names = [x["remedy"] for x in r.remedies]
     assert names and names[0] == "throttle" and "limit action: cancel" not in names, r.remedies
     assert r.status == "completed" and r.verification.memory_match is True
-    assert r.stop_reason.startswith("predicted downtime") and r.downtime_ms is not None and r.downtime_ms <= 50
+    assert r.stop_reason.startswith("predicted downtime") and r.downtime_ms is not None
+    assert max(it.throttle_pct for it in r.iterations) >= 90, [it.throttle_pct for it in r.iterations]
     guest = r.guest_observed_downtime_ms
-    assert guest is not None and r.downtime_limit_exceeded is (guest > 50), (r.downtime_ms, guest)
-    if r.downtime_limit_exceeded:
-        assert "WARNING" in r.summary() and "exceeded the 50 ms limit" in r.summary()
+    assert guest is not None and abs(guest - r.downtime_ms) <= max(3.0, 0.2 * r.downtime_ms), (r.downtime_ms, guest)
+    if r.stop_unthrottle is not None:  # the stop found the vCPU asleep (99% of the time at 99%)
+        assert r.stop_unthrottle["woken"] == 1 and r.stop_unthrottle["late"] == 0, r.stop_unthrottle
+    assert r.downtime_limit_exceeded is (max(guest, r.downtime_ms) > 50)
+
+
+def test_a_guest_outage_longer_than_the_engines_is_explained() -> None:
+    """The report says why the guest's clock saw more than the engine's window: a gap that began
+    well before the stop (a throttle sleep the stop could not end, or a starved vCPU), or ended
+    well after the destination started the guest. Figures that agree get no explanation."""
+    from vfmig.migration.source import _explain_difference
+    from vfmig.report.model import Report
+
+    start, end = 10_000_000_000, 10_005_000_000  # a 5 ms stop
+    r = Report("completed", downtime_ms=5.0, guest_observed_downtime_ms=405.0, stop_unthrottle={"late": 1})
+    why = _explain_difference(r, [[[start - 400_000_000, 405_000_000]]], start, end)
+    assert why is not None and "400.0 ms before the stop" in why and "throttle sleep" in why, why
+    r.stop_unthrottle = None
+    why = _explain_difference(r, [[[start - 400_000_000, 405_000_000]]], start, end)
+    assert why is not None and "not scheduled" in why, why
+    r.guest_observed_downtime_ms = 12.0
+    why = _explain_difference(r, [[[start - 100_000, 12_000_000]]], start, end)
+    assert why is not None and "6.9 ms after the destination started it" in why, why
+    r.guest_observed_downtime_ms = 5.4
+    assert _explain_difference(r, [[[start - 200_000, 5_400_000]]], start, end) is None

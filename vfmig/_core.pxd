@@ -124,6 +124,10 @@ cdef extern from "vfmig/vm.h":
     void vfmig_vm_destroy(vfmig_vm *vm) nogil
     int vfmig_vm_set_dirty_logging(vfmig_vm *vm, int on) nogil
     int vfmig_vm_set_throttle(vfmig_vm *vm, int pct) nogil
+    struct vfmig_unthrottle:
+        uint32_t woken, late
+        uint64_t longest_sleep_ns
+    int vfmig_vm_unthrottle(vfmig_vm *vm, uint32_t timeout_ms, vfmig_unthrottle *out) nogil
     uint8_t *vfmig_vm_host(const vfmig_vm *vm, uint64_t gpa, uint64_t len) nogil
     uint64_t vfmig_vm_page_to_gpa(const vfmig_vm *vm, uint64_t page)
 

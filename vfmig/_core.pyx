@@ -159,6 +159,17 @@ cdef class VM:
             rc = vfmig_vm_set_throttle(vm, pct)
         self._check(rc)
 
+    def unthrottle(self, uint32_t timeout_ms=10):
+        """Throttle off, throttle sleeps cut short, and each woken vCPU let run guest code once
+        (at most timeout_ms). Returns {woken, late, longest_sleep_ms}."""
+        cdef vfmig_vm *vm = self._vm()
+        cdef vfmig_unthrottle out
+        cdef int rc
+        with nogil:
+            rc = vfmig_vm_unthrottle(vm, timeout_ms, &out)
+        self._check(rc)
+        return {"woken": out.woken, "late": out.late, "longest_sleep_ms": out.longest_sleep_ns / 1e6}
+
     def exits(self):
         """Exit counts per reason, summed over vCPUs."""
         cdef vfmig_vm *vm = self._vm()

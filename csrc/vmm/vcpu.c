@@ -126,11 +126,14 @@ static void throttle(struct vfmig_vcpu *cpu)
     if (now - atomic_load(&cpu->throttle_ran_since_ns) < THROTTLE_SLICE_NS)
         return;
     /* Sleep to an absolute time: a signal (a kick) must not cut the sleep short, but a pause
-     * request must, so that stopping the VM never waits out a throttle sleep. */
+     * request or the throttle's end must (vfmig_vm_unthrottle kicks until it sees us awake). */
     uint64_t until = now + THROTTLE_SLICE_NS * (uint64_t)pct / (uint64_t)(100 - pct);
     struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull), .tv_nsec = (long)(until % 1000000000ull)};
-    while (!atomic_load(&cpu->vm->pause_req) && clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+    atomic_store(&cpu->throttle_sleep_since_ns, now);
+    while (!atomic_load(&cpu->vm->pause_req) && atomic_load(&cpu->vm->throttle_pct) > 0 &&
+           clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
         ;
+    atomic_store(&cpu->throttle_sleep_since_ns, 0);
     atomic_store(&cpu->throttle_ran_since_ns, vfmig_now_ns());
 }
 
@@ -245,6 +248,62 @@ int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct)
             return vfmig_fail(&vm->err, EAGAIN, "cannot start the throttle thread");
         vm->throttle_live = 1;
     }
+    return 0;
+}
+
+/* Guest exits of a vCPU: each one means it ran guest code. A kick's EINTR does not count. */
+static uint64_t guest_exits(struct vfmig_vcpu *cpu)
+{
+    uint64_t n = 0;
+    for (int k = 0; k < VFMIG_EXIT__COUNT; k++)
+        if (k != VFMIG_EXIT_INTR)
+            n += atomic_load_explicit(&cpu->exits[k], memory_order_relaxed);
+    return n;
+}
+
+int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_unthrottle *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (timeout_ms < 1 || timeout_ms > VFMIG_PAUSE_TIMEOUT_MS_MAX)
+        return vfmig_fail(&vm->err, EINVAL, "unthrottle timeout must be 1..%d ms, got %u", VFMIG_PAUSE_TIMEOUT_MS_MAX,
+                          timeout_ms);
+    /* Who sleeps, read before the throttle goes: its thread's kicks end sleeps as it stops. */
+    uint64_t now = vfmig_now_ns(), deadline = now + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t seen[VFMIG_MAX_VCPUS];
+    int waiting[VFMIG_MAX_VCPUS] = {0};
+    for (uint32_t i = 0; i < vm->nvcpus; i++) {
+        uint64_t since = atomic_load(&vm->vcpus[i].throttle_sleep_since_ns);
+        if (!since)
+            continue;
+        waiting[i] = 1;
+        out->woken++;
+        if (now - since > out->longest_sleep_ns)
+            out->longest_sleep_ns = now - since;
+        seen[i] = guest_exits(&vm->vcpus[i]);
+    }
+    int rc = vfmig_vm_set_throttle(vm, 0);
+    if (rc < 0)
+        return rc;
+    /* A kick that lands just before the vCPU enters its sleep is lost, so kick again until it is
+     * awake; then wait for its next guest exit. Short polls: this is the guest's time. */
+    for (uint32_t left = out->woken; left && vfmig_now_ns() < deadline;) {
+        left = 0;
+        for (uint32_t i = 0; i < vm->nvcpus; i++) {
+            if (!waiting[i])
+                continue;
+            if (atomic_load(&vm->vcpus[i].throttle_sleep_since_ns))
+                vfmig_vcpu_kick(&vm->vcpus[i]);
+            else if (guest_exits(&vm->vcpus[i]) != seen[i])
+                waiting[i] = 0;
+            left += (uint32_t)waiting[i];
+        }
+        if (left) {
+            struct timespec ts = {.tv_sec = 0, .tv_nsec = 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    for (uint32_t i = 0; i < vm->nvcpus; i++)
+        out->late += (uint32_t)waiting[i];
     return 0;
 }
 

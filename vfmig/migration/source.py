@@ -66,6 +66,12 @@ HANDSHAKE_DEADLINE_MAX_MS = 10_000
 # The report's handshake is the VF's: with several devices, the one whose outcome is the worst.
 _OUTCOME_RANK = {"none": 0, "acked": 1, "disabled": 2, "timeout": 3, "late": 4}
 DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
+# How long the stop waits for a vCPU woken from a throttle sleep to run guest code (one 10 ms
+# throttle slice: a running guest exits far sooner; one that does not is reported as late).
+UNTHROTTLE_TIMEOUT_MS = 10
+# The guest's and the engine's downtime agree within max(1 ms, 10%); beyond, the report says why.
+DOWNTIME_AGREE_MS = 1.0
+DOWNTIME_AGREE_FRACTION = 0.10
 
 
 @dataclass
@@ -460,6 +466,12 @@ class Migration:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
         assert sender is not None and ctrl is not None
         self._check_cancel()
+        # A throttled vCPU may be in a sleep of up to 99 slices: a stop that lands in it is an
+        # outage the guest feels on top of the downtime. Wake it and let it run first (and
+        # before the handshake, which a sleeping guest could not answer).
+        woke = vm.core.unthrottle(UNTHROTTLE_TIMEOUT_MS)
+        if woke["woken"]:
+            r.stop_unthrottle = woke
         self._prestop()
         self._check_cancel()
         cps = r.checkpoints
@@ -782,6 +794,7 @@ class Migration:
         if seen:
             r.guest_observed_downtime_ms = min(seen) / 1e6
             r.guest_observed_downtime_max_ms = max(seen) / 1e6
+            r.downtime_difference = _explain_difference(r, guest.get("gaps", []), start, end)
 
     # failure handling -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -905,6 +918,37 @@ class Migration:
         if self._ctrl is not None:
             self._ctrl.close()
             self._ctrl = None
+
+
+def _explain_difference(r: Report, gaps: list[list[list[int]]], start: int | None, end: int | None) -> str | None:
+    """Why the guest's outage differs from the engine's stop-to-start window, from where the
+    first vCPU's gap began and ended around that window; None when they agree."""
+    engine, guest = r.downtime_ms, r.guest_observed_downtime_ms
+    if engine is None or guest is None or start is None or end is None:
+        return None
+    if abs(guest - engine) <= max(DOWNTIME_AGREE_MS, DOWNTIME_AGREE_FRACTION * engine):
+        return None
+    spans = [g for vcpu in gaps for g in vcpu if g[0] <= end and g[0] + g[1] >= start]
+    if not spans:
+        return None
+    first = min(spans, key=lambda g: g[1])  # the gap of the first vCPU to run again
+    before, after = (start - first[0]) / 1e6, (first[0] + first[1] - end) / 1e6
+    why = []
+    if before > DOWNTIME_AGREE_MS:
+        woke = r.stop_unthrottle or {}
+        cause = (
+            "in a throttle sleep the stop could not cut short"
+            if woke.get("late")
+            else "not scheduled on the host (a busy CPU), or halted"
+        )
+        why.append(f"its vCPU had last run {before:.1f} ms before the stop ({cause})")
+    if after > DOWNTIME_AGREE_MS:
+        why.append(f"it ran {after:.1f} ms after the destination started it (scheduling delay there)")
+    return (
+        f"the guest saw {guest:.1f} ms against the engine's {engine:.1f} ms: " + "; ".join(why)
+        if why
+        else f"the guest saw {guest:.1f} ms against the engine's {engine:.1f} ms"
+    )
 
 
 def _describe(e: BaseException) -> str:

@@ -171,6 +171,10 @@ class Report:
     downtime_ms: float | None = None
     guest_observed_downtime_ms: float | None = None  # the first vCPU to run again
     guest_observed_downtime_max_ms: float | None = None  # the last one
+    # Why the guest's figure differs from the engine's (by over max(1 ms, 10%)); None when they agree.
+    downtime_difference: str | None = None
+    # Throttle sleeps cut short before the stop: {woken, late, longest_sleep_ms}; None if none.
+    stop_unthrottle: dict[str, float] | None = None
     bytes_sent: int = 0
     throughput_Bps: float = 0.0
     iterations: list[Iteration] = field(default_factory=list)
@@ -271,6 +275,7 @@ class Report:
                 if self.guest_observed_downtime_ms is not None
                 else ""
             ),
+            *([f"  difference    {self.downtime_difference}"] if self.downtime_difference else []),
             *self._limit_lines(),
             f"  sent          {human_bytes(self.bytes_sent)} at {human_bytes(self.throughput_Bps)}/s",
             "  iterations    #   dirty      sent      zero     bytes       ms   dirty/s     B/s",

@@ -58,6 +58,7 @@ struct vfmig_vcpu {
     int paused;                 /* under vm->lock */
     _Atomic int throttle_due;
     _Atomic uint64_t throttle_ran_since_ns; /* set by the vCPU thread after each throttle sleep */
+    _Atomic uint64_t throttle_sleep_since_ns; /* when its current throttle sleep began; 0 when awake */
     _Atomic int ring_full;      /* a KVM_EXIT_DIRTY_RING_FULL since the last harvest */
     _Atomic uint64_t exits[VFMIG_EXIT__COUNT];
     /* The device access this vCPU is inside, so a pause that times out can say where it is
@@ -126,8 +127,22 @@ void vfmig_vm_destroy(struct vfmig_vm *vm);
 /* Dirty logging on every slot (KVM_MEM_LOG_DIRTY_PAGES). */
 int vfmig_vm_set_dirty_logging(struct vfmig_vm *vm, int on);
 
-/* Auto-converge: each vCPU sleeps pct% of every 10 ms. 0 turns it off. */
+/* Auto-converge: each vCPU sleeps pct% of every 10 ms. 0 turns it off; a sleep under way then
+ * runs to its end unless vfmig_vm_unthrottle cuts it short. */
 int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct);
+
+/* What vfmig_vm_unthrottle found: the vCPUs it woke from a throttle sleep, the longest such
+ * sleep had lasted so far, and the woken vCPUs that had not yet run guest code at its timeout. */
+struct vfmig_unthrottle {
+    uint32_t woken, late;
+    uint64_t longest_sleep_ns;
+};
+
+/* Before the stop: throttle off, every throttle sleep cut short, and each woken vCPU given the
+ * chance to run guest code again (one exit), so the stop does not land in a sleep the guest would
+ * feel as part of the downtime. Lifecycle thread, no lock held while waiting; waits at most
+ * timeout_ms. 0, or -EINVAL for a bad timeout (nothing changed). */
+int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_unthrottle *out);
 
 /* Address translation. Both return -1 / NULL for anything outside RAM. */
 int64_t vfmig_vm_gpa_to_page(const struct vfmig_vm *vm, uint64_t gpa);
