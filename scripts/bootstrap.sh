@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 say() { echo "bootstrap: $*" >&2; }
 
 APT_PKGS=(python3-bpfcc linux-headers-amd64 qemu-system-x86 systemtap-sdt-dev linux-perf trace-cmd
-          gcc binutils make iproute2 util-linux clang libclang-rt-14-dev)
+          gcc binutils make iproute2 util-linux clang libclang-rt-14-dev libzstd-dev pkg-config)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -345,7 +345,7 @@ def test_wrong_protocol_version(monkeypatch: pytest.MonkeyPatch) -> None:
         vm.start()
         wait_running(vm)
         err = _fails_cleanly(vm, dst.address, "unsupported stream version")
-        assert "this vfmig speaks version 1" in str(err)
+        assert f"this vfmig speaks version {_core.STREAM_VERSION}" in str(err)
         assert isinstance(dst.wait(), MigrationError)
 
 

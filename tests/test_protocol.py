@@ -25,7 +25,7 @@ TOKEN = bytes(range(16))
 
 def _hello(**kw: object) -> Hello:
     args = {
-        "version": 1,
+        "version": _core.STREAM_VERSION,
         "channels": 4,
         "mem_bytes": 1 << 30,
         "vcpus": 2,
@@ -46,7 +46,7 @@ def test_hello_round_trip() -> None:
     ("mutate", "match"),
     [
         (lambda b: b"XFMIGSTR" + b[8:], "bad stream magic"),
-        (lambda b: b[:8] + struct.pack("<H", 2) + b[10:], "unsupported stream version 2"),
+        (lambda b: b[:8] + struct.pack("<H", 99) + b[10:], "unsupported stream version 99"),
         (lambda b: b[:10] + struct.pack("<H", 0) + b[12:], "channels"),
         (lambda b: b[:10] + struct.pack("<H", 99) + b[12:], "channels"),
         (lambda b: b[:12] + struct.pack("<I", 8192) + b[16:], "page size"),
@@ -65,8 +65,8 @@ def test_hello_and_channel_wire_format() -> None:
     """The C encoders write the documented layout, byte for byte (docs/stream-format.md §4)."""
     h = _hello()
     cfg = b'{"memory": 1073741824, "vcpus": 2}'
-    assert h.encode() == struct.pack("<8sHHIQII16sII", b"VFMIGSTR", 1, 4, 4096, 1 << 30, 2, 1, TOKEN, len(cfg), 0) + cfg
-    assert encode_channel(TOKEN, 3) == struct.pack("<16sHHI", TOKEN, 3, 1, 0)
+    assert h.encode() == struct.pack("<8sHHIQII16sII", b"VFMIGSTR", 2, 4, 4096, 1 << 30, 2, 1, TOKEN, len(cfg), 0) + cfg
+    assert encode_channel(TOKEN, 3) == struct.pack("<16sHHI", TOKEN, 3, 2, 0)
     with pytest.raises(ValueError, match="16 bytes"):
         encode_channel(b"short", 3)
 
@@ -90,7 +90,7 @@ def test_channel_rejects_reserved_and_lengths() -> None:
         decode_channel(good[:20] + b"\0\0\0\1")
     with pytest.raises(MigrationError, match="^bad channel opener$"):
         decode_channel(good + b"\0")
-    with pytest.raises(MigrationError, match="^page channel speaks stream version 0, not 1$"):
+    with pytest.raises(MigrationError, match="^page channel speaks stream version 0, not 2$"):
         decode_channel(good[:18] + b"\0" * 6)
 
 

@@ -153,6 +153,7 @@ cdef extern from "vfmig/crc32c.h":
 cdef extern from "vfmig/stream.h":
     enum:
         VFMIG_STREAM_VERSION
+        VFMIG_ZSTD_LEVEL_MAX
         VFMIG_REC__COUNT
         VFMIG_TOKEN_LEN
         VFMIG_CTRL_MAX
@@ -212,11 +213,9 @@ cdef extern from "vfmig/channels.h":
     enum:
         VFMIG_MAX_CHANNELS
     struct vfmig_round_stats:
-        uint64_t pages
-        uint64_t zero_pages
-        uint64_t bytes
-        uint64_t records
-        uint64_t ns
+        uint64_t pages, zero_pages, raw_pages, delta_pages, zstd_pages
+        uint64_t bytes_in, bytes, records, ns
+        uint64_t cache_lookups, cache_hits, delta_fallbacks
     struct vfmig_chan_tx:
         pass
     struct vfmig_sender:
@@ -225,24 +224,30 @@ cdef extern from "vfmig/channels.h":
         vfmig_err err
     int vfmig_sender_init(vfmig_sender *s, vfmig_vm *vm, const int *fds, uint32_t nchan, vfmig_err *err) nogil
     void vfmig_sender_free(vfmig_sender *s) nogil
+    int vfmig_sender_set_delta(vfmig_sender *s, uint64_t cache_pages) nogil
+    int vfmig_sender_set_compress(vfmig_sender *s, int level) nogil
     int vfmig_send_round(vfmig_sender *s, const uint64_t *bits, int zero_copy, vfmig_round_stats *out) nogil
     int vfmig_send_marker(vfmig_sender *s, uint32_t iteration, uint64_t dirty) nogil
     int vfmig_send_eos(vfmig_sender *s) nogil
     struct vfmig_chan_rx:
         uint64_t pages
         uint64_t zero_pages
+        uint64_t delta_pages
+        uint64_t zstd_records
         uint64_t bytes
         uint64_t records
         uint64_t iterations
         int done
     struct vfmig_receiver:
         uint32_t nchan
+        uint32_t *crcs
         vfmig_chan_rx ch[16]
         int cancel
         vfmig_err err
     int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan,
                             vfmig_err *err) nogil
     void vfmig_receiver_free(vfmig_receiver *r) nogil
+    int vfmig_receiver_track_crcs(vfmig_receiver *r) nogil
     int vfmig_receiver_start(vfmig_receiver *r) nogil
     int vfmig_receiver_join(vfmig_receiver *r) nogil
     int vfmig_receiver_run(vfmig_receiver *r) nogil

@@ -745,6 +745,7 @@ def ref_tcp_loopback(uint64_t nbytes=2 << 30):
 
 # The stream: record framing for the control channel ------------------------------------------
 STREAM_VERSION = VFMIG_STREAM_VERSION
+ZSTD_LEVEL_MAX = VFMIG_ZSTD_LEVEL_MAX
 TOKEN_LEN = VFMIG_TOKEN_LEN
 CTRL_MAX = VFMIG_CTRL_MAX
 MAX_CHANNELS = VFMIG_MAX_CHANNELS
@@ -951,8 +952,26 @@ cdef class PageSender:
             rc = vfmig_send_round(&self.s, self.bits, zero_copy, &st)
         if rc < 0:
             raise StreamError(-rc, self.s.err.msg.decode())
-        return {"pages": st.pages, "zero_pages": st.zero_pages, "bytes": st.bytes, "records": st.records,
-                "ns": st.ns}
+        return {"pages": st.pages, "zero_pages": st.zero_pages, "raw_pages": st.raw_pages,
+                "delta_pages": st.delta_pages, "zstd_pages": st.zstd_pages, "bytes_in": st.bytes_in,
+                "bytes": st.bytes, "records": st.records, "ns": st.ns, "cache_lookups": st.cache_lookups,
+                "cache_hits": st.cache_hits, "delta_fallbacks": st.delta_fallbacks}
+
+    def set_delta(self, uint64_t cache_pages):
+        """Delta pages with a cache of cache_pages pages over all channels (0: off). Between rounds."""
+        cdef int rc
+        with nogil:
+            rc = vfmig_sender_set_delta(&self.s, cache_pages)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
+
+    def set_compress(self, int level):
+        """zstd at this level on every channel (0: off). Between rounds."""
+        cdef int rc
+        with nogil:
+            rc = vfmig_sender_set_compress(&self.s, level)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
 
     def send_marker(self, uint32_t iteration, uint64_t dirty):
         cdef int rc
@@ -1019,6 +1038,20 @@ cdef class PageReceiver:
         if rc < 0:
             raise StreamError(-rc, self.r.err.msg.decode())
 
+    def track_crcs(self):
+        """Hash every page as it is loaded (--verify); before start()."""
+        cdef int rc
+        with nogil:
+            rc = vfmig_receiver_track_crcs(&self.r)
+        if rc < 0:
+            raise StreamError(-rc, self.r.err.msg.decode())
+
+    def page_crcs(self):
+        """The CRC32C of every page as last loaded (after join()), like VM.page_crcs()."""
+        if self.r.crcs == NULL:
+            raise ValueError("track_crcs() was not called")
+        return (<char *>self.r.crcs)[:self.vm._vm().npages * 4]
+
     def cancel(self):
         self.r.cancel = 1
 
@@ -1028,10 +1061,13 @@ cdef class PageReceiver:
         return bool(self.r.cancel)
 
     def stats(self):
-        out = {"pages": 0, "zero_pages": 0, "bytes": 0, "records": 0, "iterations": 0}
+        out = {"pages": 0, "zero_pages": 0, "delta_pages": 0, "zstd_records": 0, "bytes": 0, "records": 0,
+               "iterations": 0}
         for c in range(self.r.nchan):
             out["pages"] += self.r.ch[c].pages
             out["zero_pages"] += self.r.ch[c].zero_pages
+            out["delta_pages"] += self.r.ch[c].delta_pages
+            out["zstd_records"] += self.r.ch[c].zstd_records
             out["bytes"] += self.r.ch[c].bytes
             out["records"] += self.r.ch[c].records
             out["iterations"] = max(out["iterations"], self.r.ch[c].iterations)

@@ -123,7 +123,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest", default=None, help="dirtier, idle or vfdrv (default: vfdrv with a simvf, else dirtier)")
     p.add_argument("--device", action="append", type=device_arg, metavar="SPEC", help=DEVICE_HELP)
     p.add_argument("--rate", type=int, default=0, help="dirtier pages/s over all vCPUs (0: as fast as it can)")
-    p.add_argument("--pattern", default="sequential", help="sequential, random or hotcold")
+    p.add_argument("--pattern", default="sequential", help="sequential, random, hotcold or fresh (new data)")
     p.add_argument("--wss", default="0", help="working-set size (default: all RAM above 4 MiB)")
     p.add_argument("--tracker", default="bitmap", help="dirty tracker the VM is built for: bitmap or ring")
     p.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
@@ -215,6 +215,26 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "is reached): stop anyway and report the limit exceeded (force, default), or end the migration with "
         "the source running (cancel)",
     )
+    p.add_argument(
+        "--delta",
+        choices=("auto", "always", "off"),
+        default="auto",
+        help="delta pages: send a re-dirtied page as its XOR against the copy sent before; auto (default) "
+        "engages them as the first remedy when precopy stops converging",
+    )
+    p.add_argument(
+        "--delta-cache",
+        metavar="SIZE",
+        default="0",
+        help="memory for last-sent pages (default: a quarter of guest RAM)",
+    )
+    p.add_argument(
+        "--compress",
+        metavar="zstd[:LEVEL]",
+        default="",
+        help="compress page runs on every channel (zstd level 1..19, default 1); pays only on links slower than "
+        "the CPU compresses, about 1 Gbit/s and below",
+    )
     p.add_argument("--verify", action="store_true", help="check destination RAM against the source's, per page")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
     p.add_argument(
@@ -242,7 +262,7 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
 def migration_options(args: argparse.Namespace) -> Any:
     from vfmig.migration.policy import Policy
     from vfmig.migration.source import MigrationOptions
-    from vfmig.units import parse_rate
+    from vfmig.units import parse_rate, parse_size
 
     extra: dict[str, Any] = {} if args.pause_timeout is None else {"pause_timeout_ms": args.pause_timeout}
     if args.handshake_deadline is not None:
@@ -255,6 +275,9 @@ def migration_options(args: argparse.Namespace) -> Any:
         verify=args.verify,
         psk_file=args.psk_file,
         probes=args.probes,
+        delta=args.delta,
+        delta_cache=parse_size(args.delta_cache),
+        compress=args.compress,
         policy=Policy(
             max_downtime_ms=args.max_downtime,
             max_iterations=args.max_iterations,
@@ -609,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=DEVICE_HELP + "; default simvf,state=16M,dma_rate=20000; `none`: no device",
     )
     demo.add_argument("--rate", type=int, default=100_000, help="guest dirty rate, pages/s (default converges)")
-    demo.add_argument("--pattern", default="sequential")
+    demo.add_argument("--pattern", default="sequential", help="sequential, random, hotcold or fresh")
     demo.add_argument("--guest-ack", type=guest_ack_arg, default="normal", metavar="MODE", help=GUEST_ACK_HELP)
     demo.set_defaults(func=cmd_demo)
 

@@ -27,9 +27,9 @@ if [ ! -f "$stamp" ] || [ -n "$(find csrc -name '*.[ch]' -newer "$stamp" | head 
     done
     ar rcs "$OUT/libvfmig_fuzz.a" "$OUT"/obj/*.o
     for h in csrc/fuzz/fuzz_*.c csrc/fuzz/canary/fuzz_*.c; do
-        $CC $CFLAGS -fsanitize=fuzzer "$h" "$OUT/libvfmig_fuzz.a" -o "$OUT/$(basename "$h" .c)"
+        $CC $CFLAGS -fsanitize=fuzzer "$h" "$OUT/libvfmig_fuzz.a" -lzstd -o "$OUT/$(basename "$h" .c)"
     done
-    $CC $CFLAGS csrc/fuzz/seeds.c "$OUT/libvfmig_fuzz.a" -o "$OUT/seeds"
+    $CC $CFLAGS csrc/fuzz/seeds.c "$OUT/libvfmig_fuzz.a" -lzstd -o "$OUT/seeds"
     touch "$stamp"
 fi
 if [ "$seeds" = 1 ]; then

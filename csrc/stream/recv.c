@@ -1,6 +1,7 @@
 /* The page receiver: one thread per channel reads records, checks every bound before touching
- * destination RAM, receives page data straight into it and checks each record's CRC. A bad
- * record fails the whole migration: nothing loaded is ever run. */
+ * destination RAM, receives raw page data straight into it and checks each record's CRC; delta
+ * and compressed records are checked whole before they are decoded into RAM. A bad record fails
+ * the whole migration: nothing loaded is ever run. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <zstd.h>
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; the system headers may be older */
@@ -46,6 +48,15 @@ int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int
 
 void vfmig_receiver_free(struct vfmig_receiver *r)
 {
+    for (uint32_t c = 0; c < VFMIG_MAX_CHANNELS; c++) {
+        free(r->ch[c].buf);
+        free(r->ch[c].zbuf);
+        ZSTD_freeDCtx(r->ch[c].zctx);
+        r->ch[c].buf = r->ch[c].zbuf = NULL;
+        r->ch[c].zctx = NULL;
+    }
+    free(r->crcs);
+    r->crcs = NULL;
     free((void *)r->written);
     free((void *)r->populated);
     r->written = NULL;
@@ -75,6 +86,117 @@ static int io_fail(struct vfmig_chan_rx *ch, uint32_t c, int rc)
     return vfmig_fail(&ch->err, -rc, "channel %u: receive failed: %s", c, strerror(-rc));
 }
 
+int vfmig_receiver_track_crcs(struct vfmig_receiver *r)
+{
+    if (!r->crcs && !(r->crcs = malloc(r->vm->npages * sizeof(uint32_t))))
+        return vfmig_fail(&r->err, ENOMEM, "out of memory for page hashes");
+    vfmig_ram_page_crcs(r->vm, r->crcs); /* a fresh VM: holes, hashed without reading */
+    return 0;
+}
+
+/* --verify: hash the pages [first, first + n) as they now are in RAM. */
+static void note_crcs(struct vfmig_receiver *r, uint64_t first, uint32_t n, const uint8_t *host)
+{
+    if (r->crcs)
+        for (uint32_t i = 0; i < n; i++)
+            r->crcs[first + i] = vfmig_crc32c(0, host + (size_t)i * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE);
+}
+
+/* First data in a 2 MiB stripe: populate the whole stripe in one call rather than one fault a
+ * page inside recv, and only where data lands (sparse guests stay sparse). With shmem THP that
+ * is one huge page: 10x cheaper here. Failure is harmless: the copy faults instead. */
+static void populate(struct vfmig_receiver *r, uint64_t first)
+{
+    struct vfmig_vm *vm = r->vm;
+    uint64_t stripe = first / VFMIG_STRIPE_PAGES, bit = 1ull << (stripe % 64);
+    if (!(atomic_fetch_or_explicit(&r->populated[stripe / 64], bit, memory_order_relaxed) & bit)) {
+        uint64_t p0 = stripe * VFMIG_STRIPE_PAGES;
+        uint64_t n = vm->npages - p0 < VFMIG_STRIPE_PAGES ? vm->npages - p0 : VFMIG_STRIPE_PAGES;
+        madvise(vm->ram + p0 * VFMIG_PAGE_SIZE, n * VFMIG_PAGE_SIZE, MADV_POPULATE_WRITE);
+    }
+}
+
+/* Decode a DELTA run (body = [u16 len][delta] per page) onto the pages it follows. */
+static int apply_deltas(struct vfmig_receiver *r, uint32_t c, const struct vfmig_pages_hdr *ph, uint8_t *host,
+                        uint64_t first, const uint8_t *p, size_t len)
+{
+    struct vfmig_chan_rx *ch = &r->ch[c];
+    const uint8_t *end = p + len;
+    for (uint32_t i = 0; i < ph->count; i++) {
+        uint16_t n;
+        if (end - p < 2 || (memcpy(&n, p, 2), n > VFMIG_DELTA_MAX) || (size_t)(end - p - 2) < n)
+            return vfmig_fail(&ch->err, EBADMSG, "channel %u: corrupt delta for page %llu (bad length)", c,
+                              (unsigned long long)(first + i));
+        uint64_t pg = first + i;
+        /* A delta applies to the copy sent before: a page never sent (or last sent as zero) has none. */
+        if (!(atomic_load_explicit(&r->written[pg / 64], memory_order_relaxed) & (1ull << (pg % 64))))
+            return vfmig_fail(&ch->err, EPROTO, "channel %u: delta for page %llu, which holds no earlier copy", c,
+                              (unsigned long long)pg);
+        if (vfmig_delta_apply(host + (size_t)i * VFMIG_PAGE_SIZE, p + 2, n) < 0)
+            return vfmig_fail(&ch->err, EBADMSG, "channel %u: corrupt delta for page %llu", c, (unsigned long long)pg);
+        p += 2 + n;
+    }
+    if (p != end)
+        return vfmig_fail(&ch->err, EBADMSG, "channel %u: %zu stray bytes after the deltas of a run", c,
+                          (size_t)(end - p));
+    ch->delta_pages += ph->count;
+    note_crcs(r, first, ph->count, host);
+    return 0;
+}
+
+/* A DELTA or compressed run: the whole payload is read and its CRC checked before any byte of
+ * it reaches RAM; then it is decompressed (exactly the size its encoding allows) and decoded. */
+static int load_encoded(struct vfmig_receiver *r, uint32_t c, const struct vfmig_rec_hdr *h,
+                        const struct vfmig_pages_hdr *ph, uint8_t *host, uint64_t first)
+{
+    struct vfmig_chan_rx *ch = &r->ch[c];
+    uint8_t base = ph->encoding & (uint8_t)~VFMIG_ENC_ZSTD;
+    size_t raw = (size_t)ph->count * VFMIG_PAGE_SIZE, most = base == VFMIG_ENC_RAW ? raw : ph->count * (2u + VFMIG_DELTA_MAX);
+    uint32_t plen = h->len - (uint32_t)sizeof(*ph);
+    if (plen == 0 || plen > most)
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: %s run of %u pages with a payload of %u bytes", c,
+                          base == VFMIG_ENC_RAW ? "compressed" : "delta", ph->count, plen);
+    if (!ch->buf && !(ch->buf = malloc(PAGES_MAX_LEN)))
+        return vfmig_fail(&ch->err, ENOMEM, "channel %u: out of memory", c);
+    int rc = chan_read(ch, ch->buf, plen);
+    if (rc < 0)
+        return io_fail(ch, c, rc);
+    struct vfmig_rec_hdr z = *h;
+    z.crc = 0;
+    if (vfmig_crc32c(vfmig_crc32c(vfmig_crc32c(0, &z, sizeof(z)), ph, sizeof(*ph)), ch->buf, plen) != h->crc)
+        return vfmig_fail(&ch->err, EBADMSG, "channel %u: record %llu (pages at 0x%llx): CRC mismatch, stream corrupted",
+                          c, (unsigned long long)ch->records, (unsigned long long)ph->gpa);
+    const uint8_t *body = ch->buf;
+    size_t blen = plen;
+    if (ph->encoding & VFMIG_ENC_ZSTD) {
+        unsigned long long want = ZSTD_getFrameContentSize(ch->buf, plen);
+        if (want == ZSTD_CONTENTSIZE_ERROR || want == ZSTD_CONTENTSIZE_UNKNOWN || want > most ||
+            (base == VFMIG_ENC_RAW && want != raw))
+            return vfmig_fail(&ch->err, EBADMSG, "channel %u: compressed run at 0x%llx declares a bad size", c,
+                              (unsigned long long)ph->gpa);
+        if (!ch->zctx && !(ch->zctx = ZSTD_createDCtx()))
+            return vfmig_fail(&ch->err, ENOMEM, "channel %u: out of memory", c);
+        if (base == VFMIG_ENC_RAW)
+            populate(r, first);
+        uint8_t *out = base == VFMIG_ENC_RAW ? host : ch->zbuf;
+        if (!out && !(out = ch->zbuf = malloc(PAGES_MAX_LEN)))
+            return vfmig_fail(&ch->err, ENOMEM, "channel %u: out of memory", c);
+        size_t got = ZSTD_decompressDCtx(ch->zctx, out, most, ch->buf, plen);
+        if (ZSTD_isError(got) || got != want)
+            return vfmig_fail(&ch->err, EBADMSG, "channel %u: corrupt compressed run at 0x%llx: %s", c,
+                              (unsigned long long)ph->gpa, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+        ch->zstd_records++;
+        body = out;
+        blen = got;
+    }
+    if (base == VFMIG_ENC_DELTA)
+        return apply_deltas(r, c, ph, host, first, body, blen);
+    for (uint32_t i = 0; i < ph->count; i++)
+        atomic_fetch_or_explicit(&r->written[(first + i) / 64], 1ull << ((first + i) % 64), memory_order_relaxed);
+    note_crcs(r, first, ph->count, host);
+    return 0;
+}
+
 static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_rec_hdr *h)
 {
     struct vfmig_chan_rx *ch = &r->ch[c];
@@ -90,8 +212,11 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record with bad count %u", c, ph.count);
     if (ph.reserved[0] | ph.reserved[1] | ph.reserved[2])
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES record with reserved bytes set", c);
-    if (ph.encoding != VFMIG_ENC_RAW && ph.encoding != VFMIG_ENC_ZERO)
-        return vfmig_fail(&ch->err, EPROTO, "channel %u: unknown page encoding %u", c, ph.encoding);
+    uint8_t base = ph.encoding & (uint8_t)~VFMIG_ENC_ZSTD;
+    int zstd = !!(ph.encoding & VFMIG_ENC_ZSTD);
+    if ((base != VFMIG_ENC_RAW && base != VFMIG_ENC_ZERO && base != VFMIG_ENC_DELTA) ||
+        (zstd && base == VFMIG_ENC_ZERO))
+        return vfmig_fail(&ch->err, EPROTO, "channel %u: unknown page encoding 0x%x", c, ph.encoding);
     uint64_t bytes = (uint64_t)ph.count * VFMIG_PAGE_SIZE;
     uint8_t *host = ph.gpa % VFMIG_PAGE_SIZE ? NULL : vfmig_vm_host(vm, ph.gpa, bytes);
     if (!host)
@@ -106,21 +231,18 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     if (stripe % r->nchan != c)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: run at page %llu belongs to channel %llu", c,
                           (unsigned long long)first, (unsigned long long)(stripe % r->nchan));
+    if (base == VFMIG_ENC_DELTA || zstd) {
+        if ((rc = load_encoded(r, c, h, &ph, host, first)) < 0)
+            return rc;
+        ch->pages += ph.count;
+        return 0;
+    }
     uint32_t dlen = ph.encoding == VFMIG_ENC_RAW ? (uint32_t)bytes : 0;
     if (h->len != sizeof(ph) + dlen)
         return vfmig_fail(&ch->err, EPROTO, "channel %u: PAGES length %u does not match %u pages", c, h->len,
                           ph.count);
-    /* First data in a 2 MiB stripe: populate the whole stripe in one call rather than one
-     * fault a page inside recv, and only where data lands (sparse guests stay sparse). With
-     * shmem THP that is one huge page: 10x cheaper here. Failure is harmless: recv faults. */
-    if (dlen) {
-        uint64_t bit = 1ull << (stripe % 64);
-        if (!(atomic_fetch_or_explicit(&r->populated[stripe / 64], bit, memory_order_relaxed) & bit)) {
-            uint64_t p0 = stripe * VFMIG_STRIPE_PAGES, n = vm->npages - p0 < VFMIG_STRIPE_PAGES ? vm->npages - p0
-                                                                                                 : VFMIG_STRIPE_PAGES;
-            madvise(vm->ram + p0 * VFMIG_PAGE_SIZE, n * VFMIG_PAGE_SIZE, MADV_POPULATE_WRITE);
-        }
-    }
+    if (dlen)
+        populate(r, first);
     if (dlen && (rc = chan_read(ch, host, dlen)) < 0)
         return io_fail(ch, c, rc);
     struct vfmig_rec_hdr z = *h;
@@ -137,7 +259,11 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
         } else if (atomic_fetch_and_explicit(&r->written[p / 64], ~bit, memory_order_relaxed) & bit) {
             memset(host + (size_t)i * VFMIG_PAGE_SIZE, 0, VFMIG_PAGE_SIZE); /* untouched pages are zero */
         }
+        if (r->crcs && ph.encoding == VFMIG_ENC_ZERO)
+            r->crcs[p] = vfmig_zero_page_crc();
     }
+    if (ph.encoding == VFMIG_ENC_RAW)
+        note_crcs(r, first, ph.count, host);
     ch->pages += ph.count;
     ch->zero_pages += ph.encoding == VFMIG_ENC_ZERO ? ph.count : 0;
     return 0;

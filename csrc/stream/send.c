@@ -1,5 +1,5 @@
 /* The page sender: one thread per channel walks its stripes of the dirty bitmap, groups pages
- * into runs (raw or zero) and writes them as PAGES records. */
+ * into runs (raw, zero or delta) and writes them as PAGES records, compressed on request. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -7,17 +7,21 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <zstd.h>
 
 #include "vfmig/channels.h"
 #include "vfmig/zero.h"
 
 #define HDRS (sizeof(struct vfmig_rec_hdr) + sizeof(struct vfmig_pages_hdr))
 #define SEND_TIMEOUT_S 30
+#define RUN_BYTES ((size_t)VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE)
 
 struct run {
     uint64_t first;  /* RAM page index */
     uint32_t count;
     uint8_t enc;
+    uint32_t dlen;   /* DELTA: bytes of [u16 len][body] built in dbuf */
+    uint64_t keep[VFMIG_RUN_MAX_PAGES / 64]; /* RAW: pages to put in the delta cache once sent */
 };
 
 int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
@@ -34,21 +38,102 @@ int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fd
         /* A peer that stops reading must not hang us: time out and fail the migration. */
         setsockopt(fds[i], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
         /* Headers fill the end of the first page, so pages start page-aligned right after. */
-        s->ch[i].staging = aligned_alloc(4096, 4096 + (size_t)VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE);
-        if (!s->ch[i].staging) {
+        s->ch[i].staging = aligned_alloc(4096, 4096 + RUN_BYTES);
+        s->ch[i].dbuf = malloc(RUN_BYTES + VFMIG_PAGE_SIZE);
+        if (!s->ch[i].staging || !s->ch[i].dbuf) {
             vfmig_sender_free(s);
             return vfmig_fail(err, ENOMEM, "out of memory for staging buffers");
         }
+    }
+    s->sent = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
+    if (!s->sent) {
+        vfmig_sender_free(s);
+        return vfmig_fail(err, ENOMEM, "out of memory for the sent-pages map");
     }
     return 0;
 }
 
 void vfmig_sender_free(struct vfmig_sender *s)
 {
+    vfmig_sender_set_delta(s, 0);
+    vfmig_sender_set_compress(s, 0);
     for (uint32_t i = 0; i < VFMIG_MAX_CHANNELS; i++) {
         free(s->ch[i].staging);
-        s->ch[i].staging = NULL;
+        free(s->ch[i].dbuf);
+        s->ch[i].staging = s->ch[i].dbuf = NULL;
     }
+    free(s->sent);
+    s->sent = NULL;
+}
+
+int vfmig_sender_set_delta(struct vfmig_sender *s, uint64_t cache_pages)
+{
+    atomic_store(&s->delta, 0);
+    for (uint32_t i = 0; i < VFMIG_MAX_CHANNELS; i++)
+        vfmig_delta_cache_free(&s->ch[i].cache);
+    if (!cache_pages)
+        return 0;
+    if (cache_pages < s->nchan || cache_pages > s->vm->npages)
+        return vfmig_fail(&s->err, EINVAL, "delta cache of %llu pages: must be %u..%llu (one per channel up to RAM)",
+                          (unsigned long long)cache_pages, s->nchan, (unsigned long long)s->vm->npages);
+    for (uint32_t i = 0; i < s->nchan; i++) {
+        if (vfmig_delta_cache_init(&s->ch[i].cache, cache_pages / s->nchan) < 0) {
+            vfmig_sender_set_delta(s, 0);
+            return vfmig_fail(&s->err, ENOMEM, "out of memory for a delta cache of %llu MiB",
+                              (unsigned long long)(cache_pages * VFMIG_PAGE_SIZE >> 20));
+        }
+    }
+    atomic_store(&s->delta, 1);
+    return 0;
+}
+
+int vfmig_sender_set_compress(struct vfmig_sender *s, int level)
+{
+    if (level < 0 || level > VFMIG_ZSTD_LEVEL_MAX)
+        return vfmig_fail(&s->err, EINVAL, "zstd level must be 1..%d, got %d", VFMIG_ZSTD_LEVEL_MAX, level);
+    s->zstd_level = 0;
+    for (uint32_t i = 0; i < VFMIG_MAX_CHANNELS; i++) {
+        ZSTD_freeCCtx(s->ch[i].zctx);
+        free(s->ch[i].zbuf);
+        s->ch[i].zctx = NULL;
+        s->ch[i].zbuf = NULL;
+    }
+    if (!level)
+        return 0;
+    for (uint32_t i = 0; i < s->nchan; i++) {
+        s->ch[i].zctx = ZSTD_createCCtx();
+        s->ch[i].zbuf = malloc(ZSTD_compressBound(RUN_BYTES));
+        if (!s->ch[i].zctx || !s->ch[i].zbuf) {
+            vfmig_sender_set_compress(s, 0);
+            return vfmig_fail(&s->err, ENOMEM, "out of memory for compression");
+        }
+        ZSTD_CCtx_setParameter(s->ch[i].zctx, ZSTD_c_compressionLevel, level);
+        ZSTD_CCtx_setParameter(s->ch[i].zctx, ZSTD_c_contentSizeFlag, 1);
+        ZSTD_CCtx_setParameter(s->ch[i].zctx, ZSTD_c_checksumFlag, 0); /* the record CRC covers it */
+    }
+    s->zstd_level = level;
+    return 0;
+}
+
+/* The cache slot of page p on its channel: its position in that channel's stripes. */
+static inline uint64_t cache_slot(const struct vfmig_sender *s, uint64_t p)
+{
+    return (p / VFMIG_STRIPE_PAGES / s->nchan) * VFMIG_STRIPE_PAGES + p % VFMIG_STRIPE_PAGES;
+}
+
+static void cache_put(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t p, const uint8_t *data)
+{
+    struct vfmig_delta_cache *c = &ch->cache;
+    uint64_t slot = cache_slot(s, p) % c->nslots;
+    c->tag[slot] = p + 1;
+    memcpy(c->data + slot * VFMIG_PAGE_SIZE, data, VFMIG_PAGE_SIZE);
+}
+
+static void cache_drop(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t p)
+{
+    struct vfmig_delta_cache *c = &ch->cache;
+    if (c->nslots && c->tag[cache_slot(s, p) % c->nslots] == p + 1)
+        c->tag[cache_slot(s, p) % c->nslots] = 0;
 }
 
 static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t t0)
@@ -65,6 +150,21 @@ static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t t0)
     }
 }
 
+/* Compress the payload into zbuf if that makes it smaller; returns the bytes to send. */
+static uint32_t squeeze(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const uint8_t **data, uint32_t len,
+                        struct vfmig_pages_hdr *ph)
+{
+    if (!s->zstd_level || !len)
+        return len;
+    size_t z = ZSTD_compress2(ch->zctx, ch->zbuf, ZSTD_compressBound(len), *data, len);
+    if (ZSTD_isError(z) || z >= len)
+        return len; /* incompressible (or a library error): the plain record is as good */
+    *data = ch->zbuf;
+    ph->encoding |= VFMIG_ENC_ZSTD;
+    ch->st.zstd_pages += ph->count;
+    return (uint32_t)z;
+}
+
 /* Write one run as a PAGES record. */
 static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct run *r)
 {
@@ -72,22 +172,36 @@ static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct 
     struct vfmig_rec_hdr *h = (struct vfmig_rec_hdr *)(ch->staging + 4096 - HDRS);
     struct vfmig_pages_hdr *ph = (struct vfmig_pages_hdr *)(h + 1);
     *ph = (struct vfmig_pages_hdr){.gpa = vfmig_vm_page_to_gpa(vm, r->first), .count = r->count, .encoding = r->enc};
-    uint32_t dlen = r->enc == VFMIG_ENC_RAW ? r->count * VFMIG_PAGE_SIZE : 0;
-    const uint8_t *data = vm->ram + r->first * VFMIG_PAGE_SIZE;
-    if (s->zero_copy || !dlen) {
-        vfmig_rec_seal(h, VFMIG_REC_PAGES, ph, sizeof(*ph), data, dlen);
-    } else {
-        /* Live pages: snapshot them into staging in the CRC's own pass, so the record is
-         * consistent however the guest writes meanwhile (it is dirty then, and goes again). */
-        vfmig_rec_seal_copy(h, VFMIG_REC_PAGES, ph, sizeof(*ph), ch->staging + 4096, data, dlen);
+    const uint8_t *ram = vm->ram + r->first * VFMIG_PAGE_SIZE, *data = NULL;
+    uint32_t dlen = 0;
+    if (r->enc == VFMIG_ENC_DELTA) {
+        data = ch->dbuf;
+        dlen = r->dlen;
+    } else if (r->enc == VFMIG_ENC_RAW) {
+        data = ram;
+        dlen = r->count * VFMIG_PAGE_SIZE;
+    }
+    if (r->enc == VFMIG_ENC_RAW && !s->zero_copy && s->zstd_level) {
+        /* Live pages: snapshot them first, so the compressed bytes and the cache agree. */
+        memcpy(ch->staging + 4096, ram, dlen);
         data = ch->staging + 4096;
     }
+    if (s->zstd_level)
+        dlen = squeeze(s, ch, &data, dlen, ph);
+    if (r->enc == VFMIG_ENC_RAW && !s->zero_copy && !s->zstd_level) {
+        /* Live pages: snapshot them into staging in the CRC's own pass, so the record is
+         * consistent however the guest writes meanwhile (it is dirty then, and goes again). */
+        vfmig_rec_seal_copy(h, VFMIG_REC_PAGES, ph, sizeof(*ph), ch->staging + 4096, ram, dlen);
+        data = ch->staging + 4096;
+    } else {
+        vfmig_rec_seal(h, VFMIG_REC_PAGES, ph, sizeof(*ph), data, dlen);
+    }
     int rc;
-    if (dlen && s->zero_copy) {
+    if (data == ch->staging + 4096 || !dlen) {
+        rc = vfmig_write_all(ch->fd, h, HDRS + dlen); /* headers sit right before the pages */
+    } else {
         struct iovec iov[2] = {{h, HDRS}, {(void *)data, dlen}};
         rc = vfmig_writev_all(ch->fd, iov, 2);
-    } else {
-        rc = vfmig_write_all(ch->fd, h, HDRS + dlen); /* headers sit right before the pages */
     }
     if (rc < 0)
         return rc;
@@ -95,8 +209,22 @@ static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct 
     ch->st.records++;
     ch->st.bytes += HDRS + dlen;
     ch->st.pages += r->count;
-    if (r->enc == VFMIG_ENC_ZERO)
+    if (r->enc == VFMIG_ENC_ZERO) {
         ch->st.zero_pages += r->count;
+        return 0;
+    }
+    ch->st.bytes_in += (uint64_t)r->count * VFMIG_PAGE_SIZE;
+    if (r->enc == VFMIG_ENC_DELTA) {
+        ch->st.delta_pages += r->count;
+        return 0;
+    }
+    ch->st.raw_pages += r->count;
+    /* The cache gets exactly the bytes sent: the snapshot in staging (never live RAM). */
+    for (uint32_t w = 0; w < VFMIG_RUN_MAX_PAGES / 64; w++)
+        for (uint64_t k = r->keep[w]; k; k &= k - 1) {
+            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(k);
+            cache_put(s, ch, r->first + i, ch->staging + 4096 + (size_t)i * VFMIG_PAGE_SIZE);
+        }
     return 0;
 }
 
@@ -115,6 +243,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
     struct vfmig_chan_tx *ch = &s->ch[c];
     struct vfmig_vm *vm = s->vm;
     uint64_t t0 = vfmig_now_ns();
+    int delta = atomic_load(&s->delta) && ch->cache.nslots;
     struct run r = {0};
     for (uint64_t stripe = c * (uint64_t)VFMIG_STRIPE_PAGES; stripe < vm->npages;
          stripe += (uint64_t)s->nchan * VFMIG_STRIPE_PAGES) {
@@ -135,8 +264,26 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                 if (p >= end)
                     break;
                 int hole = !(data[(p - stripe) / 64] & (1ull << ((p - stripe) % 64)));
-                uint8_t enc = hole || vfmig_page_is_zero(vm->ram + p * VFMIG_PAGE_SIZE) ? VFMIG_ENC_ZERO
-                                                                                           : VFMIG_ENC_RAW;
+                const uint8_t *page = vm->ram + p * VFMIG_PAGE_SIZE;
+                uint8_t *old = NULL, *body = ch->dbuf + RUN_BYTES;
+                int before = (int)(s->sent[p / 64] >> (p % 64) & 1), dl = -1, keep = 0;
+                s->sent[p / 64] |= 1ull << (p % 64); /* this word lies in our stripe: no other writer */
+                uint8_t enc = VFMIG_ENC_RAW;
+                if (hole || vfmig_page_is_zero(page)) {
+                    enc = VFMIG_ENC_ZERO;
+                    if (delta)
+                        cache_drop(s, ch, p);
+                } else if (delta && before) {
+                    ch->st.cache_lookups++;
+                    if ((old = vfmig_delta_cache_get(&ch->cache, cache_slot(s, p), p))) {
+                        ch->st.cache_hits++;
+                        if ((dl = vfmig_delta_encode(page, old, body)) >= 0)
+                            enc = VFMIG_ENC_DELTA;
+                        else
+                            ch->st.delta_fallbacks++;
+                    }
+                    keep = enc == VFMIG_ENC_RAW && !s->zero_copy; /* no round follows a zero-copy one */
+                }
                 int contiguous = r.count && p == r.first + r.count &&
                                  vfmig_vm_page_to_gpa(vm, p) == vfmig_vm_page_to_gpa(vm, r.first) +
                                                                     (uint64_t)r.count * VFMIG_PAGE_SIZE;
@@ -152,7 +299,21 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                 if (!r.count) {
                     r.first = p;
                     r.enc = enc;
+                    r.dlen = 0;
+                    memset(r.keep, 0, sizeof(r.keep));
                 }
+                if (enc == VFMIG_ENC_DELTA) {
+                    uint16_t len16 = (uint16_t)dl;
+                    memcpy(ch->dbuf + r.dlen, &len16, 2);
+                    memcpy(ch->dbuf + r.dlen + 2, body, (size_t)dl);
+                    r.dlen += 2 + (uint32_t)dl;
+                    /* The cache takes the delta as the destination will: the same bytes, so
+                     * both copies stay equal however the page changed while it was encoded. */
+                    if (!s->zero_copy)
+                        vfmig_delta_apply(old, body, (size_t)dl);
+                }
+                if (keep)
+                    r.keep[r.count / 64] |= 1ull << (r.count % 64);
                 r.count++;
             }
         }
@@ -207,10 +368,18 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
             rc = s->ch[c].rc;
             s->err = s->ch[c].err;
         }
-        out->pages += s->ch[c].st.pages;
-        out->zero_pages += s->ch[c].st.zero_pages;
-        out->bytes += s->ch[c].st.bytes;
-        out->records += s->ch[c].st.records;
+        const struct vfmig_round_stats *st = &s->ch[c].st;
+        out->pages += st->pages;
+        out->zero_pages += st->zero_pages;
+        out->raw_pages += st->raw_pages;
+        out->delta_pages += st->delta_pages;
+        out->zstd_pages += st->zstd_pages;
+        out->bytes_in += st->bytes_in;
+        out->bytes += st->bytes;
+        out->records += st->records;
+        out->cache_lookups += st->cache_lookups;
+        out->cache_hits += st->cache_hits;
+        out->delta_fallbacks += st->delta_fallbacks;
     }
     out->ns = vfmig_now_ns() - t0;
     return rc;

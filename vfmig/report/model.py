@@ -38,6 +38,35 @@ class Iteration:
     throttle_pct: int = 0
     final: bool = False  # the stop-and-copy round, with vCPUs stopped
     device_bytes: int = 0  # device state sent in DEVICE_DATA records after this round's pages
+    # How the round's pages went: raw + delta + zero = pages_sent; zstd counts pages in compressed
+    # records. bytes_in is the non-zero pages before encoding (4 KiB each); bytes is after.
+    raw_pages: int = 0
+    delta_pages: int = 0
+    zstd_pages: int = 0
+    bytes_in: int = 0
+    cache_lookups: int = 0  # re-sent non-zero pages while delta pages were on
+    cache_hit_rate: float | None = None  # of those, the share whose last copy was in the cache
+    delta_fallbacks: int = 0  # hits whose delta was not smaller than the page: sent raw
+
+    @classmethod
+    def from_round(cls, index: int, dirty: int, st: dict[str, int], **kw: Any) -> Iteration:
+        """A round as PageSender.send_round counted it."""
+        return cls(
+            index,
+            dirty,
+            st["pages"],
+            st["zero_pages"],
+            st["bytes"],
+            st["ns"] / 1e6,
+            raw_pages=st["raw_pages"],
+            delta_pages=st["delta_pages"],
+            zstd_pages=st["zstd_pages"],
+            bytes_in=st["bytes_in"],
+            cache_lookups=st["cache_lookups"],
+            cache_hit_rate=st["cache_hits"] / st["cache_lookups"] if st["cache_lookups"] else None,
+            delta_fallbacks=st["delta_fallbacks"],
+            **kw,
+        )
 
 
 @dataclass
@@ -278,13 +307,14 @@ class Report:
             *([f"  difference    {self.downtime_difference}"] if self.downtime_difference else []),
             *self._limit_lines(),
             f"  sent          {human_bytes(self.bytes_sent)} at {human_bytes(self.throughput_Bps)}/s",
-            "  iterations    #   dirty      sent      zero     bytes       ms   dirty/s     B/s",
+            "  iterations    #   dirty      sent      zero     delta     bytes       ms   dirty/s     B/s  cache hit",
         ]
         for it in self.iterations:
+            hit = f"{it.cache_hit_rate:>6.0%}" if it.cache_hit_rate is not None else "     -"
             lines.append(
                 f"              {it.index:>3}{'*' if it.final else ' '}{it.dirty_pages:>8}{it.pages_sent:>10}"
-                f"{it.zero_pages:>10}{human_bytes(it.bytes):>11}{it.duration_ms:>8.1f}"
-                f"{it.dirty_rate_pps:>10.0f}  {human_bytes(it.bandwidth_Bps)}/s"
+                f"{it.zero_pages:>10}{it.delta_pages:>10}{human_bytes(it.bytes):>10}{it.duration_ms:>9.1f}"
+                f"{it.dirty_rate_pps:>10.0f}  {human_bytes(it.bandwidth_Bps) + '/s':>9}   {hit}"
             )
         b = self.downtime_breakdown
         lines.append(

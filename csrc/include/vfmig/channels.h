@@ -7,20 +7,31 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "vfmig/delta.h"
 #include "vfmig/stream.h"
 #include "vfmig/vm.h"
 
 #define VFMIG_MAX_CHANNELS 16
 #define VFMIG_STRIPE_PAGES 512u
 
+/* One round's counters. pages = raw + zero + delta; zstd_pages were in compressed records.
+ * bytes_in: what the non-zero pages were before encoding (4 KiB each); bytes: on the wire. A
+ * cache lookup is a re-sent non-zero page while delta pages are on; a hit found its last copy;
+ * a fallback is a hit whose delta was not smaller than the page (sent raw). */
 struct vfmig_round_stats {
-    uint64_t pages, zero_pages, bytes, records, ns;
+    uint64_t pages, zero_pages, raw_pages, delta_pages, zstd_pages;
+    uint64_t bytes_in, bytes, records, ns;
+    uint64_t cache_lookups, cache_hits, delta_fallbacks;
 };
 
 struct vfmig_chan_tx {
     int fd;
     struct vfmig_digest digest;
     uint8_t *staging;           /* record header + run header + up to 256 pages */
+    uint8_t *dbuf;              /* the DELTA run being built, then its encoded page scratch */
+    uint8_t *zbuf;              /* a compressed payload (--compress) */
+    void *zctx;                 /* ZSTD_CCtx, NULL without compression */
+    struct vfmig_delta_cache cache;
     struct vfmig_round_stats st;
     int rc;
     struct vfmig_err err;
@@ -34,6 +45,9 @@ struct vfmig_sender {
     _Atomic int cancel;
     const uint64_t *bits;       /* the round being sent */
     int zero_copy;
+    uint64_t *sent;             /* pages sent at least once: a re-dirtied one may go as a delta */
+    _Atomic int delta;          /* delta pages on (vfmig_sender_set_delta; read each round) */
+    int zstd_level;             /* 0: no compression */
     struct vfmig_err err;
 };
 
@@ -41,6 +55,12 @@ struct vfmig_sender {
 int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
                       struct vfmig_err *err);
 void vfmig_sender_free(struct vfmig_sender *s);
+/* Delta pages with a cache of cache_pages pages split over the channels (0: off and freed).
+ * Between rounds, caller's thread. 0, -EINVAL or -ENOMEM (s->err; delta pages then stay off). */
+int vfmig_sender_set_delta(struct vfmig_sender *s, uint64_t cache_pages);
+/* zstd at level 1..VFMIG_ZSTD_LEVEL_MAX on every channel (0: off). Between rounds, caller's
+ * thread. 0, -EINVAL or -ENOMEM (s->err). */
+int vfmig_sender_set_compress(struct vfmig_sender *s, int level);
 /* Send every page whose bit is set, one thread per channel. zero_copy sends straight from
  * guest RAM (only when vCPUs are stopped; live pages are copied first so each record's CRC
  * matches its bytes). Blocks the caller, no lock held. 0 or -errno (s->err). */
@@ -57,7 +77,9 @@ struct vfmig_chan_rx {
     pthread_t thread;
     int thread_live;
     struct vfmig_digest digest;
-    uint64_t pages, zero_pages, bytes, records, iterations;
+    uint64_t pages, zero_pages, delta_pages, zstd_records, bytes, records, iterations;
+    uint8_t *buf, *zbuf;        /* an encoded payload, and its decompressed form */
+    void *zctx;                 /* ZSTD_DCtx, made on the first compressed record */
     int done, rc;
     struct vfmig_err err;
     const uint8_t *mem;         /* vfmig_receiver_decode_mem: records come from here, not fd */
@@ -70,6 +92,7 @@ struct vfmig_receiver {
     struct vfmig_chan_rx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
     _Atomic uint64_t *populated; /* stripes already populated */
+    uint32_t *crcs;              /* per page, CRC32C as last loaded (--verify), or NULL */
     _Atomic int cancel;
     struct vfmig_err err;
 };
@@ -78,6 +101,10 @@ struct vfmig_receiver {
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
                         struct vfmig_err *err);
 void vfmig_receiver_free(struct vfmig_receiver *r);
+/* Keep the CRC32C of every page as it is loaded (for --verify), so the hashes are ready at the
+ * end instead of costing a pass over RAM inside the downtime: nothing else writes destination
+ * RAM before the guest starts. Before start, caller's thread. 0 or -ENOMEM. */
+int vfmig_receiver_track_crcs(struct vfmig_receiver *r);
 /* Start one decoding thread per channel; each runs to its EOS. 0 or -errno. */
 int vfmig_receiver_start(struct vfmig_receiver *r);
 /* Wait for every channel thread. Cancel (and shutting the sockets) makes them stop early.

@@ -10,7 +10,7 @@
 
 #define VFMIG_REC_MAGIC 0x524D4656u       /* "VFMR" */
 #define VFMIG_STREAM_MAGIC "VFMIGSTR"
-#define VFMIG_STREAM_VERSION 1u
+#define VFMIG_STREAM_VERSION 2u          /* 2: DELTA and ZSTD page encodings */
 #define VFMIG_RUN_MAX_PAGES 256u          /* pages in one PAGES record: 1 MiB */
 #define VFMIG_CTRL_MAX (1u << 20)         /* control records; PAGE_HASHES is bounded by RAM size */
 #define VFMIG_TOKEN_LEN 16
@@ -38,7 +38,11 @@ enum vfmig_rec_type {
     VFMIG_REC__COUNT
 };
 
-enum vfmig_encoding { VFMIG_ENC_RAW = 1, VFMIG_ENC_ZERO = 2 };
+/* A PAGES record's encoding: RAW, ZERO or DELTA, with the ZSTD bit when its payload (after the
+ * run header) is one zstd frame of what it would otherwise be. ZERO carries no payload. */
+enum vfmig_encoding { VFMIG_ENC_RAW = 1, VFMIG_ENC_ZERO = 2, VFMIG_ENC_DELTA = 3 };
+#define VFMIG_ENC_ZSTD 0x80u
+#define VFMIG_ZSTD_LEVEL_MAX 19
 
 struct vfmig_rec_hdr {
     uint32_t magic;
