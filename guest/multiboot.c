@@ -98,13 +98,19 @@ void multiboot_setup(uint32_t mbi)
     bp->wss_gpa = VFMIG_DATA_GPA;
     bp->wss_bytes = (top - VFMIG_DATA_GPA) & ~(VFMIG_PAGE_SIZE - 1);
     /* "wss=N" (MiB) limits the working set, so the baseline runs the same workload as a vfmig
-     * run with --wss; "gap=N" sets the gap ring's threshold in us (under clock=tsc, in
-     * thousands of TSC ticks). */
+     * run with --wss; "pattern=fresh" runs the fresh pattern (otherwise: sequential);
+     * "gap=N" sets the gap ring's threshold in us (under clock=tsc, in thousands of TSC ticks). */
     uint32_t wss_mib = cmdline_number(mbi, "wss=");
     if (wss_mib && (uint64_t)wss_mib << 20 < bp->wss_bytes)
         bp->wss_bytes = (uint64_t)wss_mib << 20;
     bp->ps_per_page = 0;
     bp->clock_every = 256;
+    const volatile char *pattern = cmdline_value(mbi, "pattern=");
+    if (pattern && value_is(pattern, "fresh")) {
+        bp->pattern = VFMIG_PATTERN_FRESH;
+        bp->clock_every = 1; /* as GuestParams: a fresh page takes as long as ~1000 increments */
+        puts_console("pattern: fresh\n");
+    }
     uint32_t gap_us = cmdline_number(mbi, "gap=");
     bp->gap_threshold_ns = gap_us && gap_us < 4000000u ? gap_us * 1000u : 500000u;
     bp->width = 1;

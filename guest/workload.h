@@ -1,5 +1,6 @@
 /* The dirtier workload: increments one byte (or word) per page of the vCPU's slice, QEMU
- * a-b-bootblock style, at a rate throttled against the clock, and logs clock gaps for downtime.
+ * a-b-bootblock style (or, with the fresh pattern, rewrites each page whole with new data), at
+ * a rate throttled against the clock, and logs clock gaps for downtime.
  * One copy shared by every guest that runs it (dirtier.c, vfdrv.c). */
 #ifndef GUEST_WORKLOAD_H
 #define GUEST_WORKLOAD_H
@@ -37,6 +38,46 @@ static inline void touch_run(uint32_t gpa, uint32_t n, uint32_t width)
                          : "+r"(gpa) : "r"(end4) : "memory", "cc");
     for (; gpa != end; gpa += VFMIG_PAGE_SIZE)
         touch(gpa, width);
+}
+
+/* The fresh pattern's seeds for page frame `pfn` on pass `pass`: a 32-bit mix (murmur3's
+ * finaliser) of both and the boot seed, so no two (page, pass) start their generator alike. */
+static inline uint32_t fresh_seed(uint32_t pfn, uint32_t pass, uint32_t seed)
+{
+    uint32_t h = pfn * 0x9E3779B1u ^ pass * 0x85EBCA77u ^ seed;
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+/* Rewrite n consecutive pages from gpa whole (all 4096 bytes) with new pseudo-random data.
+ * This KVM emulates every guest instruction (~1.5 us each, even a `rep movs` element costs
+ * ~1 us), so the generator is the cheapest we found that compresses neither the data nor its
+ * XOR against the page's previous pass (zlib -9 per page, zstd -1 and -19, xz -9): three
+ * instructions a 4-byte word. Per page a full-period 32-bit LCG, x' = (x * A + c) mod 2^32,
+ * with x and the odd c seeded by the page frame and the pass; each word written is the high
+ * half of x * A (mul leaves it in edx), whose low bits, unlike an LCG's own, are not periodic.
+ * A is near 2^32 since that half is below A. (A plain LCG's XOR delta compresses by up to
+ * 11% under zlib; xorshift32 takes ten instructions a word and runs at a fifth of the rate.) */
+#define FRESH_A 0xF9B25D65u /* = 1 mod 4: the LCG has full period */
+static inline void fresh_run(uint32_t gpa, uint32_t n, uint32_t pass, uint32_t seed)
+{
+    for (uint32_t end = gpa + n * VFMIG_PAGE_SIZE; gpa != end;) {
+        uint32_t x = fresh_seed(gpa >> 12, pass, seed), c = fresh_seed(gpa >> 12, pass, ~seed) | 1u;
+        uint32_t page_end = gpa + VFMIG_PAGE_SIZE, hi;
+        __asm__ volatile("1:\n"
+                         " .irp o,0,4,8,12,16,20,24,28,32,36,40,44,48,52,56,60,"
+                         "64,68,72,76,80,84,88,92,96,100,104,108,112,116,120,124\n"
+                         " mull %[a]\n add %[c], %%eax\n mov %%edx, \\o(%[p])\n"
+                         " .endr\n"
+                         " add $128, %[p]\n cmp %[end], %[p]\n jne 1b"
+                         : "+a"(x), "=&d"(hi), [p] "+r"(gpa)
+                         : [a] "r"(FRESH_A), [c] "r"(c), [end] "r"(page_end)
+                         : "memory", "cc");
+    }
 }
 
 /* Next page index for the random and hot/cold patterns. */
@@ -78,6 +119,7 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
     st->state = VFMIG_GUEST_RUNNING;
     uint64_t t0 = clock_tick(st, threshold);
     uint64_t done = 0; /* pages touched since t0, for the throttle */
+    uint32_t pass = 0; /* passes so far, for the fresh pattern's seeds */
     if (pages == 0)
         for (;;) {
             uint64_t now = clock_tick(st, threshold);
@@ -91,6 +133,8 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
             uint32_t n = pages - i < every ? pages - i : every;
             if (pattern == VFMIG_PATTERN_SEQ) {
                 touch_run(base + i * VFMIG_PAGE_SIZE, n, width);
+            } else if (pattern == VFMIG_PATTERN_FRESH) {
+                fresh_run(base + i * VFMIG_PAGE_SIZE, n, pass, bp->seed);
             } else {
                 for (uint32_t j = 0; j < n; j++)
                     touch(base + next_page(pattern, pages, &rng, hot_pct, hot_pages) * VFMIG_PAGE_SIZE, width);
@@ -113,6 +157,7 @@ static inline __attribute__((always_inline, noreturn)) void workload_run(uint32_
             }
         }
         st->passes = st->passes + 1;
+        pass++;
     }
 }
 #endif

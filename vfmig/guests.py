@@ -14,7 +14,8 @@ from vfmig.errors import ConfigError
 
 GUESTS = ("dirtier", "idle", "vfdrv")  # vfdrv: simvf's driver plus the dirtier's workload
 DEVICE_GUEST = "vfdrv"  # the guest a VM with a simvf runs unless told otherwise
-PATTERNS = {"sequential": 0, "random": 1, "hotcold": 2}
+# "fresh": sequential, but every page is rewritten whole with new pseudo-random data each pass.
+PATTERNS = {"sequential": 0, "random": 1, "hotcold": 2, "fresh": 3}
 # How vfdrv answers a migration notice (enum vfmig_guest_ack in guest_abi.h). "slow" is written "slow:US".
 GUEST_ACKS = _core.GUEST_ACKS
 ACK_DELAY_MAX_US = 10_000_000
@@ -55,7 +56,9 @@ class GuestParams:
     pattern: str = "sequential"
     wss_bytes: int = 0  # 0: all low RAM above DATA_GPA
     rate_pps: int = 0  # total pages/s over all vCPUs; 0: as fast as it can
-    clock_every: int = 256
+    # pages between clock reads, a power of two; 0: the pattern's default, 256, or 1 for fresh
+    # (a fresh page takes ~1000 times an increment's guest instructions: read the clock as often)
+    clock_every: int = 0
     gap_threshold_ns: int = 500_000
     hot_pct: int = 90
     hot_size_pct: int = 10
@@ -101,8 +104,8 @@ class GuestParams:
             raise ConfigError("working set must hold at least one page per vCPU")
         if self.rate_pps < 0 or (self.rate_pps and self.rate_pps < 1000 * self.vcpus):
             raise ConfigError(f"dirty rate must be 0 (unlimited) or at least {1000 * self.vcpus} pages/s")
-        if self.clock_every < 1 or self.clock_every & (self.clock_every - 1):
-            raise ConfigError("clock_every must be a power of two")
+        if self.clock_every < 0 or self.clock_every & (self.clock_every - 1):
+            raise ConfigError("clock_every must be a power of two (or 0: the pattern's default)")
         if self.width not in (1, 4):
             raise ConfigError("width must be 1 or 4 bytes")
         if not 0 <= self.hot_pct <= 100 or not 1 <= self.hot_size_pct <= 99:
@@ -121,7 +124,7 @@ class GuestParams:
             DATA_GPA,
             self.wss(mem_bytes),
             min(ps_per_page, 0xFFFFFFFF),
-            self.clock_every,
+            self.clock_every or (1 if self.pattern == "fresh" else 256),
             self.gap_threshold_ns,
             self.hot_pct,
             self.hot_size_pct,

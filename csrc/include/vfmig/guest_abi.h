@@ -35,7 +35,10 @@ typedef unsigned long long uint64_t;
 #define VFMIG_BOOT_MAGIC     0x544F4256u /* "VBOT" */
 #define VFMIG_BOOT_VERSION   1u
 
-enum vfmig_pattern { VFMIG_PATTERN_SEQ = 0, VFMIG_PATTERN_RANDOM = 1, VFMIG_PATTERN_HOTCOLD = 2 };
+/* SEQ, RANDOM and HOTCOLD increment one byte (or word) per touched page; FRESH walks the working
+ * set like SEQ but rewrites every page whole (4096 bytes) with new pseudo-random data each pass,
+ * so a page's XOR delta against its previous copy is the whole page and it does not compress. */
+enum vfmig_pattern { VFMIG_PATTERN_SEQ = 0, VFMIG_PATTERN_RANDOM = 1, VFMIG_PATTERN_HOTCOLD = 2, VFMIG_PATTERN_FRESH = 3 };
 /* How the VF driver (vfdrv) answers the migration capability's notice (simvf_abi.h), for
  * testing the VMM's handshake: NORMAL quiesces and acks at once; NEVER is a stuck driver (it
  * neither quiesces nor acks, and still handles what comes after); LATE quiesces and acks after
