@@ -22,6 +22,7 @@ C_TESTS = [
     ("pci", []),
     ("simvf", ["{guests}/vfdrv.bin"]),
     ("dma_log", []),
+    ("delta", []),
 ]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}

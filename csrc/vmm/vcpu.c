@@ -271,22 +271,26 @@ int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_u
     uint64_t now = vfmig_now_ns(), deadline = now + (uint64_t)timeout_ms * 1000000ull;
     uint64_t seen[VFMIG_MAX_VCPUS];
     int waiting[VFMIG_MAX_VCPUS] = {0};
+    uint32_t left = 0;
     for (uint32_t i = 0; i < vm->nvcpus; i++) {
+        /* Every vCPU, not only sleepers: the dirty-log sync just before the stop write-protects
+         * the guest's pages, and a vCPU stalled in those faults has not run either. */
+        waiting[i] = 1;
+        left++;
+        seen[i] = guest_exits(&vm->vcpus[i]);
         uint64_t since = atomic_load(&vm->vcpus[i].throttle_sleep_since_ns);
         if (!since)
             continue;
-        waiting[i] = 1;
         out->woken++;
         if (now - since > out->longest_sleep_ns)
             out->longest_sleep_ns = now - since;
-        seen[i] = guest_exits(&vm->vcpus[i]);
     }
     int rc = vfmig_vm_set_throttle(vm, 0);
     if (rc < 0)
         return rc;
     /* A kick that lands just before the vCPU enters its sleep is lost, so kick again until it is
      * awake; then wait for its next guest exit. Short polls: this is the guest's time. */
-    for (uint32_t left = out->woken; left && vfmig_now_ns() < deadline;) {
+    while (left && vfmig_now_ns() < deadline) {
         left = 0;
         for (uint32_t i = 0; i < vm->nvcpus; i++) {
             if (!waiting[i])

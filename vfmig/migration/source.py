@@ -517,11 +517,12 @@ class Migration:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
         assert sender is not None and ctrl is not None
         self._check_cancel()
-        # A throttled vCPU may be in a sleep of up to 99 slices: a stop that lands in it is an
-        # outage the guest feels on top of the downtime. Wake it and let it run first (and
-        # before the handshake, which a sleeping guest could not answer).
+        # A throttled vCPU may be in a sleep of up to 99 slices, and the last dirty-log sync
+        # stalls a busy one in write faults: a stop that lands there is an outage the guest
+        # feels on top of the downtime. Wake each and let it run first (and before the
+        # handshake, which a sleeping guest could not answer).
         woke = vm.core.unthrottle(UNTHROTTLE_TIMEOUT_MS)
-        if woke["woken"]:
+        if woke["woken"] or woke["late"]:
             r.stop_unthrottle = woke
         self._prestop()
         self._check_cancel()
@@ -985,7 +986,7 @@ def _explain_difference(r: Report, gaps: list[list[list[int]]], start: int | Non
     if before > DOWNTIME_AGREE_MS:
         woke = r.stop_unthrottle or {}
         cause = (
-            "in a throttle sleep the stop could not cut short"
+            "in a throttle sleep or write faults the stop could not wait out"
             if woke.get("late")
             else "its last clock read before the stop, or not scheduled on the host, or halted"
         )

@@ -132,15 +132,15 @@ int vfmig_vm_set_dirty_logging(struct vfmig_vm *vm, int on);
 int vfmig_vm_set_throttle(struct vfmig_vm *vm, int pct);
 
 /* What vfmig_vm_unthrottle found: the vCPUs it woke from a throttle sleep, the longest such
- * sleep had lasted so far, and the woken vCPUs that had not yet run guest code at its timeout. */
+ * sleep had lasted so far, and the vCPUs that had not yet run guest code at its timeout. */
 struct vfmig_unthrottle {
     uint32_t woken, late;
     uint64_t longest_sleep_ns;
 };
 
-/* Before the stop: throttle off, every throttle sleep cut short, and each woken vCPU given the
- * chance to run guest code again (one exit), so the stop does not land in a sleep the guest would
- * feel as part of the downtime. Lifecycle thread, no lock held while waiting; waits at most
+/* Before the stop: throttle off, every throttle sleep cut short, and each vCPU given the chance
+ * to run guest code again (one exit), so the stop does not land in a throttle sleep or in the
+ * write faults after the last dirty-log sync, which the guest would feel as downtime. Lifecycle thread, no lock held while waiting; waits at most
  * timeout_ms. 0, or -EINVAL for a bad timeout (nothing changed). */
 int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_unthrottle *out);
 
