@@ -240,14 +240,12 @@ cdef extern from "vfmig/channels.h":
         int done
     struct vfmig_receiver:
         uint32_t nchan
-        uint32_t *crcs
         vfmig_chan_rx ch[16]
         int cancel
         vfmig_err err
     int vfmig_receiver_init(vfmig_receiver *r, vfmig_vm *vm, const int *fds, uint32_t nchan,
                             vfmig_err *err) nogil
     void vfmig_receiver_free(vfmig_receiver *r) nogil
-    int vfmig_receiver_track_crcs(vfmig_receiver *r) nogil
     int vfmig_receiver_start(vfmig_receiver *r) nogil
     int vfmig_receiver_join(vfmig_receiver *r) nogil
     int vfmig_receiver_run(vfmig_receiver *r) nogil

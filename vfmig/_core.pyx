@@ -1038,20 +1038,6 @@ cdef class PageReceiver:
         if rc < 0:
             raise StreamError(-rc, self.r.err.msg.decode())
 
-    def track_crcs(self):
-        """Hash every page as it is loaded (--verify); before start()."""
-        cdef int rc
-        with nogil:
-            rc = vfmig_receiver_track_crcs(&self.r)
-        if rc < 0:
-            raise StreamError(-rc, self.r.err.msg.decode())
-
-    def page_crcs(self):
-        """The CRC32C of every page as last loaded (after join()), like VM.page_crcs()."""
-        if self.r.crcs == NULL:
-            raise ValueError("track_crcs() was not called")
-        return (<char *>self.r.crcs)[:self.vm._vm().npages * 4]
-
     def cancel(self):
         self.r.cancel = 1
 

@@ -55,8 +55,6 @@ void vfmig_receiver_free(struct vfmig_receiver *r)
         r->ch[c].buf = r->ch[c].zbuf = NULL;
         r->ch[c].zctx = NULL;
     }
-    free(r->crcs);
-    r->crcs = NULL;
     free((void *)r->written);
     free((void *)r->populated);
     r->written = NULL;
@@ -84,22 +82,6 @@ static int io_fail(struct vfmig_chan_rx *ch, uint32_t c, int rc)
     if (rc == -ETIMEDOUT)
         return vfmig_fail(&ch->err, ETIMEDOUT, "channel %u: no data for %d s", c, RECV_TIMEOUT_S);
     return vfmig_fail(&ch->err, -rc, "channel %u: receive failed: %s", c, strerror(-rc));
-}
-
-int vfmig_receiver_track_crcs(struct vfmig_receiver *r)
-{
-    if (!r->crcs && !(r->crcs = malloc(r->vm->npages * sizeof(uint32_t))))
-        return vfmig_fail(&r->err, ENOMEM, "out of memory for page hashes");
-    vfmig_ram_page_crcs(r->vm, r->crcs); /* a fresh VM: holes, hashed without reading */
-    return 0;
-}
-
-/* --verify: hash the pages [first, first + n) as they now are in RAM. */
-static void note_crcs(struct vfmig_receiver *r, uint64_t first, uint32_t n, const uint8_t *host)
-{
-    if (r->crcs)
-        for (uint32_t i = 0; i < n; i++)
-            r->crcs[first + i] = vfmig_crc32c(0, host + (size_t)i * VFMIG_PAGE_SIZE, VFMIG_PAGE_SIZE);
 }
 
 /* First data in a 2 MiB stripe: populate the whole stripe in one call rather than one fault a
@@ -140,7 +122,6 @@ static int apply_deltas(struct vfmig_receiver *r, uint32_t c, const struct vfmig
         return vfmig_fail(&ch->err, EBADMSG, "channel %u: %zu stray bytes after the deltas of a run", c,
                           (size_t)(end - p));
     ch->delta_pages += ph->count;
-    note_crcs(r, first, ph->count, host);
     return 0;
 }
 
@@ -193,7 +174,6 @@ static int load_encoded(struct vfmig_receiver *r, uint32_t c, const struct vfmig
         return apply_deltas(r, c, ph, host, first, body, blen);
     for (uint32_t i = 0; i < ph->count; i++)
         atomic_fetch_or_explicit(&r->written[(first + i) / 64], 1ull << ((first + i) % 64), memory_order_relaxed);
-    note_crcs(r, first, ph->count, host);
     return 0;
 }
 
@@ -259,11 +239,7 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
         } else if (atomic_fetch_and_explicit(&r->written[p / 64], ~bit, memory_order_relaxed) & bit) {
             memset(host + (size_t)i * VFMIG_PAGE_SIZE, 0, VFMIG_PAGE_SIZE); /* untouched pages are zero */
         }
-        if (r->crcs && ph.encoding == VFMIG_ENC_ZERO)
-            r->crcs[p] = vfmig_zero_page_crc();
     }
-    if (ph.encoding == VFMIG_ENC_RAW)
-        note_crcs(r, first, ph.count, host);
     ch->pages += ph.count;
     ch->zero_pages += ph.encoding == VFMIG_ENC_ZERO ? ph.count : 0;
     return 0;

@@ -104,12 +104,8 @@ static int decode(struct vfmig_vm *dst, const struct out *o, char *msg)
     struct vfmig_err err;
     static struct vfmig_receiver r;
     CHECK(vfmig_receiver_init(&r, dst, NULL, 1, &err) == 0);
-    CHECK(vfmig_receiver_track_crcs(&r) == 0);
     int rc = vfmig_receiver_decode_mem(&r, 0, o->buf, o->len);
     snprintf(msg, 256, "%s", r.err.msg);
-    if (rc == 0) /* the hashes kept as pages landed are those of RAM now */
-        for (uint32_t p = 0; p < NPAGES; p++)
-            CHECK(r.crcs[p] == vfmig_crc32c(0, dst->ram + (size_t)p * PS, PS));
     vfmig_receiver_free(&r);
     return rc;
 }

@@ -309,8 +309,6 @@ class Listener:
         mig = _MigDevices(vm)
         mig.resuming()
         rx = _core.PageReceiver(vm.core, [s.fileno() for s in chans])
-        if hello.verify:
-            rx.track_crcs()  # hashed as each page lands: none of it inside the downtime
         rx.start()  # C threads decode the page channels while this thread reads the control one
         devices: dict[str, bytes] = {}
         vcpus: dict[int, bytes] = {}
@@ -361,11 +359,12 @@ class Listener:
         if mig.names:
             extra["devices"] = mig.report()
         if hello.verify:
-            # Every page of our RAM as its last load left it (zero and never-sent ones too; only
-            # the loader writes this RAM before the guest starts): the source compares it with
-            # its own before it commits.
+            # Our RAM as it is now, every page (zero and never-sent ones too): the source
+            # compares it with its own before it commits. Read back from RAM, not kept as pages
+            # landed, so a write after the load (a device's, say) is caught too. Costs downtime;
+            # reported as such.
             t = time.monotonic_ns()
-            ctrl.send("PAGE_HASHES", rx.page_crcs())
+            ctrl.send("PAGE_HASHES", vm.core.page_crcs())
             extra["verify_hash_ms"] = (time.monotonic_ns() - t) / 1e6
         # Two-phase commit: the guest may run here only once the source has promised never to
         # resume it there. No GO (the source failed, or gave up): discard, never run it.

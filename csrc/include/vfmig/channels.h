@@ -92,7 +92,6 @@ struct vfmig_receiver {
     struct vfmig_chan_rx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
     _Atomic uint64_t *populated; /* stripes already populated */
-    uint32_t *crcs;              /* per page, CRC32C as last loaded (--verify), or NULL */
     _Atomic int cancel;
     struct vfmig_err err;
 };
@@ -101,10 +100,6 @@ struct vfmig_receiver {
 int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int *fds, uint32_t nchan,
                         struct vfmig_err *err);
 void vfmig_receiver_free(struct vfmig_receiver *r);
-/* Keep the CRC32C of every page as it is loaded (for --verify), so the hashes are ready at the
- * end instead of costing a pass over RAM inside the downtime: nothing else writes destination
- * RAM before the guest starts. Before start, caller's thread. 0 or -ENOMEM. */
-int vfmig_receiver_track_crcs(struct vfmig_receiver *r);
 /* Start one decoding thread per channel; each runs to its EOS. 0 or -errno. */
 int vfmig_receiver_start(struct vfmig_receiver *r);
 /* Wait for every channel thread. Cancel (and shutting the sockets) makes them stop early.
