@@ -3,9 +3,11 @@
  * committed under csrc/fuzz/corpus/<harness>/ and tests/test_fuzz.py checks it is current. */
 #include <linux/kvm.h>
 #include <sys/stat.h>
+#include <zstd.h>
 
 #include "fuzz.h"
 #include "vfmig/channels.h"
+#include "vfmig/delta.h"
 #include "vfmig/devices.h"
 #include "vfmig/hello.h"
 #include "vfmig/simvf_abi.h"
@@ -59,6 +61,38 @@ static void run(struct buf *o, uint64_t gpa, uint32_t count, uint8_t enc)
     record(o, VFMIG_REC_PAGES, &ph, sizeof(ph), data, enc == VFMIG_ENC_RAW ? count * VFMIG_PAGE_SIZE : 0);
 }
 
+/* Version 2 runs: DELTA bodies against what run() loads, and zstd frames of either. */
+static void encoded(struct buf *o, uint64_t gpa, uint32_t count, uint8_t enc)
+{
+    static uint8_t old[3 * VFMIG_PAGE_SIZE], cur[3 * VFMIG_PAGE_SIZE], body[3 * VFMIG_PAGE_SIZE], z[4 * VFMIG_PAGE_SIZE];
+    for (size_t i = 0; i < sizeof(old); i++)
+        old[i] = cur[i] = (uint8_t)(i * 7 + 1); /* what run() sends */
+    for (size_t i = 0; i < sizeof(cur); i += 1000)
+        cur[i] ^= 0x5a;
+    uint32_t len = 0;
+    if ((enc & ~VFMIG_ENC_ZSTD) == VFMIG_ENC_DELTA) {
+        for (uint32_t p = 0; p < count; p++) {
+            int n = vfmig_delta_encode(cur + p * VFMIG_PAGE_SIZE, old + p * VFMIG_PAGE_SIZE, body + len + 2);
+            FUZZ_ASSERT(n >= 0);
+            uint16_t n16 = (uint16_t)n;
+            memcpy(body + len, &n16, 2);
+            len += 2 + (uint32_t)n;
+        }
+    } else {
+        memcpy(body, cur, count * VFMIG_PAGE_SIZE);
+        len = count * VFMIG_PAGE_SIZE;
+    }
+    const uint8_t *data = body;
+    if (enc & VFMIG_ENC_ZSTD) {
+        size_t zn = ZSTD_compress(z, sizeof(z), body, len, 1);
+        FUZZ_ASSERT(!ZSTD_isError(zn));
+        data = z;
+        len = (uint32_t)zn;
+    }
+    struct vfmig_pages_hdr ph = {.gpa = gpa, .count = count, .encoding = enc};
+    record(o, VFMIG_REC_PAGES, &ph, sizeof(ph), data, len);
+}
+
 static void iter(struct buf *o, uint32_t n)
 {
     struct vfmig_iter it = {.iteration = n, .dirty_pages = 3};
@@ -94,6 +128,21 @@ static void pages(void)
     put("pages", "edge-crc-mismatch", o->b, o->n);
     o->b[39] ^= 1;
     put("pages", "edge-truncated", o->b, o->n - 7);
+
+    o = channel(0x00); /* delta pages and compression (stream version 2) */
+    run(o, 1 * VFMIG_PAGE_SIZE, 3, VFMIG_ENC_RAW);
+    iter(o, 1);
+    encoded(o, 1 * VFMIG_PAGE_SIZE, 3, VFMIG_ENC_DELTA);
+    encoded(o, 8 * VFMIG_PAGE_SIZE, 2, VFMIG_ENC_RAW | VFMIG_ENC_ZSTD);
+    iter(o, 2);
+    run(o, 1 * VFMIG_PAGE_SIZE, 3, VFMIG_ENC_RAW);
+    encoded(o, 1 * VFMIG_PAGE_SIZE, 3, VFMIG_ENC_DELTA | VFMIG_ENC_ZSTD);
+    eos(o);
+    put("pages", "delta-and-zstd", o->b, o->n);
+    o = channel(0x00);
+    encoded(o, 1 * VFMIG_PAGE_SIZE, 1, VFMIG_ENC_DELTA); /* nothing to apply it to */
+    eos(o);
+    put("pages", "edge-delta-without-base", o->b, o->n);
 
     o = channel(0x11); /* channel 1 of 2: stripes 1 and 3 */
     run(o, 512 * VFMIG_PAGE_SIZE, 256, VFMIG_ENC_ZERO);
