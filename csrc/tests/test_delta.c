@@ -7,6 +7,7 @@
 #include <zstd.h>
 
 #include "check.h"
+#include "fake_vm.h"
 #include "vfmig/channels.h"
 #include "vfmig/delta.h"
 
@@ -86,18 +87,21 @@ static void eos(struct out *o)
     o->len += sizeof(h) + sizeof(e);
 }
 
-static struct vfmig_vm *fake_vm(void)
+/* A DELTA run's data, as the sender builds it: per page u16 length, then the delta of v2 on v1. */
+static uint32_t delta_run(const uint8_t *v1, const uint8_t *v2, uint32_t count, uint8_t *out)
 {
-    struct vfmig_vm *vm = calloc(1, sizeof(*vm));
-    vm->ram_bytes = (uint64_t)NPAGES * PS;
-    vm->npages = NPAGES;
-    vm->ram = aligned_alloc(4096, vm->ram_bytes);
-    memset(vm->ram, 0, vm->ram_bytes);
-    vm->mem_fd = -1;
-    vm->nslots = 1;
-    vm->slots[0] = (struct vfmig_slot){.id = 0, .gpa = 0, .size = vm->ram_bytes, .first_page = 0};
-    return vm;
+    uint32_t len = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        int n = vfmig_delta_encode(v2 + i * PS, v1 + i * PS, out + len + 2);
+        CHECK(n >= 0);
+        uint16_t n16 = (uint16_t)n;
+        memcpy(out + len, &n16, 2);
+        len += 2 + (uint32_t)n;
+    }
+    return len;
 }
+
+static struct vfmig_vm *fake_vm(void) { return fake_vm_new(NPAGES); }
 
 static int decode(struct vfmig_vm *dst, const struct out *o, char *msg)
 {
@@ -117,14 +121,7 @@ static int delta_case(struct vfmig_vm *dst, uint8_t *v1, uint8_t *v2, int (*twea
     static uint8_t buf[4 << 20], payload[2 * PS];
     struct out o = {buf, 0, {0}};
     rec(&o, VFMIG_ENC_RAW, 8, 2, v1, 2 * PS);
-    uint32_t plen = 0;
-    for (int i = 0; i < 2; i++) {
-        int n = vfmig_delta_encode(v2 + i * PS, v1 + i * PS, payload + plen + 2);
-        CHECK(n >= 0);
-        uint16_t n16 = (uint16_t)n;
-        memcpy(payload + plen, &n16, 2);
-        plen += 2 + (uint32_t)n;
-    }
+    uint32_t plen = delta_run(v1, v2, 2, payload);
     memset(dst->ram, 0, dst->ram_bytes);
     if (tweak && tweak(&o, payload, &plen)) /* it wrote the stream itself */
         return decode(dst, &o, msg);
@@ -224,13 +221,7 @@ static void test_records(void)
     CHECK(decode(dst, &o, msg) < 0 && strstr(msg, "unknown page encoding 0x82"));
     /* A compressed DELTA run round-trips. */
     static uint8_t payload[2 * PS];
-    uint32_t plen = 0;
-    for (int i = 0; i < 2; i++) {
-        int n = vfmig_delta_encode(v2 + i * PS, v1 + i * PS, payload + plen + 2);
-        uint16_t n16 = (uint16_t)n;
-        memcpy(payload + plen, &n16, 2);
-        plen += 2 + (uint32_t)n;
-    }
+    uint32_t plen = delta_run(v1, v2, 2, payload);
     zn = ZSTD_compress(z, sizeof(z), payload, plen, 3);
     o = (struct out){buf, 0, {0}};
     rec(&o, VFMIG_ENC_RAW, 8, 2, v1, 2 * PS);
@@ -238,8 +229,7 @@ static void test_records(void)
     eos(&o);
     memset(dst->ram, 0, dst->ram_bytes);
     CHECK(decode(dst, &o, msg) == 0 && memcmp(dst->ram + 8 * PS, v2, 2 * PS) == 0);
-    free(dst->ram);
-    free(dst);
+    fake_vm_free(dst);
 }
 
 int main(void)

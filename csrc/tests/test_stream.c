@@ -9,29 +9,14 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fake_vm.h"
 #include "vfmig/channels.h"
 
 
 #define NPAGES 2048u /* 8 MiB: four stripes */
 
-static struct vfmig_vm *fake_vm(void)
-{
-    struct vfmig_vm *vm = calloc(1, sizeof(*vm));
-    vm->ram_bytes = (uint64_t)NPAGES * VFMIG_PAGE_SIZE;
-    vm->npages = NPAGES;
-    vm->ram = aligned_alloc(4096, vm->ram_bytes);
-    memset(vm->ram, 0, vm->ram_bytes);
-    vm->mem_fd = -1; /* plain RAM, no memfd: every page counts as data */
-    vm->nslots = 1;
-    vm->slots[0] = (struct vfmig_slot){.id = 0, .gpa = 0, .size = vm->ram_bytes, .first_page = 0};
-    return vm;
-}
+static struct vfmig_vm *fake_vm(void) { return fake_vm_new(NPAGES); }
 
-static void free_vm(struct vfmig_vm *vm)
-{
-    free(vm->ram);
-    free(vm);
-}
 
 struct rx_job {
     struct vfmig_receiver *r;
@@ -273,8 +258,8 @@ int main(void)
     CHECK(replay(dst, (uint8_t *)&bad, sizeof(bad), msg) < 0 && strstr(msg, "unexpected HELLO"));
     test_stripes(dst, stream, len);
     free(stream);
-    free_vm(src);
-    free_vm(dst);
+    fake_vm_free(src);
+    fake_vm_free(dst);
     printf("test_stream: ok\n");
     return 0;
 }
