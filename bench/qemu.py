@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vfmig.guests import guest_elf
+from vfmig.guests import STATS_GPA, guest_elf
 
 QBOOT = "/usr/share/qemu/qboot.rom"  # boots a multiboot kernel in ~0.1 s instead of SeaBIOS's ~4 s
 
@@ -106,6 +106,47 @@ class Qemu:
         if info.get("status") != "completed":
             raise RuntimeError(f"QEMU migration did not complete: {info.get('status')}")
         return info
+
+    def migrate_within(self, uri: str, timeout: float, poll_s: float = 0.05) -> dict[str, Any]:
+        """Migrate to `uri` (the destination set up beforehand); query-migrate once it ends. Past
+        `timeout` s, migrate_cancel (the source runs on) and return the query-migrate of that
+        moment with "timed_out": True. Never raises for a migration that did not complete."""
+        self.cmd("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return {**info, "timed_out": False}
+            if time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        self.cmd("migrate_cancel")
+        end, after = time.monotonic() + 30, info
+        while time.monotonic() < end:
+            after = self.cmd("query-migrate")
+            if after.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(poll_s)
+        return {**info, "status_after_cancel": after.get("status"), "timed_out": True}
+
+    def set_capabilities(self, **caps: bool) -> None:
+        """migrate-set-capabilities, with names as QMP spells them ("auto_converge" -> auto-converge)."""
+        self.cmd(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()],
+        )
+
+    def passes(self) -> int:
+        """vCPU 0's passes over its working set (struct vfmig_vcpu_stats, guest_abi.h)."""
+        return self.read_u64(STATS_GPA + 8)
+
+    def wait_passes(self, passes: int, timeout: float = 60) -> None:
+        """Until the dirtier has made `passes` passes over its working set."""
+        deadline = time.monotonic() + timeout
+        while self.passes() < passes:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"the QEMU guest did not make {passes} pass(es) in {timeout:g} s")
+            time.sleep(0.1)
 
     def read_u64(self, gpa: int) -> int:
         out = self.cmd("human-monitor-command", **{"command-line": f"xp /1gx {gpa:#x}"})

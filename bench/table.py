@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -145,6 +146,80 @@ def render_probes(path: Path | None = None) -> str:
     return "\n".join(rows)
 
 
+CONVERGE_BEGIN, CONVERGE_END = "<!-- converge:begin -->", "<!-- converge:end -->"
+
+
+def _vfmig_cell(r: dict[str, Any]) -> str:
+    """One vfmig run of bench/converge_bench.py: total time, both downtimes, whether it held."""
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}".replace("|", "\\|")
+    if not r.get("completed"):
+        return f"{r.get('status') or 'failed'}: {r.get('error', '')}".rstrip(": ").replace("|", "\\|")
+    guest = r.get("guest_observed_downtime_ms")
+    seen = f"{r['downtime_ms']:.1f} ms" + (f" (guest {guest:.1f} ms)" if guest is not None else "")
+    remedies = ", ".join(dict.fromkeys(str(m.get("remedy")) for m in r.get("remedies", [])))
+    held = "held" if r["held"] else "**not held**"
+    return f"{r['total_time_ms'] / 1e3:.2f} s, downtime {seen}, {held}" + (f"; {remedies}" if remedies else "")
+
+
+def _qemu_cell(case: dict[str, Any], timeout: float) -> str:
+    """QEMU's fastest configuration that held the limit, or what became of them all."""
+    runs = {n: r for n, r in case["runs"].items() if n.startswith("qemu")}
+    best = case.get("qemu_best")
+    if best:
+        r = runs[best]
+        return f"{best}: {r['total_time_ms'] / 1e3:.2f} s, downtime {r['downtime_ms']:.0f} ms"
+    tried = [n for n, r in runs.items() if "skipped" not in r]
+    if not tried:
+        return "not run: " + "; ".join(sorted({str(r.get("skipped")) for r in runs.values()})).replace("|", "\\|")
+    return f"none held ({', '.join(tried)}; cancelled after {timeout:g} s or over the limit)"
+
+
+def render_converge(path: Path | None = None) -> str:
+    """bench/results/converge.json (bench/converge_bench.py) as a table: per row, limit and link,
+    vfmig against QEMU 7.2's fastest configuration that held the limit, and the idle row."""
+    path = path or RESULTS / "converge.json"
+    if not path.exists():
+        return "(no convergence results yet: run bench/converge_bench.py)"
+    r = json.loads(path.read_text())
+    timeout, goal = r["qemu_timeout_s"], r["goal_speedup"]
+    rows = [
+        f"| workload (1 GiB guest) | limit, link | vfmig | QEMU 7.2, fastest that held the limit | "
+        f"speedup | goal (held, >= {goal:g}x) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"].values():
+        for case in row["cases"].values():
+            v = case["runs"].get(case["vfmig_config"], {})
+            if case.get("speedup") is not None:
+                speedup = f"{case['speedup']:.1f}x"
+            elif case.get("speedup_lower_bound") is not None:
+                speedup = f">= {case['speedup_lower_bound']:.1f}x"
+            else:
+                speedup = "-"
+            met = {True: "yes", False: "**no**", None: "not measured"}[case.get("goal_met")]
+            link = "1 Gbit/s" if case["link"] == "1gbit" else "unlimited"
+            rows.append(
+                f"| dirtier, {row['pattern']}, {row['wss_mib']} MiB | {case['limit_ms']:g} ms, {link} | "
+                f"{case['vfmig_config']}: {_vfmig_cell(v)} | {_qemu_cell(case, timeout)} | {speedup} | {met} |"
+            )
+            for vname, vr in case["runs"].items():  # the other vfmig configurations (compression)
+                if vname.startswith("vfmig") and vname != case["vfmig_config"]:
+                    sp = case.get("speedups", {}).get(vname)
+                    rows.append(f"| | | {vname}: {_vfmig_cell(vr)} | | {f'{sp:.1f}x' if sp is not None else '-'} | |")
+    idle = r.get("idle") or {}
+    if idle.get("vs_tcp") is not None:
+        per = ", ".join(f"{x:.2f}" for x in idle["vs_tcp_runs"])
+        wall = ", ".join(f"{x:.2f}" for x in idle["ram_wall_vs_tcp_runs"])
+        rows.append(
+            f"| idle, {idle['memory_mib']} MiB, three CLI processes | throughput / loopback TCP | "
+            f"{_gb(idle['throughput_Bps'])} (TCP {_gb(idle['tcp_loopback_Bps'])}) | | "
+            f"{idle['vs_tcp']:.2f}x (reps: {per}); RAM / migrate wall time: {idle['ram_wall_vs_tcp']:.2f}x "
+            f"(reps: {wall}) | |"
+        )
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -155,6 +230,7 @@ def update_readme() -> None:
     text = _replace(readme.read_text(), BEGIN, END, render())
     text = _replace(text, RELIABILITY_BEGIN, RELIABILITY_END, render_reliability())
     text = _replace(text, PROBES_BEGIN, PROBES_END, render_probes())  # where README has the markers
+    text = _replace(text, CONVERGE_BEGIN, CONVERGE_END, render_converge())
     readme.write_text(text)
 
 
@@ -163,3 +239,4 @@ if __name__ == "__main__":
     print(render())
     print(render_reliability())
     print(render_probes())
+    print(render_converge())

@@ -217,9 +217,18 @@ class ControlServer:
             "devices": [asdict(d) for d in cfg.devices],
             "pid": os.getpid(),
             "failed": self.vm.core.failed,
+            "vcpu_stats": self._vcpu_stats(),
             "migration": migration,
             "last_migration": last,
         }
+
+    def _vcpu_stats(self) -> list[dict[str, int]] | None:
+        """Per vCPU, the guest's own counters (from its stats page): pages touched since boot and
+        passes over its working set, so a client can wait for the workload to settle."""
+        try:
+            return [{"touches": s.touches, "passes": s.passes} for s in self.vm.vcpu_stats()]
+        except (ValueError, OSError):  # the VM is gone (it migrated away)
+            return None
 
     def _resume(self) -> dict[str, Any]:
         with self._lock:
