@@ -287,6 +287,23 @@ static uint32_t mark_pages(uint64_t map[8], uint64_t from, uint64_t to)
 uint32_t vfmig_vm_data_map(const struct vfmig_vm *vm, uint64_t first, uint32_t n, uint64_t map[8])
 {
     memset(map, 0, 8 * sizeof(uint64_t));
+    /* Fast path: a page in the memfd's page cache holds data (a hole has no page), so when
+     * mincore() finds every page of the range resident, one call answers it. SEEK_HOLE below is
+     * the slow part: it walks the page cache from `data` to the first hole, which for a guest
+     * that wrote all its RAM is the end of the file, at every call. A pass over 1 GiB (512
+     * calls) cost 10 ms with huge pages and 2.9 s with 4 KiB pages here (quadratic in RAM
+     * size), and 20-45 ms of the page sender's CPU in an idle 1 GiB migration; mincore, 1 ms.
+     * Pages not resident may be holes or data swapped out: such ranges still ask lseek. */
+    if (n <= 512) {
+        unsigned char vec[512];
+        if (mincore(vm->ram + first * VFMIG_PAGE_SIZE, (size_t)n * VFMIG_PAGE_SIZE, vec) == 0) {
+            uint32_t resident = 0;
+            for (uint32_t i = 0; i < n; i++)
+                resident += vec[i] & 1;
+            if (resident == n)
+                return mark_pages(map, 0, n);
+        }
+    }
     const off_t base = (off_t)(first * VFMIG_PAGE_SIZE), end = (off_t)((first + n) * VFMIG_PAGE_SIZE);
     uint32_t count = 0;
     for (off_t pos = base; pos < end;) {
