@@ -1,5 +1,6 @@
 /* vCPU threads: the KVM_RUN loop, exit dispatch to devices, pause/resume and throttling. */
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -261,6 +262,28 @@ static uint64_t guest_exits(struct vfmig_vcpu *cpu)
     return n;
 }
 
+/* Whether KVM holds this vCPU in its halt (HLT with nothing to do, or waiting for a SIPI): an
+ * idle vCPU has no guest code to run and no faults to finish, and no exit would come to say so
+ * (an idle guest that halts with interrupts off never exits again). Its thread then sleeps in
+ * kvm_vcpu_block, which /proc names; if it cannot be read, the answer is no. Any thread. */
+static int vcpu_halted(const struct vfmig_vcpu *cpu)
+{
+    int tid = atomic_load(&cpu->tid);
+    char path[48], name[32];
+    if (!tid)
+        return 0;
+    snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, name, sizeof(name) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    name[n] = 0;
+    return strcmp(name, "kvm_vcpu_block") == 0;
+}
+
 int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_unthrottle *out)
 {
     memset(out, 0, sizeof(*out));
@@ -297,8 +320,8 @@ int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_u
                 continue;
             if (atomic_load(&vm->vcpus[i].throttle_sleep_since_ns))
                 vfmig_vcpu_kick(&vm->vcpus[i]);
-            else if (guest_exits(&vm->vcpus[i]) != seen[i])
-                waiting[i] = 0;
+            else if (guest_exits(&vm->vcpus[i]) != seen[i] || vcpu_halted(&vm->vcpus[i]))
+                waiting[i] = 0; /* it ran guest code, or it is idle (halted) */
             left += (uint32_t)waiting[i];
         }
         if (left) {
