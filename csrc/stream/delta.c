@@ -121,8 +121,9 @@ int vfmig_delta_cache_init(struct vfmig_delta_cache *c, uint64_t nslots)
     if (!nslots)
         return 0;
     c->tag = calloc(nslots, sizeof(*c->tag));
+    c->used = calloc(nslots, sizeof(*c->used));
     c->data = aligned_alloc(VFMIG_PAGE_SIZE, nslots * VFMIG_PAGE_SIZE);
-    if (!c->tag || !c->data) {
+    if (!c->tag || !c->used || !c->data) {
         vfmig_delta_cache_free(c);
         return -1;
     }
@@ -133,6 +134,7 @@ int vfmig_delta_cache_init(struct vfmig_delta_cache *c, uint64_t nslots)
 void vfmig_delta_cache_free(struct vfmig_delta_cache *c)
 {
     free(c->tag);
+    free(c->used);
     free(c->data);
     memset(c, 0, sizeof(*c));
 }

@@ -275,14 +275,19 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                         cache_drop(s, ch, p);
                 } else if (delta && before) {
                     ch->st.cache_lookups++;
-                    if ((old = vfmig_delta_cache_get(&ch->cache, cache_slot(s, p), p))) {
+                    uint64_t slot = cache_slot(s, p) % ch->cache.nslots;
+                    if ((old = vfmig_delta_cache_get(&ch->cache, slot, p))) {
                         ch->st.cache_hits++;
+                        ch->cache.used[slot] = s->round;
                         if ((dl = vfmig_delta_encode(page, old, body)) >= 0)
                             enc = VFMIG_ENC_DELTA;
                         else
                             ch->st.delta_fallbacks++;
                     }
-                    keep = enc == VFMIG_ENC_RAW && !s->zero_copy; /* no round follows a zero-copy one */
+                    /* No round follows a zero-copy one; a slot used this round stays put. */
+                    keep = enc == VFMIG_ENC_RAW && !s->zero_copy && (old || ch->cache.used[slot] != s->round);
+                    if (keep)
+                        ch->cache.used[slot] = s->round;
                 }
                 int contiguous = r.count && p == r.first + r.count &&
                                  vfmig_vm_page_to_gpa(vm, p) == vfmig_vm_page_to_gpa(vm, r.first) +
@@ -344,6 +349,7 @@ static void *chan_thread(void *arg)
 int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy, struct vfmig_round_stats *out)
 {
     uint64_t t0 = vfmig_now_ns();
+    s->round++;
     s->bits = bits;
     s->zero_copy = zero_copy;
     pthread_t th[VFMIG_MAX_CHANNELS];

@@ -47,6 +47,7 @@ struct vfmig_sender {
     int zero_copy;
     uint64_t *sent;             /* pages sent at least once: a re-dirtied one may go as a delta */
     _Atomic int delta;          /* delta pages on (vfmig_sender_set_delta; read each round) */
+    uint32_t round;             /* rounds sent, for the delta cache's slot stamps */
     int zstd_level;             /* 0: no compression */
     struct vfmig_err err;
 };

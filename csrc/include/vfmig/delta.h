@@ -27,10 +27,14 @@ int vfmig_delta_apply(uint8_t *page, const uint8_t *body, size_t len);
 
 /* The source's cache, one per page channel (a page always travels on one channel, so no lock):
  * direct-mapped by the page's position in its channel's stripes, so a contiguous working set of
- * up to nslots pages per channel never evicts itself. Owned by its channel's thread. */
+ * up to nslots pages per channel never evicts itself. A slot hit or filled in this round is not
+ * taken by another page in the same round: a working set larger than the cache then keeps the
+ * share that fits, where a plain direct map (or LRU) would evict every page before its next use
+ * and hit nothing. Owned by its channel's thread. */
 struct vfmig_delta_cache {
     uint64_t nslots;
     uint64_t *tag;   /* page index + 1, 0: empty */
+    uint32_t *used;  /* the round the slot was last hit or filled in */
     uint8_t *data;   /* nslots pages */
 };
 
