@@ -66,8 +66,9 @@ HANDSHAKE_DEADLINE_MAX_MS = 10_000
 # The report's handshake is the VF's: with several devices, the one whose outcome is the worst.
 _OUTCOME_RANK = {"none": 0, "acked": 1, "disabled": 2, "timeout": 3, "late": 4}
 DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
-# How long the stop waits for a vCPU woken from a throttle sleep to run guest code (one 10 ms
-# throttle slice: a running guest exits far sooner; one that does not is reported as late).
+# How long the stop waits for each vCPU (woken from a throttle sleep, or stalled in the write
+# faults after the last dirty-log sync) to run guest code once: one 10 ms throttle slice. A
+# running guest exits far sooner, a halted one is not waited for; one that does neither is late.
 UNTHROTTLE_TIMEOUT_MS = 10
 DELTA_MODES = ("auto", "always", "off")
 # The default delta cache: a quarter of guest RAM holds the working set of most busy guests
@@ -386,8 +387,9 @@ class Migration:
             s.settimeout(None)  # the C sender sets its own send timeout
         self._sender = _core.PageSender(self.vm.core, [s.fileno() for s in self._chans], self.opts.bandwidth)
         self._sender.start_tracking()
-        if self.opts.compress_level():
-            self._sender.set_compress(self.opts.compress_level())
+        level = self.opts.compress_level()
+        if level:
+            self._sender.set_compress(level)
         if self.opts.delta == "always":
             self._engage_delta()
         self.report.tracker = self._sender.tracker or self.report.tracker
