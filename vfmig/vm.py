@@ -311,12 +311,13 @@ class MicroVM:
         self.core.start()
         self.started = True
 
-    def pause(self, timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT) -> int:
+    def pause(self, timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT, checkpoint: str | None = None) -> int:
         """Stop the vCPUs, then the devices; returns the latency in ns. Raises PauseTimeoutError
-        (VM still running) if a vCPU does not stop within timeout_ms."""
+        (VM still running) if a vCPU does not stop within timeout_ms. A checkpoint name is
+        recorded in C right before the vCPUs are kicked (its time: core.pause_checkpoint_ns)."""
         check_pause_timeout(timeout_ms)
         try:
-            ns = self.core.pause(timeout_ms)
+            ns = self.core.pause(timeout_ms, checkpoint)
         except _core.CoreError as e:
             if e.errno == errno.ETIMEDOUT:
                 raise PauseTimeoutError(f"{e.strerror}; the VM keeps running") from None

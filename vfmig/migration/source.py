@@ -529,8 +529,8 @@ class Migration:
         self._prestop()
         self._check_cancel()
         cps = r.checkpoints
-        cps.append(Checkpoint("src-downtime-start", _core.checkpoint("src-downtime-start")))
-        vm.pause(self.opts.pause_timeout_ms)  # on a timeout the vCPUs run again: nothing to undo
+        vm.pause(self.opts.pause_timeout_ms, "src-downtime-start")  # on a timeout the vCPUs run again
+        cps.append(Checkpoint("src-downtime-start", vm.core.pause_checkpoint_ns))
         self._paused_by_us = True
         cps.append(Checkpoint("src-vm-stopped", _core.checkpoint("src-vm-stopped")))
         vm.core.set_throttle(0)
