@@ -32,10 +32,15 @@ def checkpoint(str name):
     return vfmig_checkpoint(b)
 
 
+cdef dict _unthrottle_dict(vfmig_unthrottle *out):
+    return {"woken": out.woken, "late": out.late, "longest_sleep_ms": out.longest_sleep_ns / 1e6}
+
+
 cdef class VM:
     """A KVM VM with memfd RAM, an in-kernel irqchip, vCPU threads and the built-in devices."""
     cdef vfmig_vm *vm
     cdef public uint64_t pause_checkpoint_ns  # the time of pause()'s checkpoint; 0: none
+    cdef public dict pause_unthrottle  # what pause()'s unthrottle did
 
     def __cinit__(self, uint64_t mem_bytes, uint32_t vcpus=1, uint32_t ring_entries=0):
         cdef vfmig_vm_config cfg
@@ -134,22 +139,32 @@ cdef class VM:
             rc = vfmig_vm_start(vm)
         self._check(rc)
 
-    def pause(self, uint32_t timeout_ms=VFMIG_PAUSE_TIMEOUT_MS_DEFAULT, str checkpoint=None):
+    def pause(self, uint32_t timeout_ms=VFMIG_PAUSE_TIMEOUT_MS_DEFAULT, str checkpoint=None,
+              uint32_t unthrottle_ms=0):
         """Stop every vCPU within timeout_ms; returns the pause latency in ns. On a timeout
-        (CoreError ETIMEDOUT) every vCPU was let go again: the VM keeps running. A checkpoint
-        name is recorded right before the kick, with the GIL released: taken from Python, it
-        could wait out another thread's GIL slice (5 ms) while the guest still runs."""
+        (CoreError ETIMEDOUT) every vCPU was let go again: the VM keeps running.
+        unthrottle_ms: first unthrottle() (its result in self.pause_unthrottle). checkpoint: a
+        name recorded right before the kick (its time in self.pause_checkpoint_ns). All in one
+        GIL-free block: from Python, each step could wait out another thread's GIL slice (5 ms)
+        while the guest runs on, unthrottled, dirtying pages the last round did not count."""
         cdef vfmig_vm *vm = self._vm()
-        cdef int rc
+        cdef int rc = 0
         cdef bytes name = checkpoint.encode() if checkpoint is not None else b""
         cdef const char *cname = name
         cdef bint mark = checkpoint is not None
         cdef uint64_t t = 0
+        cdef vfmig_unthrottle out
+        out.woken = out.late = 0
+        out.longest_sleep_ns = 0
         with nogil:
-            if mark:
-                t = vfmig_checkpoint(cname)
-            rc = vfmig_vm_pause(vm, timeout_ms)
+            if unthrottle_ms:
+                rc = vfmig_vm_unthrottle(vm, unthrottle_ms, &out)
+            if rc == 0:
+                if mark:
+                    t = vfmig_checkpoint(cname)
+                rc = vfmig_vm_pause(vm, timeout_ms)
         self.pause_checkpoint_ns = t
+        self.pause_unthrottle = _unthrottle_dict(&out)
         self._check(rc)
         return vm.last_pause_ns
 
@@ -178,7 +193,7 @@ cdef class VM:
         with nogil:
             rc = vfmig_vm_unthrottle(vm, timeout_ms, &out)
         self._check(rc)
-        return {"woken": out.woken, "late": out.late, "longest_sleep_ms": out.longest_sleep_ns / 1e6}
+        return _unthrottle_dict(&out)
 
     def exits(self):
         """Exit counts per reason, summed over vCPUs."""

@@ -311,13 +311,16 @@ class MicroVM:
         self.core.start()
         self.started = True
 
-    def pause(self, timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT, checkpoint: str | None = None) -> int:
+    def pause(
+        self, timeout_ms: int = _core.PAUSE_TIMEOUT_MS_DEFAULT, checkpoint: str | None = None, unthrottle_ms: int = 0
+    ) -> int:
         """Stop the vCPUs, then the devices; returns the latency in ns. Raises PauseTimeoutError
-        (VM still running) if a vCPU does not stop within timeout_ms. A checkpoint name is
-        recorded in C right before the vCPUs are kicked (its time: core.pause_checkpoint_ns)."""
+        (VM still running) if a vCPU does not stop within timeout_ms. With unthrottle_ms, the
+        throttle ends first and each vCPU runs once (core.pause_unthrottle says what it did);
+        a checkpoint name is recorded right before the kick (core.pause_checkpoint_ns)."""
         check_pause_timeout(timeout_ms)
         try:
-            ns = self.core.pause(timeout_ms, checkpoint)
+            ns = self.core.pause(timeout_ms, checkpoint, unthrottle_ms)
         except _core.CoreError as e:
             if e.errno == errno.ETIMEDOUT:
                 raise PauseTimeoutError(f"{e.strerror}; the VM keeps running") from None

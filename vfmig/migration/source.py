@@ -174,6 +174,18 @@ class LimitCancelled(MigrationError):
     """The downtime limit could not be met and the limit action is cancel: the source runs on."""
 
 
+def _both_unthrottles(first: dict[str, float] | None, second: dict[str, float]) -> dict[str, float]:
+    """The stop's unthrottles as one: the vCPUs woken by either, the longest sleep cut, and
+    those that had not run again by the pause (the second's)."""
+    if first is None:
+        return second
+    return {
+        "woken": first["woken"] + second["woken"],
+        "late": second["late"],
+        "longest_sleep_ms": max(first["longest_sleep_ms"], second["longest_sleep_ms"]),
+    }
+
+
 @dataclass
 class _Device:
     """A device with a migration state machine, as this migration drives it."""
@@ -521,16 +533,20 @@ class Migration:
         self._check_cancel()
         # A throttled vCPU may be in a sleep of up to 99 slices, and the last dirty-log sync
         # stalls a busy one in write faults: a stop that lands there is an outage the guest
-        # feels on top of the downtime. Wake each and let it run first (and before the
-        # handshake, which a sleeping guest could not answer).
-        woke = vm.core.unthrottle(UNTHROTTLE_TIMEOUT_MS)
-        if woke["woken"] or woke["late"]:
-            r.stop_unthrottle = woke
+        # feels on top of the downtime. So the pause wakes each and lets it run once first, in
+        # the same C call: the guest runs unthrottled only until its next exit, not for as long
+        # as Python takes (the last round did not count those pages). A device handshake needs
+        # the guest awake before that: a sleeping guest could not answer.
+        woke = vm.core.unthrottle(UNTHROTTLE_TIMEOUT_MS) if self._devices else None
         self._prestop()
         self._check_cancel()
         cps = r.checkpoints
-        vm.pause(self.opts.pause_timeout_ms, "src-downtime-start")  # on a timeout the vCPUs run again
+        # On a timeout the vCPUs run again (unthrottled): nothing to undo.
+        vm.pause(self.opts.pause_timeout_ms, "src-downtime-start", UNTHROTTLE_TIMEOUT_MS)
         cps.append(Checkpoint("src-downtime-start", vm.core.pause_checkpoint_ns))
+        woke = _both_unthrottles(woke, vm.core.pause_unthrottle)
+        if woke["woken"] or woke["late"]:
+            r.stop_unthrottle = woke
         self._paused_by_us = True
         cps.append(Checkpoint("src-vm-stopped", _core.checkpoint("src-vm-stopped")))
         vm.core.set_throttle(0)
