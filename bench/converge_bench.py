@@ -485,7 +485,13 @@ def main() -> None:
     ap.add_argument("--qemu-timeout", type=float, default=120.0, metavar="S", help="cancel QEMU after S s")
     ap.add_argument("--fresh-512", action="store_true", help="add the fresh 512 MiB row (~7 min a guest to settle)")
     ap.add_argument("--verify", action="store_true", help="vfmig migrate --verify on every dirtier run")
-    ap.add_argument("--reps", type=int, default=3, help="idle reps (default 3; 1 with --quick)")
+    ap.add_argument("--reps", type=int, default=3, help="idle reps (default 3; 1 with --quick; 0: no idle row)")
+    ap.add_argument(
+        "--rows",
+        metavar="NAMES",
+        help=f"only these rows, comma-separated ({', '.join(r.name for r in (*ROWS, FRESH_512))}); "
+        "the results go to converge.<rows>.json beside the full run's",
+    )
     args = ap.parse_args()
 
     flags = vfmig_migrate_flags()
@@ -496,6 +502,12 @@ def main() -> None:
         print(f"QEMU multifd zstd: {multifd_zstd}", flush=True)
 
     rows = [ROWS[0]] if args.quick else [*ROWS, *([FRESH_512] if args.fresh_512 else [])]
+    if args.rows:
+        known = {r.name: r for r in (*ROWS, FRESH_512)}
+        unknown = [n for n in args.rows.split(",") if n not in known]
+        if unknown:
+            ap.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(known)}")
+        rows = [known[n] for n in args.rows.split(",")]
     limits = (30,) if args.quick else LIMITS_MS
     vcfgs = [c for c in VFMIG_CONFIGS if not args.quick or c.name == "vfmig"]
     qcfgs = [c for c in QEMU_CONFIGS if not args.quick or c.name == "qemu"]
@@ -550,8 +562,9 @@ def main() -> None:
                     flush=True,
                 )
             results[row.name] = {"pattern": row.pattern, "wss_mib": row.wss_mib, "cases": cases}
-        print("idle: 1 GiB idle guest, three CLI processes, beside loopback TCP", flush=True)
-        idle = idle_row(tmp, reps)
+        if reps:
+            print("idle: 1 GiB idle guest, three CLI processes, beside loopback TCP", flush=True)
+        idle = idle_row(tmp, reps) if reps else None
 
     doc = {
         "memory_mib": MEMORY_MIB,
@@ -579,7 +592,8 @@ def main() -> None:
     }
     with contextlib.suppress(Exception):
         doc["notes"].append(f"machine load average at the end: {os.getloadavg()}")
-    path = write_results("converge.quick" if args.quick else "converge", doc)
+    name = "converge.quick" if args.quick else f"converge.{args.rows.replace(',', '+')}" if args.rows else "converge"
+    path = write_results(name, doc)
     print(f"wrote {path}")
 
 
