@@ -376,6 +376,10 @@ def _from_query_migrate(info: dict[str, Any], limit_ms: float, timeout: float) -
     }
     if info.get("timed_out"):
         rec["note"] = f"cancelled after {timeout:g} s (migrate_cancel): {info.get('status_after_cancel')}"
+    if completed and not rec["total_time_ms"]:
+        # Seen once (auto-converge, 300 ms): "completed" with total-time and downtime 0.
+        rec["held"] = False
+        rec["note"] = "QEMU said completed but reported a total-time of 0 ms: no figure to compare"
     if "xbzrle-cache" in info:
         x = info["xbzrle-cache"]
         rec["xbzrle"] = {k: x.get(k) for k in ("cache-size", "bytes", "pages", "cache-miss-rate", "overflow")}

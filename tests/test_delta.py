@@ -62,6 +62,23 @@ def test_a_1gib_guest_rewriting_128mib_converges_under_30ms_by_delta_pages(verif
     assert r.downtime_limit_exceeded is False and "WARNING" not in r.summary()
 
 
+def test_delta_pages_come_before_throttling_on_the_first_sign() -> None:
+    """With auto-converge on too, delta pages engage first, in round 2, on the sign auto-converge
+    throttles on (the guest dirties faster than half the link drains), not after rounds of a dirty
+    set that does not shrink; throttling, if it comes at all, comes after them."""
+    with _big_vm() as vm, serve_destination(run_seconds=0.2) as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        r = migrate(vm, dst.address, _opts(auto_converge=True))
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed", r.error
+    names = [x["remedy"] for x in r.remedies]
+    assert names[0] == "delta pages" and r.remedies[0]["iteration"] == 2, r.remedies
+    assert "over half the link" in r.remedies[0]["detail"], r.remedies
+    assert all(x["iteration"] > 2 for x in r.remedies[1:]), r.remedies
+    assert r.downtime_limit_exceeded is False, r.summary()
+
+
 @pytest.mark.parametrize("action", ["cancel", "force"])
 def test_with_every_remedy_off_the_limit_action_decides(action: str) -> None:
     """The same case with delta pages and throttling off cannot converge: cancel ends it with a

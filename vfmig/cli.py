@@ -220,7 +220,7 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", "always", "off"),
         default="auto",
         help="delta pages: send a re-dirtied page as its XOR against the copy sent before; auto (default) "
-        "engages them as the first remedy when precopy stops converging",
+        "engages them as the first remedy at the first sign precopy will not converge",
     )
     p.add_argument(
         "--delta-cache",

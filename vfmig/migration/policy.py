@@ -78,9 +78,16 @@ class Policy:
             return f"reached the {self.time_limit_s:g} s time limit{hs}"
         return None
 
+    @staticmethod
+    def outpaced(dirty_Bps: float, bandwidth_Bps: float) -> bool:
+        """The guest dirties (in wire bytes) faster than half the link drains: each round can
+        shrink the dirty set by less than half, so precopy will not converge soon (QEMU's
+        auto-converge test). Known after round 2, before the dirty set can be seen not to shrink."""
+        return dirty_Bps > bandwidth_Bps * 0.5
+
     def throttle(self, current: int, dirty_Bps: float, bandwidth_Bps: float) -> int:
         """Auto-converge: throttle the vCPUs harder while they dirty faster than the link drains."""
-        if not self.auto_converge or dirty_Bps <= bandwidth_Bps * 0.5:
+        if not self.auto_converge or not self.outpaced(dirty_Bps, bandwidth_Bps):
             return current
         if current == 0:
             return self.throttle_initial

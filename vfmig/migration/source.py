@@ -423,6 +423,7 @@ class Migration:
         last_collect = time.monotonic_ns()
         bytes_per_page, bandwidth = 4096.0, 0.0
         index = 0
+        delta_round = 0  # the round delta pages engaged in: it fills the cache, the next shows them
         while True:
             self._check_cancel()
             index += 1
@@ -445,10 +446,17 @@ class Migration:
                     r.stop_reason = reason
                     return  # converged: the collected pages go with the final round
                 stalled = watch.observe(dirty, bandwidth)
-                if stalled and self.opts.delta == "auto" and not self._delta_on:
+                outpaced = policy.outpaced(dirty_rate * bytes_per_page, bandwidth)
+                if (stalled or outpaced) and self.opts.delta == "auto" and not self._delta_on:
                     # The first remedy: re-dirtied pages go as deltas against their last copy.
-                    self._engage_delta()
-                    self._remedy("delta pages", index, elapsed_ms, f"not converging: {self._delta_detail()}")
+                    # On the same early sign auto-converge throttles on, and before it.
+                    why = (
+                        f"the dirty set has not shrunk in {policy.stall_rounds} rounds"
+                        if stalled
+                        else f"dirtying {human_bytes(dirty_rate * bytes_per_page)}/s, over half the link"
+                    )
+                    self._remedy("delta pages", index, elapsed_ms, f"not converging ({why}): {self._engage_delta()}")
+                    delta_round = index
                     watch.restart()
                 elif stalled and policy.auto_converge and throttle < policy.throttle_max:
                     # The next remedy: throttle harder.
@@ -463,7 +471,7 @@ class Migration:
                     )
                     self._limit_action(why, index, elapsed_ms, predicted)
                     return
-                else:
+                elif index > delta_round + 1:  # delta pages, just engaged, have not been measured yet
                     before = throttle
                     throttle = policy.throttle(throttle, dirty_rate * bytes_per_page, bandwidth)
                     if throttle:
@@ -501,13 +509,13 @@ class Migration:
                 },
             )
 
-    def _engage_delta(self) -> None:
+    def _engage_delta(self) -> str:
+        """Delta pages on; returns what the report says of them."""
         assert self._sender is not None
-        self._sender.set_delta(self.opts.delta_cache_pages(self.vm.config.memory))
+        pages = self.opts.delta_cache_pages(self.vm.config.memory)
+        self._sender.set_delta(pages)
         self._delta_on = True
-
-    def _delta_detail(self) -> str:
-        return f"delta pages against a {human_bytes(self.opts.delta_cache_pages(self.vm.config.memory) * 4096)} cache"
+        return f"delta pages against a {human_bytes(pages * 4096)} cache"
 
     def _remedy(self, name: str, iteration: int, at_ms: float, detail: str) -> None:
         event = {"remedy": name, "iteration": iteration, "at_ms": round(at_ms, 1), "detail": detail}
