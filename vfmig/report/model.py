@@ -47,6 +47,7 @@ class Iteration:
     cache_lookups: int = 0  # re-sent non-zero pages while delta pages were on
     cache_hit_rate: float | None = None  # of those, the share whose last copy was in the cache
     delta_fallbacks: int = 0  # hits whose delta was not smaller than the page: sent raw
+    records: int = 0  # PAGES records (runs of contiguous pages of one encoding)
 
     @classmethod
     def from_round(cls, index: int, dirty: int, st: dict[str, int], **kw: Any) -> Iteration:
@@ -65,6 +66,7 @@ class Iteration:
             cache_lookups=st["cache_lookups"],
             cache_hit_rate=st["cache_hits"] / st["cache_lookups"] if st["cache_lookups"] else None,
             delta_fallbacks=st["delta_fallbacks"],
+            records=st["records"],
             **kw,
         )
 
