@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 from tests.helpers import keeps_running, wait_running
 from vfmig.errors import ConfigError
 from vfmig.migration import Incoming, LimitCancelled, MigrationOptions, migrate
-from vfmig.migration.policy import ConvergenceWatch, Policy
+from vfmig.migration.policy import ConvergenceWatch, Policy, WireCost
 from vfmig.testing import serve_destination
 from vfmig.vm import MicroVM
 
@@ -53,6 +53,23 @@ def test_a_flat_dirty_set_on_an_idle_link_is_not_blamed_on_the_link() -> None:
     """When a round ran well below the link's best rate, something else held it back."""
     w = ConvergenceWatch(rounds=2)
     assert [w.observe(8192, bw) for bw in (100e6, 20e6, 100e6, 30e6, 100e6)] == [False] * 5
+
+
+def test_the_next_round_is_priced_by_what_the_delta_cache_holds() -> None:
+    """A round of half hits (deltas of ~100 bytes) must not price the next round at its mean:
+    pages the cache does not hold go whole. Priced at the last mix, a final round of misses was
+    predicted at a quarter of its time and broke a 300 ms limit (344 ms)."""
+    cost = WireCost()
+    assert cost.per_page(100, 100) == 4096.0  # no delta measured yet: whole
+    cost.update(
+        {"pages": 200, "zero_pages": 0, "delta_pages": 100, "bytes": 100 * 4120 + 100 * 100, "delta_bytes": 100 * 100}
+    )
+    assert cost.whole == 4120.0 and cost.delta == 100.0
+    assert cost.per_page(1000, 0) == 4120.0  # all misses: whole, not the 2110 mean
+    assert cost.per_page(1000, 1000) == 100.0
+    assert cost.per_page(1000, 250) == (250 * 100 + 750 * 4120) / 1000
+    cost.update({"pages": 10, "zero_pages": 10, "delta_pages": 0, "bytes": 320, "delta_bytes": 0})
+    assert cost.whole == 4120.0 and cost.delta == 100.0  # a round of zero pages teaches nothing
 
 
 def test_limit_action_is_checked() -> None:

@@ -57,6 +57,7 @@ def test_a_1gib_guest_rewriting_128mib_converges_under_30ms_by_delta_pages(verif
         return
     guest, engine = r.guest_observed_downtime_ms, r.downtime_ms
     assert engine is not None and guest is not None
+    assert 0 < r.iterations[-1].predicted_downtime_ms <= LIMIT_MS, r.iterations[-1]  # what the stop was chosen on
     assert engine <= LIMIT_MS and guest <= LIMIT_MS, (engine, guest)
     assert abs(guest - engine) <= max(2.0, 0.15 * engine), (engine, guest, r.downtime_difference)
     assert r.downtime_limit_exceeded is False and "WARNING" not in r.summary()

@@ -216,6 +216,7 @@ cdef extern from "vfmig/channels.h":
         uint64_t pages, zero_pages, raw_pages, delta_pages, zstd_pages
         uint64_t bytes_in, bytes, records, ns
         uint64_t cache_lookups, cache_hits, delta_fallbacks
+        uint64_t delta_bytes
     struct vfmig_chan_tx:
         pass
     struct vfmig_sender:
@@ -224,6 +225,7 @@ cdef extern from "vfmig/channels.h":
         vfmig_err err
     int vfmig_sender_init(vfmig_sender *s, vfmig_vm *vm, const int *fds, uint32_t nchan, vfmig_err *err) nogil
     void vfmig_sender_free(vfmig_sender *s) nogil
+    uint64_t vfmig_sender_cached(const vfmig_sender *s, const uint64_t *bits) nogil
     int vfmig_sender_set_delta(vfmig_sender *s, uint64_t cache_pages) nogil
     int vfmig_sender_set_compress(vfmig_sender *s, int level) nogil
     int vfmig_send_round(vfmig_sender *s, const uint64_t *bits, int zero_copy, vfmig_round_stats *out) nogil

@@ -969,6 +969,13 @@ cdef class PageSender:
         self.last_dirty = n
         return n
 
+    def cached(self):
+        """Of the pages the last collect() found, those the delta cache holds a copy of."""
+        cdef uint64_t n
+        with nogil:
+            n = vfmig_sender_cached(&self.s, self.bits)
+        return n
+
     def send_round(self, bint zero_copy=False):
         """Send every page of the last collect(). Returns the round's counters."""
         cdef vfmig_round_stats st
@@ -980,7 +987,8 @@ cdef class PageSender:
         return {"pages": st.pages, "zero_pages": st.zero_pages, "raw_pages": st.raw_pages,
                 "delta_pages": st.delta_pages, "zstd_pages": st.zstd_pages, "bytes_in": st.bytes_in,
                 "bytes": st.bytes, "records": st.records, "ns": st.ns, "cache_lookups": st.cache_lookups,
-                "cache_hits": st.cache_hits, "delta_fallbacks": st.delta_fallbacks}
+                "cache_hits": st.cache_hits, "delta_fallbacks": st.delta_fallbacks,
+                "delta_bytes": st.delta_bytes}
 
     def set_delta(self, uint64_t cache_pages):
         """Delta pages with a cache of cache_pages pages over all channels (0: off). Between rounds."""

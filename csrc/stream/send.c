@@ -121,6 +121,20 @@ static inline uint64_t cache_slot(const struct vfmig_sender *s, uint64_t p)
     return (p / VFMIG_STRIPE_PAGES / s->nchan) * VFMIG_STRIPE_PAGES + p % VFMIG_STRIPE_PAGES;
 }
 
+uint64_t vfmig_sender_cached(const struct vfmig_sender *s, const uint64_t *bits)
+{
+    if (!atomic_load(&s->delta))
+        return 0;
+    uint64_t n = 0;
+    for (uint64_t w = 0; w < (s->vm->npages + 63) / 64; w++)
+        for (uint64_t b = bits[w]; b; b &= b - 1) {
+            uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(b);
+            const struct vfmig_delta_cache *c = &s->ch[p / VFMIG_STRIPE_PAGES % s->nchan].cache;
+            n += c->nslots && c->tag[cache_slot(s, p) % c->nslots] == p + 1;
+        }
+    return n;
+}
+
 static void cache_put(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t p, const uint8_t *data)
 {
     struct vfmig_delta_cache *c = &ch->cache;
@@ -216,6 +230,7 @@ static int flush(struct vfmig_sender *s, struct vfmig_chan_tx *ch, const struct 
     ch->st.bytes_in += (uint64_t)r->count * VFMIG_PAGE_SIZE;
     if (r->enc == VFMIG_ENC_DELTA) {
         ch->st.delta_pages += r->count;
+        ch->st.delta_bytes += HDRS + dlen;
         return 0;
     }
     ch->st.raw_pages += r->count;
@@ -386,6 +401,7 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
         out->cache_lookups += st->cache_lookups;
         out->cache_hits += st->cache_hits;
         out->delta_fallbacks += st->delta_fallbacks;
+        out->delta_bytes += st->delta_bytes;
     }
     out->ns = vfmig_now_ns() - t0;
     return rc;

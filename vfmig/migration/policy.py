@@ -95,6 +95,34 @@ class Policy:
 
 
 @dataclass
+class WireCost:
+    """What a page costs on the wire, as the last rounds measured it: a page sent whole (raw,
+    compressed or not) and a page sent as a delta. The next round's pages are priced by what
+    the sender knows of them (Sender.cached(): which the delta cache holds), not by the last
+    round's mix: a working set larger than the cache hits for some pages and misses for
+    others, and the final round may be all misses after a round of hits."""
+
+    whole: float = float(PAGE_SIZE)
+    delta: float | None = None  # None until a delta round was measured: priced as whole
+
+    def update(self, st: dict[str, int]) -> None:
+        """One round's counters (PageSender.send_round)."""
+        whole = st["pages"] - st["zero_pages"] - st["delta_pages"]
+        if whole:
+            self.whole = (st["bytes"] - st["delta_bytes"]) / whole
+        if st["delta_pages"]:
+            self.delta = st["delta_bytes"] / st["delta_pages"]
+
+    def per_page(self, pages: int, cached: int) -> float:
+        """The mean cost of `pages` of which `cached` can go as deltas."""
+        if pages <= 0:
+            return self.whole
+        cached = min(max(cached, 0), pages)
+        delta = self.delta if self.delta is not None else self.whole
+        return (cached * delta + (pages - cached) * self.whole) / pages
+
+
+@dataclass
 class ConvergenceWatch:
     """Is precopy getting anywhere? Each round's dirty set should come out smaller; when it has
     not fallen 10% below its smallest for `rounds` rounds while the link ran at 70% or more of

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from vfmig import _core
 from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
-from vfmig.migration.policy import ConvergenceWatch, Policy
+from vfmig.migration.policy import ConvergenceWatch, Policy, WireCost
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
     PHASE_STOPCOPY,
@@ -229,6 +229,7 @@ class Migration:
         self._chans: list[socket.socket] = []
         self._paused_by_us = False
         self._delta_on = False
+        self._stop_predicted_ms = 0.0  # the downtime the policy predicted when it chose to stop
         self._committed = False  # GO is on its way: from here the source never resumes
         self._local_crcs: bytes | None = None  # our RAM at stop, for --verify
         self._devices: list[_Device] = []  # the VM's devices with a migration state machine
@@ -421,7 +422,7 @@ class Migration:
         throttle = 0
         watch = ConvergenceWatch(policy.stall_rounds)
         last_collect = time.monotonic_ns()
-        bytes_per_page, bandwidth = 4096.0, 0.0
+        cost, bandwidth = WireCost(), 0.0
         index = 0
         delta_round = 0  # the round delta pages engaged in: it fills the cache, the next shows them
         while True:
@@ -431,6 +432,7 @@ class Migration:
             now = time.monotonic_ns()
             dirty_rate = dirty / ((now - last_collect) / 1e9) if index > 1 else 0.0
             last_collect = now
+            bytes_per_page = cost.per_page(dirty, sender.cached())
             # The guest keeps dirtying while the handshake waits: its deadline is part of the stop.
             handshake_ms = self._handshake_budget_ms() if index > 1 else 0
             final = policy.final_dirty_pages(dirty, dirty_rate, handshake_ms, self.vm.core.npages)
@@ -444,6 +446,7 @@ class Migration:
                 reason = policy.should_stop(index - 1, elapsed_ms / 1e3, predicted, handshake_ms)
                 if reason and predicted <= policy.max_downtime_ms:
                     r.stop_reason = reason
+                    self._stop_predicted_ms = predicted
                     return  # converged: the collected pages go with the final round
                 stalled = watch.observe(dirty, bandwidth)
                 outpaced = policy.outpaced(dirty_rate * bytes_per_page, bandwidth)
@@ -483,8 +486,7 @@ class Migration:
             device_bytes = self._drain_precopy()
             secs = st["ns"] / 1e9
             bandwidth = st["bytes"] / secs if secs > 0 else bandwidth
-            raw = st["pages"] - st["zero_pages"]
-            bytes_per_page = st["bytes"] / raw if raw else 64.0
+            cost.update(st)
             it = Iteration.from_round(
                 index,
                 dirty,
@@ -534,6 +536,7 @@ class Migration:
                 f"downtime {predicted_ms:.1f} ms); --limit-action force would have stopped the guest anyway"
             )
         r.stop_reason = f"{why}; stopping anyway (limit action force, predicted {predicted_ms:.1f} ms)"
+        self._stop_predicted_ms = predicted_ms
 
     def _stop_and_copy(self) -> None:
         sender, ctrl, r, vm = self._sender, self._ctrl, self.report, self.vm
@@ -580,7 +583,7 @@ class Migration:
             st,
             dirty_rate_pps=0.0,
             bandwidth_Bps=st["bytes"] / (st["ns"] / 1e9) if st["ns"] else 0.0,
-            predicted_downtime_ms=0.0,
+            predicted_downtime_ms=self._stop_predicted_ms,  # what the stop was chosen on
             final=True,
             device_bytes=device_bytes,
         )

@@ -22,6 +22,7 @@ struct vfmig_round_stats {
     uint64_t pages, zero_pages, raw_pages, delta_pages, zstd_pages;
     uint64_t bytes_in, bytes, records, ns;
     uint64_t cache_lookups, cache_hits, delta_fallbacks;
+    uint64_t delta_bytes; /* of `bytes`, those of DELTA records (headers included) */
 };
 
 struct vfmig_chan_tx {
@@ -62,6 +63,10 @@ int vfmig_sender_set_delta(struct vfmig_sender *s, uint64_t cache_pages);
 /* zstd at level 1..VFMIG_ZSTD_LEVEL_MAX on every channel (0: off). Between rounds, caller's
  * thread. 0, -EINVAL or -ENOMEM (s->err). */
 int vfmig_sender_set_compress(struct vfmig_sender *s, int level);
+/* Of the pages whose bit is set, those the delta cache holds an earlier copy of: the next
+ * round can send them as deltas, the rest go whole. Between rounds, caller's thread; 0 when
+ * delta pages are off. */
+uint64_t vfmig_sender_cached(const struct vfmig_sender *s, const uint64_t *bits);
 /* Send every page whose bit is set, one thread per channel. zero_copy sends straight from
  * guest RAM (only when vCPUs are stopped; live pages are copied first so each record's CRC
  * matches its bytes). Blocks the caller, no lock held. 0 or -errno (s->err). */
