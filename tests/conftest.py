@@ -7,6 +7,7 @@ a CI host is supposed to have everything, so a skip there would hide an untested
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Generator
@@ -57,6 +58,14 @@ def root() -> None:
     reason = _root_reason()
     if reason:
         host_skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests press Ctrl-C on vfmig processes (SIGINT). A shell starts a background job with
+    SIGINT ignored, and the children of pytest would inherit that and shrug it off (seen: `vm run`
+    went on migrating). A handler here is reset to the default in each child at exec."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(hookwrapper=True)
