@@ -260,6 +260,15 @@ def test_interrupted_migrate_cancels_and_the_source_keeps_running(tmp_path: Path
                 dst.wait(10)
 
 
+def test_the_suites_children_take_ctrl_c() -> None:
+    """The Ctrl-C tests need children that take SIGINT; a suite started as a shell's background
+    job has it ignored, and conftest restores it (without that, `vm run` ignored the test's
+    Ctrl-C and migrated on)."""
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out
+
+
 def test_vm_process_interrupted_mid_migration_cancels_it_and_exits_cleanly(tmp_path: Path) -> None:
     """Ctrl-C on `vm run` itself: the migration is cancelled, the process exits as interrupted
     (not by a signal), and the client is told the source VM is gone, not that it keeps running."""
