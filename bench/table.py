@@ -201,6 +201,8 @@ def render_converge(path: Path | None = None) -> str:
             else:
                 speedup = "-"
             met = {True: "yes", False: "**no**", None: "not measured"}[case.get("goal_met")]
+            if case.get("goal_reachable") is False:
+                met += f" (out of reach: {goal:g}x would be under the {case['floor_ms']:.0f} ms floor)"
             link = "1 Gbit/s" if case["link"] == "1gbit" else "unlimited"
             rows.append(
                 f"| dirtier, {row['pattern']}, {row['wss_mib']} MiB | {case['limit_ms']:g} ms, {link} | "
@@ -209,7 +211,12 @@ def render_converge(path: Path | None = None) -> str:
             for vname, vr in case["runs"].items():  # the other vfmig configurations (compression)
                 if vname.startswith("vfmig") and vname != case["vfmig_config"]:
                     sp = case.get("speedups", {}).get(vname)
-                    rows.append(f"| | | {vname}: {_vfmig_cell(vr)} | | {f'{sp:.1f}x' if sp is not None else '-'} | |")
+                    if sp is None and vr.get("completed") and case.get("speedup_lower_bound") is not None:
+                        sp_cell = f">= {timeout * 1e3 / vr['total_time_ms']:.1f}x"
+                    else:
+                        sp_cell = f"{sp:.1f}x" if sp is not None else "-"
+                    g = {None: "", True: "yes", False: "**no**"}[case.get("goals", {}).get(vname)]
+                    rows.append(f"| | | {vname}: {_vfmig_cell(vr)} | | {sp_cell} | {g} |")
     idle = r.get("idle") or {}
     if idle.get("vs_tcp") is not None:
         per = ", ".join(f"{x:.2f}" for x in idle["vs_tcp_runs"])

@@ -599,7 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rcv = sub.add_parser("receive", help="wait for one incoming migration, then run the guest")
     rcv.add_argument("--listen", required=True, help="tcp://HOST:PORT (port 0: any free port)")
-    rcv.add_argument("--run-seconds", type=float, default=1.0, help="run the migrated guest this long (default 1)")
+    rcv.add_argument(
+        "--run-seconds",
+        type=float,
+        default=0.3,
+        help="run the migrated guest this long before reporting and exiting (default 0.3; the source's "
+        "migrate waits for this report)",
+    )
     rcv.add_argument("--keep-running", action="store_true", help="run the guest until interrupted")
     rcv.add_argument("--timeout", type=float, default=None, help="give up if no source connects in time")
     rcv.add_argument("--json", metavar="PATH", help="write the destination's record as JSON ('-': stdout)")

@@ -309,14 +309,16 @@ class Report:
             *([f"  difference    {self.downtime_difference}"] if self.downtime_difference else []),
             *self._limit_lines(),
             f"  sent          {human_bytes(self.bytes_sent)} at {human_bytes(self.throughput_Bps)}/s",
-            "  iterations    #   dirty      sent      zero     delta     bytes       ms   dirty/s     B/s  cache hit",
+            "  iterations    #    dirty      sent      zero     delta        bytes       ms   dirty/s"
+            "          B/s  cache hit",
         ]
         for it in self.iterations:
             hit = f"{it.cache_hit_rate:>6.0%}" if it.cache_hit_rate is not None else "     -"
+            # Every column starts with a space: a wide figure shifts the line, never runs into its neighbour.
             lines.append(
-                f"              {it.index:>3}{'*' if it.final else ' '}{it.dirty_pages:>8}{it.pages_sent:>10}"
-                f"{it.zero_pages:>10}{it.delta_pages:>10}{human_bytes(it.bytes):>10}{it.duration_ms:>9.1f}"
-                f"{it.dirty_rate_pps:>10.0f}  {human_bytes(it.bandwidth_Bps) + '/s':>9}   {hit}"
+                f"              {it.index:>3}{'*' if it.final else ' '} {it.dirty_pages:>8} {it.pages_sent:>9}"
+                f" {it.zero_pages:>9} {it.delta_pages:>9} {human_bytes(it.bytes):>12} {it.duration_ms:>8.1f}"
+                f" {it.dirty_rate_pps:>9.0f} {human_bytes(it.bandwidth_Bps) + '/s':>12}   {hit}"
             )
         b = self.downtime_breakdown
         lines.append(
