@@ -147,9 +147,6 @@ def render_probes(path: Path | None = None) -> str:
 
 
 CONVERGE_BEGIN, CONVERGE_END = "<!-- converge:begin -->", "<!-- converge:end -->"
-# The latest partial run (converge_bench.py --rows ...), shown beside the full run's table.
-CONVERGE_RERUN = "converge.sequential-128M+sequential-512M.json"
-RERUN_BEGIN, RERUN_END = "<!-- converge-rerun:begin -->", "<!-- converge-rerun:end -->"
 
 
 def _vfmig_cell(r: dict[str, Any]) -> str:
@@ -241,7 +238,6 @@ def update_readme() -> None:
     text = _replace(text, RELIABILITY_BEGIN, RELIABILITY_END, render_reliability())
     text = _replace(text, PROBES_BEGIN, PROBES_END, render_probes())  # where README has the markers
     text = _replace(text, CONVERGE_BEGIN, CONVERGE_END, render_converge())
-    text = _replace(text, RERUN_BEGIN, RERUN_END, render_converge(RESULTS / CONVERGE_RERUN))
     readme.write_text(text)
 
 

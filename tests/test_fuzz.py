@@ -1,7 +1,9 @@
 """libFuzzer over every C entry point that takes bytes from the network (csrc/fuzz/).
 
 Each harness runs for VFMIG_FUZZ_SECONDS seconds (default 60 when CI is set, else 10), from its
-committed seed corpus, and fails on any crash, naming the reproducer. A crash found here becomes
+committed seed corpus, and fails on any crash, naming the reproducer. The harnesses run side by
+side, one per core (libFuzzer is single-threaded): each still gets its whole time, and the suite
+waits ceil(7 / cores) times it, not 7 times. A crash found here becomes
 an input in csrc/fuzz/corpus/<harness>/ and a fix in the C code. With VFMIG_FUZZ_RESULTS=PATH
 the execs, seconds and crashes per harness (and the totals fuzz_execs, fuzz_crashes) go to PATH
 as JSON (bench/results/fuzz.json by convention).
@@ -16,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +42,7 @@ CRASH_PREFIXES = ("crash-", "leak-", "timeout-", "oom-")
 
 
 def fuzz_seconds() -> int:
-    default = 45 if os.environ.get("CI") else 10
+    default = 60 if os.environ.get("CI") else 10
     return int(os.environ.get("VFMIG_FUZZ_SECONDS", default))
 
 
@@ -109,9 +112,29 @@ def results() -> Iterator[dict[str, dict[str, float]]]:
         Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-@pytest.mark.parametrize(("name", "max_len"), HARNESSES.items())
-def test_fuzz(fuzz_build: Path, results: dict[str, dict[str, float]], name: str, max_len: int, tmp_path: Path) -> None:
-    run = run_harness(fuzz_build / f"fuzz_{name}", CORPUS / name, fuzz_seconds(), max_len, tmp_path)
+@pytest.fixture(scope="module")
+def fuzz_runs(
+    fuzz_build: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, FuzzRun]:
+    """Every harness this session selected, run side by side, one per core."""
+    chosen = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_fuzz" and hasattr(item, "callspec")
+    ]
+    work = tmp_path_factory.mktemp("fuzz")
+
+    def one(name: str) -> tuple[str, FuzzRun]:
+        seconds = fuzz_seconds()
+        return name, run_harness(fuzz_build / f"fuzz_{name}", CORPUS / name, seconds, HARNESSES[name], work / name)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
+        return dict(pool.map(one, chosen))
+
+
+@pytest.mark.parametrize("name", HARNESSES)
+def test_fuzz(fuzz_runs: dict[str, FuzzRun], results: dict[str, dict[str, float]], name: str) -> None:
+    run = fuzz_runs[name]
     results[name] = {"execs": run.execs, "seconds": run.seconds, "crashes": len(run.crashes)}
     assert not run.crashes, failure(name, run)
     assert run.execs > 0, run.log[-3000:]
