@@ -14,7 +14,8 @@
  *     preempted (runnable) or blocked uninterruptibly (the guest was stalled);
  *   - at that signal, if it found it sleeping interruptibly (a halted vCPU: idle, not stalled,
  *     it would have run on an interrupt until then);
- *   - at the syscall's return otherwise (it was on the CPU);
+ *   - at its first switch-out after the signal, or else at the syscall's return (it was on
+ *     the CPU: a thread preempted on its way out of KVM_RUN has no guest left to run);
  *   - never, if the signal came before the run began (an immediate exit: no guest code ran;
  *     such a run is not an entry either).
  * `last_exit` is that end of guest execution; `raw_exit` the syscall's return. The verdict is
@@ -36,6 +37,7 @@ struct run_rec {
     u64 first_entry, last_entry, first_exit, last_exit;
     u64 runs, max_gap_ns, max_gap_end;
     u64 raw_exit, on_at, off_at, kick_at, kick_end; /* KVM_RUN only */
+    u64 off_after_kick;                             /* KVM_RUN: first switch-out after the kick */
     u64 empty_runs;                                 /* KVM_RUN: -EINTR before any guest code */
     u64 prev_entry, prev_first_entry;               /* to undo an empty run's entry */
     u32 tgid, in_run, off_state, kicked, pad;
@@ -134,6 +136,10 @@ static __always_inline void kvm_run_exit(long ret)
         r->in_run = 0;
     } else if (r->kicked && r->kick_end) {
         exit_at(r, SRC_KVM_RUN, r->kick_end);
+    } else if (r->kicked && r->off_after_kick > r->kick_at) {
+        /* On the CPU at the kick, then off it before the return: the guest had stopped by then
+         * (it cannot run off the CPU, and after the kick KVM does not re-enter it). */
+        exit_at(r, SRC_KVM_RUN, r->off_after_kick);
     } else {
         exit_at(r, SRC_KVM_RUN, now);
     }
@@ -188,6 +194,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (r) {
         r->off_at = now;
         r->off_state = (u32)args->prev_state; /* 0 (or above 0xff): preempted; 1: sleeping; 2: blocked */
+        if (r->kicked && r->kick_at >= r->last_entry && r->off_after_kick < r->kick_at)
+            r->off_after_kick = now;
     }
     r = in_kvm_run((u32)args->next_pid);
     if (r)

@@ -6,11 +6,12 @@ a CI host is supposed to have everything, so a skip there would hide an untested
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -58,6 +59,50 @@ def root() -> None:
     reason = _root_reason()
     if reason:
         host_skip(reason)
+
+
+def _live_children() -> dict[int, str]:
+    """This process's child processes that are not zombies: pid -> command name."""
+    me, out = str(os.getpid()), {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if rest[1] == me and rest[0] != "Z":
+            out[int(d.name)] = comm
+    return out
+
+
+def _vcpu_threads() -> dict[int, str]:
+    """Threads of this process that run a VM's vCPU (vfmig names them vcpuN)."""
+    out = {}
+    for t in Path("/proc/self/task").iterdir():
+        try:
+            comm = (t / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("vcpu"):
+            out[int(t.name)] = comm
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_running() -> Iterator[None]:
+    """A test must stop what it started: a VM left running (its vCPUs dirtying memory on one of
+    this host's two cores) or a child process left behind would slow every later test and skew
+    the downtime the later ones measure. Fails the test that leaked, names what, and kills it."""
+    children, vcpus = _live_children(), _vcpu_threads()
+    yield
+    leaked = {p: c for p, c in _live_children().items() if p not in children}
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    threads = {t: c for t, c in _vcpu_threads().items() if t not in vcpus}
+    assert not leaked and not threads, f"left running: processes {leaked}, vCPU threads {threads}"
 
 
 def pytest_configure(config: pytest.Config) -> None:

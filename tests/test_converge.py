@@ -179,3 +179,26 @@ def test_a_guest_outage_longer_than_the_engines_is_explained() -> None:
     assert why is not None and "6.9 ms after the destination started it" in why, why
     r.guest_observed_downtime_ms = 5.4
     assert _explain_difference(r, [[[start - 200_000, 5_400_000]]], start, end) is None
+
+
+def test_the_iteration_table_keeps_every_column_apart_at_its_widest() -> None:
+    """The text summary's iteration table: each row has as many columns as its header, even when
+    every figure is as wide as a long migration makes it (a bytes figure once ran into the page
+    count before it: "01020.1 MiB")."""
+    from vfmig.report.model import Iteration, Report
+
+    r = Report("completed", downtime_ms=5.0)
+    wide = Iteration(999, 99_999_999, 99_999_999, 99_999_999, 1023 << 30, 99_999.9, 9.9e8, 999 << 30, 5.0)
+    small = Iteration(1, 1, 1, 0, 4096, 0.1, 0.0, 1.0, 0.1, final=True, cache_hit_rate=1.0)
+    wide.delta_pages, wide.cache_hit_rate = 99_999_999, 0.5
+    r.iterations = [wide, small]
+    lines = r.summary().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.strip().startswith("iterations"))
+    # The header names the columns ("dirty/s", "cache hit": one each); "#" heads the round.
+    header = lines[at].split()[1:]
+    columns = len(header) - 1  # "cache hit" is two words
+    rows = [ln.split() for ln in lines[at + 1 : at + 3]]
+    # A bytes figure is "N unit" (two words), as is the rate: count them as one column each.
+    for row in rows:
+        assert len(row) == columns + 2, (header, row)
+    assert rows[0][0] == "999" and rows[0][1] == "99999999" and rows[0][5] == "1023.0"

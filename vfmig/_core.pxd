@@ -109,6 +109,7 @@ cdef extern from "vfmig/vm.h":
         vfmig_device *devices[16]
         vfmig_vcpu vcpus[8]
         uint64_t last_pause_ns
+        uint64_t pause_stopped_ns
         uint64_t last_resume_ns
         uint64_t first_run_ns
         int failed

@@ -144,7 +144,8 @@ cdef class VM:
         """Stop every vCPU within timeout_ms; returns the pause latency in ns. On a timeout
         (CoreError ETIMEDOUT) every vCPU was let go again: the VM keeps running.
         unthrottle_ms: first unthrottle() (its result in self.pause_unthrottle). checkpoint: a
-        name recorded right before the kick (its time in self.pause_checkpoint_ns). All in one
+        name recorded right before the kick; self.pause_checkpoint_ns is when the last vCPU
+        left its guest, no earlier than that mark and no later than the kicks. All in one
         GIL-free block: from Python, each step could wait out another thread's GIL slice (5 ms)
         while the guest runs on, unthrottled, dirtying pages the last round did not count."""
         cdef vfmig_vm *vm = self._vm()
@@ -163,7 +164,7 @@ cdef class VM:
                 if mark:
                     t = vfmig_checkpoint(cname)
                 rc = vfmig_vm_pause(vm, timeout_ms)
-        self.pause_checkpoint_ns = t
+        self.pause_checkpoint_ns = max(t, vm.pause_stopped_ns) if mark and rc == 0 else t
         self.pause_unthrottle = _unthrottle_dict(&out)
         self._check(rc)
         return vm.last_pause_ns

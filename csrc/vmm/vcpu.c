@@ -104,6 +104,7 @@ static int wait_if_paused(struct vfmig_vcpu *cpu)
     while ((atomic_load(&vm->pause_req) || atomic_load(&vm->failed)) && !vm->quit) {
         if (!cpu->paused) {
             cpu->paused = 1;
+            cpu->parked_left_ns = atomic_load_explicit(&cpu->left_guest_ns, memory_order_relaxed);
             pthread_cond_broadcast(&vm->cond);
         }
         pthread_cond_wait(&vm->cond, &vm->lock);
@@ -203,7 +204,9 @@ static void *vcpu_thread(void *arg)
             uint64_t zero = 0;
             atomic_compare_exchange_strong(&cpu->vm->first_run_ns, &zero, vfmig_checkpoint("vcpu-first-run"));
         }
-        if (ioctl(cpu->fd, KVM_RUN, 0) < 0) {
+        int ran = ioctl(cpu->fd, KVM_RUN, 0);
+        atomic_store_explicit(&cpu->left_guest_ns, vfmig_now_ns(), memory_order_relaxed);
+        if (ran < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_INTR], 1, memory_order_relaxed);
                 continue;
@@ -430,6 +433,7 @@ int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms)
     atomic_store(&vm->pause_req, 1);
     for (uint32_t i = 0; i < vm->nvcpus; i++)
         vfmig_vcpu_kick(&vm->vcpus[i]);
+    uint64_t kicked = vfmig_now_ns();
     pthread_mutex_lock(&vm->lock);
     for (uint32_t running; (running = vcpus_running(vm));) {
         uint64_t now = vfmig_now_ns();
@@ -454,6 +458,13 @@ int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms)
         else
             usleep(PAUSE_POLL_US);
         pthread_mutex_lock(&vm->lock);
+    }
+    vm->pause_stopped_ns = t0;
+    for (uint32_t i = 0; i < vm->nvcpus; i++) {
+        uint64_t left = vm->vcpus[i].parked_left_ns;
+        left = left < t0 ? t0 : left > kicked ? kicked : left;
+        if (left > vm->pause_stopped_ns)
+            vm->pause_stopped_ns = left;
     }
     pthread_mutex_unlock(&vm->lock);
     int r = set_devices_running(vm, 0);

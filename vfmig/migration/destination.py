@@ -378,8 +378,10 @@ class Listener:
     def _start(self, vm: MicroVM, cps: dict[str, int], pages: dict[str, int]) -> Incoming:
         vm.start_loaded()
         deadline = time.monotonic() + self.timeouts.first_run_s
+        # The first vCPU enters KVM_RUN within microseconds and stamps the time itself. Poll
+        # gently: spinning here, or a wakeup from it, would take the CPU that vCPU needs.
         while not vm.core.first_run_ns and time.monotonic() < deadline:
-            time.sleep(0)  # the first vCPU is about to enter KVM_RUN: a few microseconds
+            time.sleep(0.0002)
         cps["dst-vm-started"] = vm.core.first_run_ns or _core.checkpoint("dst-vm-started")
         return Incoming(vm, cps, pages)
 

@@ -846,9 +846,14 @@ class Migration:
         """After the destination runs: verification and the guest's view, outside the downtime."""
         ctrl, r = self._ctrl, self.report
         assert ctrl is not None and self._sender is not None
-        r.tracker_stats = self._sender.tracker_stats()
-        self._sender.stop_tracking()
-        guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
+        try:
+            guest = json.loads(ctrl.expect("GUEST", self.opts.guest_report_timeout_s))
+        finally:
+            # Only now: ending dirty logging on a large VM is milliseconds of CPU, and on a
+            # shared host it would compete with the destination's vCPUs as they start (the
+            # paused source dirties nothing meanwhile).
+            r.tracker_stats = self._sender.tracker_stats()
+            self._sender.stop_tracking()
         packets = guest.pop("packets", None)
         driver = guest.pop("vf_handshake", None)
         r.destination.update(guest)

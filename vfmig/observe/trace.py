@@ -429,6 +429,7 @@ def record(tool: str, output: str, command: Sequence[str]) -> tuple[int, Recordi
     root = _tracefs()
     if root is None:
         raise HostError("tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
+
     # SIGTERM or SIGHUP must also end with the recorder stopped and its probes removed (the
     # context manager's cleanup), not leave it recording the whole host.
     def leave(signum: int, frame: object) -> None:

@@ -64,6 +64,10 @@ struct vfmig_vcpu {
     /* The device access this vCPU is inside, so a pause that times out can say where it is
      * stuck: addr << 4 | is_write << 2 | space (enum vfmig_space); 0 outside any access. */
     _Atomic uint64_t in_access;
+    /* When its KVM_RUN last returned (the guest had stopped by then): set by the vCPU thread,
+     * and copied under vm->lock as it parks, so a pause can tell when each vCPU stopped. */
+    _Atomic uint64_t left_guest_ns;
+    uint64_t parked_left_ns; /* under vm->lock */
 };
 
 struct vfmig_vm {
@@ -85,6 +89,11 @@ struct vfmig_vm {
     _Atomic int pause_req;
     int quit, started;
     uint64_t last_pause_ns, last_resume_ns;
+    /* The last pause's stop: when its last vCPU left the guest, held between the request and the
+     * end of the first round of kicks (a vCPU that returned later was off the CPU, not running
+     * its guest); the downtime starts here, not at the request, which a preempted caller can
+     * make milliseconds early. */
+    uint64_t pause_stopped_ns;
 
     _Atomic uint64_t first_run_ns; /* when the first vCPU first entered KVM_RUN: a downtime end */
     _Atomic int failed;    /* a vCPU stopped on an error; err says why */
