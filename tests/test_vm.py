@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,22 @@ def test_pause_stops_progress_and_resume_continues() -> None:
         vm.resume()
         wait_until(lambda: vm.touches() > frozen, "the counter to move after resume")
         assert vm.stats()["exits"]["io"] > 0
+
+
+def test_a_marked_pause_dates_the_stop_when_the_guest_last_ran() -> None:
+    """The downtime's start is when the last vCPU left its guest, held between the request and
+    the kicks: inside the caller's own bracket, and no vCPU's guest read its clock after it (the
+    guest's clock is the host's CLOCK_MONOTONIC, read after every page here)."""
+    with MicroVM(memory="64M", vcpus=2, clock_every=1) as vm:
+        vm.start()
+        wait_running(vm)
+        t0 = time.monotonic_ns()
+        vm.pause(checkpoint="src-downtime-start")
+        t1 = time.monotonic_ns()
+        stop = vm.core.pause_checkpoint_ns
+        last_reads = [s.last_clock_ns for s in vm.vcpu_stats()]
+    assert t0 < stop < t1, (t0, stop, t1)
+    assert all(0 < t <= stop for t in last_reads), (stop, last_reads)
 
 
 def test_sequential_dirtier_leaves_at_most_one_wrap_edge() -> None:
