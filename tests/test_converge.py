@@ -177,6 +177,17 @@ def test_a_guest_outage_longer_than_the_engines_is_explained() -> None:
     r.guest_observed_downtime_ms = 12.0
     why = _explain_difference(r, [[[start - 100_000, 12_000_000]]], start, end)
     assert why is not None and "6.9 ms after the destination started it" in why, why
+    # A guest that reads its clock every page at ~300 fresh pages/s (3.3 ms a read): 4 ms on each
+    # side is its own resolution, and the report says so; 6 ms past the start is not.
+    r.guest_observed_downtime_ms = 13.0
+    gap = [[[start - 4_000_000, 13_000_000]]]
+    why = _explain_difference(r, gap, start, end, (1, 3.3))
+    assert why is not None and "last clock read came 4.0 ms before the stop" in why, why
+    assert "first clock read came 4.0 ms after the destination started it" in why and "every 1 page(s)" in why
+    assert "scheduling" not in why and "not scheduled" not in why, why
+    r.guest_observed_downtime_ms = 15.0
+    why = _explain_difference(r, [[[start - 4_000_000, 15_000_000]]], start, end, (1, 3.3))
+    assert why is not None and "it ran 6.0 ms after the destination started it (scheduling delay there)" in why, why
     r.guest_observed_downtime_ms = 5.4
     assert _explain_difference(r, [[[start - 200_000, 5_400_000]]], start, end) is None
 

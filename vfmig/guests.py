@@ -94,6 +94,11 @@ class GuestParams:
         per = wss // PAGE_SIZE // self.vcpus
         return per * self.vcpus * PAGE_SIZE
 
+    @property
+    def clock_pages(self) -> int:
+        """Pages the guest writes between clock reads (0 takes the pattern's default)."""
+        return self.clock_every or (1 if self.pattern == "fresh" else 256)
+
     def validate(self, mem_bytes: int) -> None:
         if self.pattern not in PATTERNS:
             raise ConfigError(f"unknown pattern {self.pattern!r}: choose one of {', '.join(PATTERNS)}")
@@ -124,7 +129,7 @@ class GuestParams:
             DATA_GPA,
             self.wss(mem_bytes),
             min(ps_per_page, 0xFFFFFFFF),
-            self.clock_every or (1 if self.pattern == "fresh" else 256),
+            self.clock_pages,
             self.gap_threshold_ns,
             self.hot_pct,
             self.hot_size_pct,

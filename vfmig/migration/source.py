@@ -877,7 +877,9 @@ class Migration:
         if seen:
             r.guest_observed_downtime_ms = min(seen) / 1e6
             r.guest_observed_downtime_max_ms = max(seen) / 1e6
-            r.downtime_difference = _explain_difference(r, guest.get("gaps", []), start, end)
+            r.downtime_difference = _explain_difference(
+                r, guest.get("gaps", []), start, end, _clock_granularity(self.vm, r.destination)
+            )
 
     # failure handling -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -1003,9 +1005,27 @@ class Migration:
             self._ctrl = None
 
 
-def _explain_difference(r: Report, gaps: list[list[list[int]]], start: int | None, end: int | None) -> str | None:
+def _clock_granularity(vm: MicroVM, dst: dict[str, Any]) -> tuple[int, float] | None:
+    """(pages, ms): how often a full-speed dirtier read its clock on the destination, per vCPU,
+    from its counter there. None for a rate-limited guest: it reads its clock while it waits."""
+    p = vm.config.params
+    moved = dst.get("touches_after", 0) - dst.get("touches_at_resume", 0)
+    if vm.config.guest != "dirtier" or p.rate_pps or moved <= 0 or not dst.get("ran_s"):
+        return None
+    return p.clock_pages, p.clock_pages / (moved / dst["ran_s"] / vm.config.vcpus) * 1e3
+
+
+def _explain_difference(
+    r: Report,
+    gaps: list[list[list[int]]],
+    start: int | None,
+    end: int | None,
+    clock: tuple[int, float] | None = None,
+) -> str | None:
     """Why the guest's outage differs from the engine's stop-to-start window, from where the
-    first vCPU's gap began and ended around that window; None when they agree."""
+    first vCPU's gap began and ended around that window; None when they agree. `clock`: the
+    guest's clock-read granularity (pages, ms), when known: a side within one and a half reads
+    of the window is the guest's own resolution, not an outage."""
     engine, guest = r.downtime_ms, r.guest_observed_downtime_ms
     if engine is None or guest is None or start is None or end is None:
         return None
@@ -1017,15 +1037,24 @@ def _explain_difference(r: Report, gaps: list[list[list[int]]], start: int | Non
     first = min(spans, key=lambda g: g[1])  # the gap of the first vCPU to run again
     before, after = (start - first[0]) / 1e6, (first[0] + first[1] - end) / 1e6
     why = []
-    if before > DOWNTIME_AGREE_MS:
-        woke = r.stop_unthrottle or {}
+    reads = f"it reads its clock every {clock[0]} page(s), about every {clock[1]:.1f} ms at full speed" if clock else ""
+
+    def within(ms: float) -> bool:
+        return clock is not None and ms <= 1.5 * clock[1]
+
+    woke = r.stop_unthrottle or {}
+    if before > DOWNTIME_AGREE_MS and within(before) and not woke.get("late"):
+        why.append(f"its last clock read came {before:.1f} ms before the stop ({reads})")
+    elif before > DOWNTIME_AGREE_MS:
         cause = (
             "in a throttle sleep or write faults the stop could not wait out"
             if woke.get("late")
             else "its last clock read before the stop, or not scheduled on the host, or halted"
         )
         why.append(f"its vCPU had last run {before:.1f} ms before the stop ({cause})")
-    if after > DOWNTIME_AGREE_MS:
+    if after > DOWNTIME_AGREE_MS and within(after):
+        why.append(f"its first clock read came {after:.1f} ms after the destination started it ({reads})")
+    elif after > DOWNTIME_AGREE_MS:
         why.append(f"it ran {after:.1f} ms after the destination started it (scheduling delay there)")
     return (
         f"the guest saw {guest:.1f} ms against the engine's {engine:.1f} ms: " + "; ".join(why)
