@@ -295,7 +295,7 @@ def test_migration_between_two_network_namespaces(two_hosts: tuple[str, str, str
         line = dst.stdout.readline()
         assert "listening on" in line, line + (dst.stderr.read() if dst.stderr else "")
         to = line.rsplit(" ", 1)[1].strip()
-        src = _in_ns(src_ns, "vm", "run", "--memory", "128M", "--rate", "20000", "--control", sock)
+        src = _in_ns(src_ns, "vm", "run", "--memory", "128M", "--rate", "20000", "--control", sock, "--seconds", "0")
         procs.append(src)
         assert src.stdout is not None and "control socket" in src.stdout.readline()
 

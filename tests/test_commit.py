@@ -169,7 +169,21 @@ def test_verify_passes_on_an_honest_migration_and_counts_every_page() -> None:
 def test_cli_migrate_exits_non_zero_when_verification_fails(tmp_path: object) -> None:
     sock = f"/tmp/vfmig-test-{time.monotonic_ns()}.sock"
     vmproc = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "vm", "run", "--guest", "idle", "--memory", "128M", "--control", sock],
+        [
+            sys.executable,
+            "-m",
+            "vfmig",
+            "vm",
+            "run",
+            "--guest",
+            "idle",
+            "--memory",
+            "128M",
+            "--control",
+            sock,
+            "--seconds",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

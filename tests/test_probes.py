@@ -360,7 +360,21 @@ def test_cli_migrate_probes_and_vfmig_probe_see_the_same_downtime(tmp_path: Path
         host_skip(str(_bpf_reason()))
     sock = str(tmp_path / "vm.sock")
     vm = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", "64M", "--vcpus", "1", "--control", sock],
+        [
+            sys.executable,
+            "-m",
+            "vfmig",
+            "vm",
+            "run",
+            "--memory",
+            "64M",
+            "--vcpus",
+            "1",
+            "--control",
+            sock,
+            "--seconds",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
