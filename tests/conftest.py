@@ -62,19 +62,23 @@ def root() -> None:
         host_skip(reason)
 
 
+def proc_stat(pid: int | str) -> tuple[str, str, int] | None:
+    """(command name, state letter, parent pid) from /proc/PID/stat; None once it is gone."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    rest = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], rest[0], int(rest[1])
+
+
 def _live_children() -> dict[int, str]:
     """This process's child processes that are not zombies: pid -> command name."""
-    me, out = str(os.getpid()), {}
+    me, out = os.getpid(), {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if rest[1] == me and rest[0] != "Z":
-            out[int(d.name)] = comm
+        st = proc_stat(d.name) if d.name.isdigit() else None
+        if st is not None and st[2] == me and st[1] != "Z":
+            out[int(d.name)] = st[0]
     return out
 
 

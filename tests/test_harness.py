@@ -3,11 +3,9 @@ left is killed so the tests after it are not slowed or skewed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, proc_stat
 
 pytest_plugins = ["pytester"]
 
@@ -33,8 +31,6 @@ def test_cleans_up():
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*left running: processes {*: 'sleep'}*"])
     pid = int((pytester.path / "leaked.pid").read_text())
-    try:  # killed by the guard: gone, or a zombie its new parent has not reaped yet
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
+    st = proc_stat(pid)  # killed by the guard: gone, or a zombie its new parent has not reaped yet
+    state = "gone" if st is None else st[1]
     assert state in ("gone", "Z"), f"the leaked sleeper {pid} still runs (state {state})"
