@@ -113,6 +113,7 @@ cdef extern from "vfmig/vm.h":
         uint64_t last_resume_ns
         uint64_t first_run_ns
         int failed
+        int pause_req  # _Atomic in C
         vfmig_err err
         int started
     int vfmig_vm_create(const vfmig_vm_config *cfg, vfmig_vm **out, vfmig_err *err) nogil

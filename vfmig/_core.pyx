@@ -104,6 +104,11 @@ cdef class VM:
         cdef vfmig_vm *vm = self._vm()
         return vm.err.msg.decode("utf-8", "replace") if vm.failed else None
 
+    @property
+    def pause_requested(self):
+        """Whether a pause has asked the vCPUs to stop (and not yet let them go)."""
+        return bool(self._vm().pause_req)
+
     def _check(self, int rc):
         if rc < 0:
             raise_err(rc, self._vm().err.msg)

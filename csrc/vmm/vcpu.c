@@ -93,29 +93,6 @@ static void vcpu_failed(struct vfmig_vcpu *cpu, const char *what, uint32_t detai
     pthread_mutex_unlock(&vm->lock);
 }
 
-/* Blocks while a pause is requested. Returns 1 when the VM is being torn down. */
-static int wait_if_paused(struct vfmig_vcpu *cpu)
-{
-    struct vfmig_vm *vm = cpu->vm;
-    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-    if (!atomic_load(&vm->pause_req) && !atomic_load(&vm->failed) && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE))
-        return 0;
-    pthread_mutex_lock(&vm->lock);
-    while ((atomic_load(&vm->pause_req) || atomic_load(&vm->failed)) && !vm->quit) {
-        if (!cpu->paused) {
-            cpu->paused = 1;
-            cpu->parked_left_ns = atomic_load_explicit(&cpu->left_guest_ns, memory_order_relaxed);
-            pthread_cond_broadcast(&vm->cond);
-        }
-        pthread_cond_wait(&vm->cond, &vm->lock);
-    }
-    cpu->paused = 0;
-    int quit = vm->quit;
-    pthread_mutex_unlock(&vm->lock);
-    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-    return quit;
-}
-
 /* Sleep pct/(100-pct) slices once the vCPU has run a whole slice since its last sleep. The
  * tick only prompts the check: a tick that lands during a sleep must not start another sleep at
  * once, or a throttle of 50% or more would leave the guest almost no time at all. */
@@ -175,6 +152,53 @@ static int handle_exit(struct vfmig_vcpu *cpu)
     }
 }
 
+/* Let KVM finish the access of the last exit without running the guest on: KVM stores a port or
+ * MMIO read's value and moves RIP past it only on the next KVM_RUN. A vCPU parked before that
+ * has its state saved mid-instruction, and the destination would do the access again: a second
+ * device write, or a clock read that loses the one the guest made before the stop.
+ * immediate_exit makes that KVM_RUN return EINTR once the access is done. vCPU thread, unlocked. */
+static void finish_last_exit(struct vfmig_vcpu *cpu)
+{
+    while (cpu->exit_pending && !atomic_load(&cpu->vm->failed)) {
+        __atomic_store_n(&cpu->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        int ran = ioctl(cpu->fd, KVM_RUN, 0);
+        cpu->exit_pending = 0;
+        if (ran < 0) {
+            if (errno != EINTR && errno != EAGAIN)
+                vcpu_failed(cpu, strerror(errno), (uint32_t)errno);
+        } else if (handle_exit(cpu) == 0) {
+            cpu->exit_pending = 1; /* the access went on: a string I/O's next chunk */
+        } else if (!atomic_load(&cpu->vm->failed)) {
+            vcpu_failed(cpu, "device error", 0);
+        }
+    }
+}
+
+/* Blocks while a pause is requested. Returns 1 when the VM is being torn down. */
+static int wait_if_paused(struct vfmig_vcpu *cpu)
+{
+    struct vfmig_vm *vm = cpu->vm;
+    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    if (!atomic_load(&vm->pause_req) && !atomic_load(&vm->failed) && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE))
+        return 0;
+    if (atomic_load(&vm->pause_req) && !__atomic_load_n(&vm->quit, __ATOMIC_ACQUIRE))
+        finish_last_exit(cpu);
+    pthread_mutex_lock(&vm->lock);
+    while ((atomic_load(&vm->pause_req) || atomic_load(&vm->failed)) && !vm->quit) {
+        if (!cpu->paused) {
+            cpu->paused = 1;
+            cpu->parked_left_ns = atomic_load_explicit(&cpu->left_guest_ns, memory_order_relaxed);
+            pthread_cond_broadcast(&vm->cond);
+        }
+        pthread_cond_wait(&vm->cond, &vm->lock);
+    }
+    cpu->paused = 0;
+    int quit = vm->quit;
+    pthread_mutex_unlock(&vm->lock);
+    __atomic_store_n(&cpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    return quit;
+}
+
 /* Names the thread "vcpuN" and publishes its tid; vfmig_vm_start waits for the tid. vCPU
  * thread, as it starts; takes vm->lock briefly. Naming cannot fail with a name this short. */
 static void vcpu_announce(struct vfmig_vcpu *cpu)
@@ -206,6 +230,7 @@ static void *vcpu_thread(void *arg)
         }
         int ran = ioctl(cpu->fd, KVM_RUN, 0);
         atomic_store_explicit(&cpu->left_guest_ns, vfmig_now_ns(), memory_order_relaxed);
+        cpu->exit_pending = 0;
         if (ran < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 atomic_fetch_add_explicit(&cpu->exits[VFMIG_EXIT_INTR], 1, memory_order_relaxed);
@@ -214,7 +239,9 @@ static void *vcpu_thread(void *arg)
             vcpu_failed(cpu, strerror(errno), (uint32_t)errno);
             continue;
         }
-        if (handle_exit(cpu) < 0 && !atomic_load(&cpu->vm->failed))
+        if (handle_exit(cpu) == 0)
+            cpu->exit_pending = 1;
+        else if (!atomic_load(&cpu->vm->failed))
             vcpu_failed(cpu, "device error", 0);
     }
     return NULL;
