@@ -108,7 +108,7 @@ def test_a_pause_that_lands_on_a_port_read_saves_the_read_done() -> None:
         code = vm.core.read(rip, 2)
         op = code[1] if code[0] == 0x66 else code[0]  # an operand-size prefix, then the opcode
         vm.resume()
-    assert op not in (0xE4, 0xE5, 0xEC, 0xED), f"saved RIP {rip:#x} is at an IN ({code.hex()}): the read was not finished"
+    assert op not in (0xE4, 0xE5, 0xEC, 0xED), f"saved RIP {rip:#x} is at an IN ({code.hex()}): not finished"
 
 
 def test_sequential_dirtier_leaves_at_most_one_wrap_edge() -> None:

@@ -191,8 +191,8 @@ cdef class VM:
         self._check(rc)
 
     def unthrottle(self, uint32_t timeout_ms=10):
-        """Throttle off, throttle sleeps cut short, and each woken vCPU let run guest code once
-        (at most timeout_ms). Returns {woken, late, longest_sleep_ms}."""
+        """Throttle off, throttle sleeps cut short, and each vCPU let run guest code again (one
+        exit; two after a sleep; at most timeout_ms). Returns {woken, late, longest_sleep_ms}."""
         cdef vfmig_vm *vm = self._vm()
         cdef vfmig_unthrottle out
         cdef int rc

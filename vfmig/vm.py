@@ -316,9 +316,10 @@ class MicroVM:
     ) -> int:
         """Stop the vCPUs, then the devices; returns the latency in ns. Raises PauseTimeoutError
         (VM still running) if a vCPU does not stop within timeout_ms. With unthrottle_ms, the
-        throttle ends first and each vCPU runs once (core.pause_unthrottle says what it did);
-        a checkpoint name is recorded right before the kick, and core.pause_checkpoint_ns is
-        when the last vCPU left its guest (between that mark and the end of the kicks)."""
+        throttle ends first and each vCPU runs again: one exit, two after a sleep
+        (core.pause_unthrottle says what it did); a checkpoint name is recorded right before the
+        kick, and core.pause_checkpoint_ns is when the last vCPU left its guest (between that mark
+        and the end of the kicks)."""
         check_pause_timeout(timeout_ms)
         try:
             ns = self.core.pause(timeout_ms, checkpoint, unthrottle_ms)

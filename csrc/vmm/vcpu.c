@@ -322,7 +322,7 @@ int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_u
                           timeout_ms);
     /* Who sleeps, read before the throttle goes: its thread's kicks end sleeps as it stops. */
     uint64_t now = vfmig_now_ns(), deadline = now + (uint64_t)timeout_ms * 1000000ull;
-    uint64_t seen[VFMIG_MAX_VCPUS];
+    uint64_t seen[VFMIG_MAX_VCPUS], need[VFMIG_MAX_VCPUS];
     int waiting[VFMIG_MAX_VCPUS] = {0};
     uint32_t left = 0;
     for (uint32_t i = 0; i < vm->nvcpus; i++) {
@@ -331,9 +331,11 @@ int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_u
         waiting[i] = 1;
         left++;
         seen[i] = guest_exits(&vm->vcpus[i]);
+        need[i] = 1;
         uint64_t since = atomic_load(&vm->vcpus[i].throttle_sleep_since_ns);
         if (!since)
             continue;
+        need[i] = 2;
         out->woken++;
         if (now - since > out->longest_sleep_ns)
             out->longest_sleep_ns = now - since;
@@ -342,16 +344,22 @@ int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_u
     if (rc < 0)
         return rc;
     /* A kick that lands just before the vCPU enters its sleep is lost, so kick again until it is
-     * awake; then wait for its next guest exit. Short polls: this is the guest's time. */
+     * awake; then wait for its next guest exit, or two after a sleep: the throttle can stop a vCPU
+     * inside a sequence of accesses, and the first exit after the wake may only end it (this
+     * guest's clock is two port reads, and a sleep between them hands it a time read before the
+     * sleep). Short polls: this is the guest's time. */
     while (left && vfmig_now_ns() < deadline) {
         left = 0;
         for (uint32_t i = 0; i < vm->nvcpus; i++) {
             if (!waiting[i])
                 continue;
-            if (atomic_load(&vm->vcpus[i].throttle_sleep_since_ns))
+            if (atomic_load(&vm->vcpus[i].throttle_sleep_since_ns)) {
+                seen[i] = guest_exits(&vm->vcpus[i]); /* asleep: no exit is under way */
+                need[i] = 2;
                 vfmig_vcpu_kick(&vm->vcpus[i]);
-            else if (guest_exits(&vm->vcpus[i]) != seen[i] || vcpu_halted(&vm->vcpus[i]))
+            } else if (guest_exits(&vm->vcpus[i]) - seen[i] >= need[i] || vcpu_halted(&vm->vcpus[i])) {
                 waiting[i] = 0; /* it ran guest code, or it is idle (halted) */
+            }
             left += (uint32_t)waiting[i];
         }
         if (left) {

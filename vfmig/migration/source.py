@@ -67,7 +67,7 @@ HANDSHAKE_DEADLINE_MAX_MS = 10_000
 _OUTCOME_RANK = {"none": 0, "acked": 1, "disabled": 2, "timeout": 3, "late": 4}
 DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM is stopped
 # How long the stop waits for each vCPU (woken from a throttle sleep, or stalled in the write
-# faults after the last dirty-log sync) to run guest code once: one 10 ms throttle slice. A
+# faults after the last dirty-log sync) to run guest code again: one 10 ms throttle slice. A
 # running guest exits far sooner, a halted one is not waited for; one that does neither is late.
 UNTHROTTLE_TIMEOUT_MS = 10
 DELTA_MODES = ("auto", "always", "off")
@@ -544,8 +544,9 @@ class Migration:
         self._check_cancel()
         # A throttled vCPU may be in a sleep of up to 99 slices, and the last dirty-log sync
         # stalls a busy one in write faults: a stop that lands there is an outage the guest
-        # feels on top of the downtime. So the pause wakes each and lets it run once first, in
-        # the same C call: the guest runs unthrottled only until its next exit, not for as long
+        # feels on top of the downtime. So the pause wakes each and lets it run again first, in
+        # the same C call: the guest runs unthrottled only until its next exit (two after a
+        # sleep, which can fall between the two reads of its clock), not for as long
         # as Python takes (the last round did not count those pages). A device handshake needs
         # the guest awake before that: a sleeping guest could not answer.
         woke = vm.core.unthrottle(UNTHROTTLE_TIMEOUT_MS) if self._devices else None

@@ -151,9 +151,10 @@ struct vfmig_unthrottle {
 };
 
 /* Before the stop: throttle off, every throttle sleep cut short, and each vCPU given the chance
- * to run guest code again (one exit), so the stop does not land in a throttle sleep or in the
- * write faults after the last dirty-log sync, which the guest would feel as downtime. Lifecycle thread, no lock held while waiting; waits at most
- * timeout_ms. 0, or -EINVAL for a bad timeout (nothing changed). */
+ * to run guest code again (one exit; two after a sleep), so the stop does not land in a throttle
+ * sleep or in the write faults after the last dirty-log sync, which the guest would feel as
+ * downtime. Lifecycle thread, no lock held while waiting; waits at most timeout_ms. 0, or
+ * -EINVAL for a bad timeout (nothing changed). */
 int vfmig_vm_unthrottle(struct vfmig_vm *vm, uint32_t timeout_ms, struct vfmig_unthrottle *out);
 
 /* Address translation. Both return -1 / NULL for anything outside RAM. */
