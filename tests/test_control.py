@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -82,6 +83,48 @@ def test_pause_deadline_names_the_stuck_vcpu_and_lets_the_others_run(device: str
         _wait_moving(vm, vcpu=stuck)
         vm.pause(50)  # nothing stuck: the same deadline is plenty
         vm.resume()
+
+
+def _saved_rip(blob: bytes) -> int:
+    """RIP from a vCPU state blob: a 16-byte header, then sections {tag u32, len u32, payload
+    padded to 8}; the regs section (tag 1) is struct kvm_regs, RIP after 16 GPRs."""
+    off = 16
+    while off < len(blob):
+        tag, n = struct.unpack_from("<II", blob, off)
+        if tag == 1:
+            return int(struct.unpack_from("<Q", blob, off + 8 + 16 * 8)[0])
+        off += 8 + (n + 7) // 8 * 8
+    raise AssertionError("no regs section in the vCPU state")
+
+
+@pytest.mark.parametrize("device", ["clock", "clock-mmio"])
+def test_a_pause_that_lands_on_a_device_read_saves_the_read_done(device: str) -> None:
+    """KVM stores a port or MMIO read's value and moves RIP past it only on the vCPU's next
+    KVM_RUN. A vCPU that parks right after the exit must finish it first, or its saved state is
+    mid-instruction and the destination reads again: a clock read before the stop is lost (a
+    throttled guest then saw its whole sleep as downtime), a read with side effects repeats.
+    Held in a clock read while the pause is requested, the vCPU's saved RIP must be past it."""
+    with MicroVM(memory="64M", rate_pps=20_000, clock_mmio=device == "clock-mmio") as vm:
+        vm.start()
+        vm.core.hold_clock(device, 1)
+        assert vm.core.wait_clock_held(device, 1)
+        found = re.search(r"in a read of (?:port|MMIO) (0x[0-9a-f]+)", _pause_expecting_timeout(vm, device, 50))
+        assert found, "the timeout names the access the vCPU is held in"
+        held = int(found.group(1), 16)
+        pausing = threading.Thread(target=vm.pause, args=(10_000,))
+        pausing.start()
+        wait_until(lambda: vm.core.pause_requested, "the pause to be requested")
+        vm.core.hold_clock(device, 0)  # the read returns to a vCPU that must park
+        pausing.join()
+        assert vm.paused
+        rip = _saved_rip(vm.core.save_vcpu(0))
+        code = vm.core.read(rip, 8)
+        vm.resume()
+    if device == "clock":  # in (%dx) or in $imm, maybe after an operand-size prefix
+        op = code[1] if code[0] == 0x66 else code[0]
+        assert op not in (0xE4, 0xE5, 0xEC, 0xED), f"saved RIP {rip:#x} is at an IN ({code.hex()}): not finished"
+    else:  # a load from an absolute address: the held one must not be in the instruction at RIP
+        assert held.to_bytes(4, "little") not in code[:6], f"saved RIP {rip:#x} is at the read of {held:#x}"
 
 
 def test_pause_timeout_out_of_range_is_rejected_before_pausing() -> None:
