@@ -221,6 +221,13 @@ def render_converge(path: Path | None = None) -> str:
             f"{idle['vs_tcp']:.2f}x (reps: {per}); RAM / migrate wall time: {idle['ram_wall_vs_tcp']:.2f}x "
             f"(reps: {wall}) | |"
         )
+    if idle.get("vs_tcp_ram") is not None:  # runs since the RAM-to-RAM reference was added
+        per = ", ".join(f"{x:.2f}" for x in idle["vs_tcp_ram_runs"])
+        rows.append(
+            f"| | throughput / loopback TCP moving {idle['memory_mib']} MiB of RAM into fresh memory | "
+            f"{_gb(idle['throughput_Bps'])} (TCP {_gb(idle['tcp_loopback_ram_Bps'])}) | | "
+            f"{idle['vs_tcp_ram']:.2f}x (reps: {per}) | |"
+        )
     return "\n".join(rows)
 
 

@@ -8,6 +8,11 @@
 double vfmig_ref_memcpy(uint64_t bytes, int reps);
 /* Mean round trip of an eventfd ping-pong between two threads, in ns. */
 double vfmig_ref_eventfd_rtt(int rounds);
-/* Loopback TCP, one stream, bytes/s, sending `bytes` in 1 MiB writes. */
+/* Loopback TCP, one stream, bytes/s, sending `bytes` in 1 MiB writes from one 1 MiB buffer
+ * into another: both stay in cache, so this is TCP at its fastest. */
 double vfmig_ref_tcp_loopback(uint64_t bytes);
+/* The same stream moving RAM as a migration does: from a `bytes` memfd with every page present
+ * into a fresh one (huge pages asked for on both, as for guest RAM), so every byte is read from
+ * and written to memory, and the receiver populates its pages. */
+double vfmig_ref_tcp_loopback_ram(uint64_t bytes);
 #endif
