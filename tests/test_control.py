@@ -21,7 +21,7 @@ from tests.conftest import run_cli
 from tests.helpers import wait_until
 from vfmig import control
 from vfmig.demo import start_destination
-from vfmig.errors import ConfigError, MigrationError
+from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.migration import MigrationOptions, migrate
 from vfmig.migration.destination import Incoming
 from vfmig.testing import DOWN, Fault, FaultProxy, serve_destination
@@ -125,6 +125,24 @@ def test_a_pause_that_lands_on_a_device_read_saves_the_read_done(device: str) ->
         assert op not in (0xE4, 0xE5, 0xEC, 0xED), f"saved RIP {rip:#x} is at an IN ({code.hex()}): not finished"
     else:  # a load from an absolute address: the held one must not be in the instruction at RIP
         assert held.to_bytes(4, "little") not in code[:6], f"saved RIP {rip:#x} is at the read of {held:#x}"
+
+
+def test_a_guest_that_has_failed_is_neither_paused_nor_migrated() -> None:
+    """A vCPU that stopped on an error (its code overwritten with int3: this KVM's emulator gives
+    up on it, or it triple-faults without an IDT) parks the others; a pause must not pass that off
+    as its own, or the dead guest would be saved and moved, other vCPUs mid-access. Both say why,
+    and the destination is never contacted."""
+    with MicroVM(memory="64M", vcpus=2, rate_pps=20_000) as vm:
+        vm.start()
+        _wait_moving(vm)
+        # int3 is one byte, so wherever the vCPU is in its code, its next instruction is one.
+        vm.core.write(0x100000, b"\xcc" * 0x8000)
+        wait_until(lambda: vm.core.failed is not None, "the vCPU to fail")
+        with pytest.raises(VfmigError, match=r"cannot pause: vCPU \d stopped: "):
+            vm.pause(100)
+        assert not vm.paused
+        with pytest.raises(MigrationError, match=r"the guest has stopped, there is nothing to migrate: vCPU \d"):
+            migrate(vm, "tcp://127.0.0.1:9", MigrationOptions())
 
 
 def test_pause_timeout_out_of_range_is_rejected_before_pausing() -> None:

@@ -494,6 +494,14 @@ int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms)
             usleep(PAUSE_POLL_US);
         pthread_mutex_lock(&vm->lock);
     }
+    if (atomic_load(&vm->failed)) {
+        /* Parked because a vCPU failed, not for us: a dead guest must not be saved and moved
+         * (its other vCPUs may even sit mid-access). vm->err keeps the failure's message. */
+        atomic_store(&vm->pause_req, 0);
+        pthread_cond_broadcast(&vm->cond);
+        pthread_mutex_unlock(&vm->lock);
+        return -EIO;
+    }
     vm->pause_stopped_ns = t0;
     for (uint32_t i = 0; i < vm->nvcpus; i++) {
         uint64_t left = vm->vcpus[i].parked_left_ns;

@@ -36,7 +36,7 @@ static const struct {
     {SEC_LAPIC, KVM_GET_LAPIC, KVM_SET_LAPIC, sizeof(struct kvm_lapic_state), "lapic"},
     {SEC_EVENTS, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS, sizeof(struct kvm_vcpu_events), "events"},
     {SEC_DEBUGREGS, KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS, sizeof(struct kvm_debugregs), "debugregs"},
-    /* MP state last: setting LAPIC can reset it. */
+    /* MP state last: setting LAPIC can reset it. The save reads it first (vfmig_vcpu_save). */
     {SEC_MP, KVM_GET_MP_STATE, KVM_SET_MP_STATE, sizeof(struct kvm_mp_state), "mp_state"},
 };
 #define NFIXED (sizeof(fixed) / sizeof(fixed[0]))
@@ -103,7 +103,10 @@ long vfmig_vcpu_save(struct vfmig_vcpu *cpu, uint8_t *buf, size_t cap, struct vf
     struct state_hdr h = {VFMIG_VCPU_STATE_MAGIC, VFMIG_VCPU_STATE_VERSION, cpu->id, NFIXED + 1};
     memcpy(buf, &h, sizeof(h));
     uint8_t *p = buf + sizeof(h);
-    for (size_t i = 0; i < NFIXED; i++) {
+    /* MP state first: KVM_GET_MP_STATE is not read-only. It delivers a latched INIT or SIPI,
+     * which resets RIP, CS and the LAPIC, so what it can change must be read after it. */
+    for (size_t k = 0; k < NFIXED; k++) {
+        size_t i = (k + NFIXED - 1) % NFIXED; /* the table's last entry, MP state, then the rest */
         memset(&u, 0, sizeof(u));
         if (ioctl(cpu->fd, fixed[i].get, &u) < 0)
             return vfmig_fail(err, errno, "vCPU %u get %s: %s", cpu->id, fixed[i].name, strerror(errno));

@@ -252,6 +252,8 @@ class Migration:
         self.opts.validate(self.vm)
         if not self.vm.started or self.vm.paused:
             raise MigrationError("the VM must be running to be live-migrated")
+        if self.vm.core.failed:
+            raise MigrationError(f"the guest has stopped, there is nothing to migrate: {self.vm.core.failed}")
         r = self.report
         cfg = self.vm.config
         r.memory, r.vcpus, r.guest, r.tracker = cfg.memory, cfg.vcpus, GuestReport(cfg.guest), cfg.tracker

@@ -128,7 +128,8 @@ int vfmig_vm_start(struct vfmig_vm *vm);
  * for the vCPUs. Lifecycle thread; takes vm->lock only between checks. 0; -EINVAL (bad timeout,
  * nothing changed); -ETIMEDOUT: err names the vCPUs that did not park and the access each is in,
  * and every vCPU was let go again, so the VM keeps running and no device was stopped; or a
- * migratable device's error (err names it): devices and vCPUs were started again.
+ * migratable device's error (err names it): devices and vCPUs were started again; or -EIO when a
+ * vCPU has failed (err says how): a dead guest is not paused to be saved, and nothing is stopped.
  * Migratable devices stop through migstate (PRE_COPY -> STOP_COPY, else STOP). */
 int vfmig_vm_pause(struct vfmig_vm *vm, uint32_t timeout_ms);
 /* Starts every device (migratable ones -> RUNNING), then lets the vCPUs go. Lifecycle thread.
