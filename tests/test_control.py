@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,51 @@ def test_a_pause_that_lands_on_a_device_read_saves_the_read_done(device: str) ->
         assert op not in (0xE4, 0xE5, 0xEC, 0xED), f"saved RIP {rip:#x} is at an IN ({code.hex()}): not finished"
     else:  # a load from an absolute address: the held one must not be in the instruction at RIP
         assert held.to_bytes(4, "little") not in code[:6], f"saved RIP {rip:#x} is at the read of {held:#x}"
+
+
+def _hold_in_the_clocks_low_read(vm: MicroVM) -> None:
+    """Hold vCPU 0 in the low half of a clock read, the one that samples the time (port 0x5f0;
+    a pause timeout names the port it is held in). Held in the high half, it goes round again."""
+    for _ in range(20):
+        vm.core.hold_clock("clock", 1)
+        assert vm.core.wait_clock_held("clock", 1)
+        if "port 0x5f0)" in _pause_expecting_timeout(vm, "clock", 50):
+            return
+        vm.core.hold_clock("clock", 0)
+        _wait_moving(vm)
+    pytest.fail("vCPU 0 was never held in the clock's low read")
+
+
+def test_a_stop_after_a_throttle_sleep_waits_for_a_clock_read_made_after_the_sleep() -> None:
+    """The throttle can put a vCPU to sleep between the two reads of its clock: the low read has
+    sampled the time, the high read comes after the wake. A stop that waited for one exit after
+    the wake would freeze a guest whose newest time predates the sleep, and the guest would feel
+    the sleep as downtime. Held in its low read until the throttle wants it asleep, the vCPU
+    sleeps right after that read; the stop must let it read the clock again first. At full speed
+    with a read every 512 pages (~0.9 ms), a stop after one exit lands before that next read."""
+    with MicroVM(memory="64M", clock_every=512) as vm:
+        vm.start()
+        _wait_moving(vm)
+        _hold_in_the_clocks_low_read(vm)
+        vm.core.set_throttle(99)
+        wait_until(lambda: vm.core.throttle_states()[0][0], "the throttle to want vCPU 0 asleep")
+        vm.core.hold_clock("clock", 0)  # the low read returns its time; the sleep comes next
+        wait_until(lambda: vm.core.throttle_states()[0][1], "vCPU 0 to sleep")
+        woken = time.monotonic_ns()
+        vm.pause(10_000, unthrottle_ms=10)
+        stopped = time.monotonic_ns()
+        assert vm.core.pause_unthrottle["woken"] == 1 and vm.core.pause_unthrottle["late"] == 0
+        # The stop lasts 2 ms, past the guest's 0.5 ms threshold for logging a gap.
+        wait_until(lambda: time.monotonic_ns() - stopped > 2_000_000, "the stop to last 2 ms")
+        resumed = time.monotonic_ns()
+        vm.resume()
+
+        def across() -> list[tuple[int, int]]:
+            return [g for g in vm.vcpu_stats()[0].gaps if g[0] <= stopped and g[0] + g[1] >= resumed]
+
+        wait_until(lambda: bool(across()), "the guest to log its gap across the stop")
+        start = across()[0][0]
+    assert start >= woken, f"the guest's last time before the stop predates the wake by {(woken - start) / 1e6:.2f} ms"
 
 
 def test_a_guest_that_has_failed_is_neither_paused_nor_migrated() -> None:

@@ -98,6 +98,8 @@ cdef extern from "vfmig/vm.h":
         uint32_t id
         uint64_t exits[8]
         int tid  # _Atomic in C: each read is an atomic load
+        int throttle_due  # _Atomic
+        uint64_t throttle_sleep_since_ns  # _Atomic
     struct vfmig_vm:
         int vm_fd
         int mem_fd

@@ -215,6 +215,12 @@ cdef class VM:
         cdef vfmig_vm *vm = self._vm()
         return [vm.vcpus[c].tid for c in range(vm.nvcpus)]
 
+    def throttle_states(self):
+        """Per vCPU: (due, asleep): the throttle has asked it to sleep at its next chance; it
+        is in a throttle sleep now."""
+        cdef vfmig_vm *vm = self._vm()
+        return [(bool(vm.vcpus[c].throttle_due), vm.vcpus[c].throttle_sleep_since_ns != 0) for c in range(vm.nvcpus)]
+
     def console(self):
         cdef vfmig_device *d = vfmig_vm_find_device(self._vm(), b"console")
         cdef char buf[65536]
