@@ -166,12 +166,13 @@ class Listener:
                 try:
                     session = self._authenticate(ctrl, opening)
                 except (AuthError, VfmigError) as e:
+                    # Free the listener before the refusal is sent or recorded: whoever reacts to
+                    # it (the peer reading this ERROR, a caller or test waiting on the record) may
+                    # connect at once and must not find it busy.
+                    self.acceptor.release()
                     with contextlib.suppress(VfmigError):
                         ctrl.send("ERROR", str(e).encode())
                     ctrl.close()
-                    # Free the listener before the refusal is recorded: whoever waits on the
-                    # record (a caller, a test) may connect at once and must not find it busy.
-                    self.acceptor.release()
                     self.auth_failures.append(f"{opening.peer}: {e}")
                     continue
                 return self._serve(ctrl, session, run_seconds)
