@@ -468,18 +468,19 @@ def _fmt(r: dict[str, Any]) -> str:
 def idle_row(tmp: Path, reps: int) -> dict[str, Any]:
     guest = ["--memory", f"{MEMORY_MIB}M", "--guest", "idle"]
     runs = []
-    # Unrecorded: this machine is itself a VM, and the first GiB of fresh memory after a quiet
-    # spell comes from its host at a fraction of the speed; whichever runs first would pay it.
-    _core.ref_tcp_loopback_ram(MEMORY_MIB << 20)
     for i in range(reps):
         # The references right beside the run: TCP between two cache-hot 1 MiB buffers (its
-        # fastest), and TCP moving 1 GiB of RAM into fresh memory (the job a migration does).
+        # fastest), and TCP moving 1 GiB of RAM into fresh memory (the job a migration does),
+        # on memory warmed as vfmig_run warms it for the destination.
         tcp = _core.ref_tcp_loopback(1 << 30)
+        warm_memory(MEMORY_MIB)
         tcp_ram = _core.ref_tcp_loopback_ram(MEMORY_MIB << 20)
         r = vfmig_run(tmp, guest, IDLE_LIMIT_MS, (), 60, verify=False)
         r["tcp_loopback_Bps"] = tcp
         r["tcp_loopback_ram_Bps"] = tcp_ram
-        if r.get("completed"):
+        if tcp <= 0 or tcp_ram <= 0:  # a reference that failed returns -errno
+            r["error"] = f"a TCP reference failed: {tcp:g}, {tcp_ram:g}"
+        elif r.get("completed"):
             r["vs_tcp"] = r["throughput_Bps"] / tcp
             r["vs_tcp_ram"] = r["throughput_Bps"] / tcp_ram
             r["ram_Bps_wall"] = (MEMORY_MIB << 20) / (r["wall_ms"] / 1e3)

@@ -68,8 +68,9 @@ struct vfmig_vcpu {
      * and copied under vm->lock as it parks, so a pause can tell when each vCPU stopped. */
     _Atomic uint64_t left_guest_ns;
     uint64_t parked_left_ns; /* under vm->lock */
-    /* Its last KVM_RUN ended in an exit that KVM finishes only on the next KVM_RUN (a port or
-     * MMIO read's value, RIP past the access). Only the vCPU thread touches it. */
+    /* Its last KVM_RUN ended in an exit, not a kick: KVM may finish it only on the next KVM_RUN
+     * (a port or MMIO access: the read's value, RIP past it; for other exits that KVM_RUN does
+     * nothing). Only the vCPU thread touches it. */
     int exit_pending;
 };
 
