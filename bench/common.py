@@ -13,6 +13,14 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def crc32c_impl() -> str | None:
+    try:
+        from vfmig import _core
+    except ImportError:
+        return None
+    return _core.crc32c_impl()
+
+
 def host_facts() -> dict[str, Any]:
     try:
         qemu = subprocess.run(
@@ -25,6 +33,7 @@ def host_facts() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "qemu": qemu,
+        "crc32c": crc32c_impl(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -154,6 +154,7 @@ cdef extern from "vfmig/refbench.h":
 
 cdef extern from "vfmig/crc32c.h":
     uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len) nogil
+    const char *vfmig_crc32c_impl()
 
 cdef extern from "vfmig/stream.h":
     enum:

@@ -811,6 +811,11 @@ def crc32c(const uint8_t[::1] data, uint32_t crc=0):
     return r
 
 
+def crc32c_impl():
+    """The CRC32C loop this CPU runs: "fold" (VPCLMULQDQ) or "lanes" (the crc32 instruction)."""
+    return vfmig_crc32c_impl().decode()
+
+
 def rec_name(uint32_t rtype):
     return vfmig_rec_name(rtype).decode()
 
