@@ -127,6 +127,23 @@ def test_odd_comms_the_header_lost_events_and_a_reset_floor() -> None:
     assert after == []
 
 
+def test_a_timestamp_padded_on_a_host_up_less_than_10000_s() -> None:
+    """The kernel right-aligns the timestamp: on a host up for under 10,000 s it has two or more
+    spaces before it (lines as this host printed them 2,180 s after boot, with and without the
+    irq-info column). A parser that wanted one space saw no events at all on such a host."""
+    lines = [
+        "           vcpu0-16532   (  16529) [001] .....  2180.429321: sys_enter: NR 16 (7, ae80, 0, 0, 4, 0)",
+        "           vcpu0-16532   (  16529) [001] .....  2180.429342: kvm_userspace_exit: reason KVM_EXIT_IO (2)",
+        "           vcpu0-16532   (  16529) [001]   2180.429343: sys_exit: NR 16 = 0",
+    ]
+    recs = _by(parse_trace(lines, [16529]))
+    r = recs[(16532, KVM_RUN)]
+    assert (r.runs, r.first_entry, r.first_exit) == (1, 2180_429321_000, 2180_429343_000)
+    assert recs[(16532, UEXIT)].first_exit == 2180_429342_000
+    early = "  vcpu0-7 (      5) [000] .....   980.000100: sys_enter: NR 16 (7, ae80, 0, 0, 4, 0)"
+    assert _by(parse_trace([early], [5]))[(7, KVM_RUN)].first_entry == 980_000100_000
+
+
 def test_the_kernel_downtime_follows_from_parsed_lines() -> None:
     """Source vCPU's last exit at 5.000 s, destination's first entry at 5.0042 s: 4.2 ms."""
     lines = [

@@ -66,7 +66,8 @@ _counter = itertools.count()
 # "  vcpu0-2697    (   2694) [000] ..... 23046.850969: sys_enter: NR 16 (7, ae80, 0, 0, 0, 73)"
 # (the "....." irq-info column is optional). The comm may hold spaces and dashes ("CPU 0/KVM"):
 # the tid is the first "-N (" after it (a comm is at most 15 characters).
-_LINE = re.compile(r" *(.*?)-(\d+) +\( *([-\d]+)\) \[\d+\] (?:\S+ )?(\d+)\.(\d+): (\w+): (.*)")
+# The timestamp is right-aligned: under 10,000 s of uptime it has spaces before it.
+_LINE = re.compile(r" *(.*?)-(\d+) +\( *([-\d]+)\) \[\d+\] +(?:\S+ +)?(\d+)\.(\d+): (\w+): (.*)")
 _IOCTL_ENTER = f"NR {NR_IOCTL} ("
 _IOCTL_EXIT = f"NR {NR_IOCTL} ="
 _KVM_RUN_ARG = f"{KVM_RUN_REQ:x}"
