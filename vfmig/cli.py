@@ -201,7 +201,7 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="dirty tracker (default: bitmap; the VM is built for it)",
     )
-    p.add_argument("--channels", type=int, default=1, help="parallel page channels (1..16)")
+    p.add_argument("--channels", type=int, default=2, help="parallel page channels (1..16, default 2)")
     p.add_argument("--max-downtime", type=float, default=300.0, metavar="MS", help="downtime limit (default 300)")
     p.add_argument("--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)")
     p.add_argument("--max-iterations", type=int, default=30)
