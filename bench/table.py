@@ -221,12 +221,19 @@ def render_converge(path: Path | None = None) -> str:
             f"{idle['vs_tcp']:.2f}x (reps: {per}); RAM / migrate wall time: {idle['ram_wall_vs_tcp']:.2f}x "
             f"(reps: {wall}) | |"
         )
-    if idle.get("vs_tcp_ram") is not None:  # runs since the RAM-to-RAM reference was added
-        per = ", ".join(f"{x:.2f}" for x in idle["vs_tcp_ram_runs"])
+    streams = idle.get("channels", 1)
+    for ref, what in (  # references added in later runs appear when the run has them
+        ("tcp_ram", f"loopback TCP moving {idle['memory_mib']} MiB of RAM into fresh memory"),
+        (f"tcp_{streams}", f"loopback TCP, {streams} streams (as many as vfmig's channels)"),
+        (f"tcp_ram_{streams}", f"loopback TCP, {streams} streams, moving RAM into fresh memory"),
+    ):
+        if idle.get(f"vs_{ref}") is None:
+            continue
+        per = ", ".join(f"{x:.2f}" for x in idle[f"vs_{ref}_runs"])
+        bps = idle[ref.replace("tcp", "tcp_loopback", 1) + "_Bps"]
         rows.append(
-            f"| | throughput / loopback TCP moving {idle['memory_mib']} MiB of RAM into fresh memory | "
-            f"{_gb(idle['throughput_Bps'])} (TCP {_gb(idle['tcp_loopback_ram_Bps'])}) | | "
-            f"{idle['vs_tcp_ram']:.2f}x (reps: {per}) | |"
+            f"| | throughput / {what} | {_gb(idle['throughput_Bps'])} (TCP {_gb(bps)}) | | "
+            f"{idle[f'vs_{ref}']:.2f}x (reps: {per}) | |"
         )
     return "\n".join(rows)
 

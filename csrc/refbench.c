@@ -80,15 +80,18 @@ static size_t step(const struct end *e, uint64_t at)
     return (size_t)(left < CHUNK ? left : CHUNK);
 }
 
-struct sink {
+/* One stream: a writer and a reader thread, each touching only its own end and counter. */
+struct stream {
     int listen_fd;
-    struct end to;
-    uint64_t got;
+    struct sockaddr_in sa;
+    struct end from, to;
+    uint64_t bytes, got;
+    int err; /* the writer's connect failure, as errno */
 };
 
 static void *sink_thread(void *arg)
 {
-    struct sink *s = arg;
+    struct stream *s = arg;
     int c = accept(s->listen_fd, NULL, NULL);
     ssize_t r;
     while (c >= 0 && (r = read(c, s->to.buf + s->got % s->to.cap, step(&s->to, s->got))) > 0)
@@ -98,57 +101,103 @@ static void *sink_thread(void *arg)
     return NULL;
 }
 
-/* `bytes` from `from` to `to` over one loopback TCP stream; bytes/s, or -errno (-EIO if fewer
- * arrived). Calling thread plus one sink thread it joins; no shared state but the sink's. */
-static double tcp_stream(uint64_t bytes, struct end from, struct end to)
+static void *source_thread(void *arg)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t sl = sizeof(sa);
-    struct sink s = {socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), to, 0};
-    if (s.listen_fd < 0 || bind(s.listen_fd, (void *)&sa, sizeof(sa)) < 0 || listen(s.listen_fd, 1) < 0 ||
-        getsockname(s.listen_fd, (void *)&sa, &sl) < 0) {
-        int e = errno;
-        if (s.listen_fd >= 0)
-            close(s.listen_fd);
-        return -e;
-    }
-    pthread_t th;
-    if (pthread_create(&th, NULL, sink_thread, &s) != 0) {
-        close(s.listen_fd);
-        return -EAGAIN;
-    }
+    struct stream *s = arg;
     int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int e = c < 0 || connect(c, (void *)&sa, sizeof(sa)) < 0 ? errno : 0;
-    uint64_t sent = 0, t0 = vfmig_now_ns();
-    while (!e && sent < bytes) {
-        ssize_t w = write(c, from.buf + sent % from.cap, step(&from, sent));
+    s->err = c < 0 || connect(c, (void *)&s->sa, sizeof(s->sa)) < 0 ? errno : 0;
+    for (uint64_t sent = 0; !s->err && sent < s->bytes;) {
+        size_t n = step(&s->from, sent);
+        if (n > s->bytes - sent)
+            n = (size_t)(s->bytes - sent); /* the last write: no byte past the count */
+        ssize_t w = write(c, s->from.buf + sent % s->from.cap, n);
         if (w <= 0)
             break;
         sent += (uint64_t)w;
     }
-    if (e)
-        shutdown(s.listen_fd, SHUT_RDWR); /* no client came: the sink's accept must not wait */
+    if (s->err)
+        shutdown(s->listen_fd, SHUT_RDWR); /* no client came: the sink's accept must not wait */
     if (c >= 0)
         close(c);
-    pthread_join(th, NULL);
-    double secs = (double)(vfmig_now_ns() - t0) / 1e9;
-    close(s.listen_fd);
-    if (e)
-        return -e;
-    return s.got == bytes ? (double)s.got / secs : -EIO; /* a short stream measured nothing */
+    return NULL;
 }
 
-double vfmig_ref_tcp_loopback(uint64_t bytes)
+/* `bytes` over n parallel loopback TCP streams, stream i from from[i] to to[i], bytes/n each;
+ * bytes/s from the first write to the last byte read, or -errno (-EIO if any stream came up
+ * short). 2n threads it joins before returning. */
+static double tcp_streams(uint64_t bytes, const struct end *from, const struct end *to, unsigned n)
 {
-    struct end a = {malloc(CHUNK), CHUNK}, b = {malloc(CHUNK), CHUNK};
-    double r = -ENOMEM;
-    if (a.buf && b.buf) {
-        memset(a.buf, 0x5a, CHUNK);
-        memset(b.buf, 0, CHUNK);
-        r = tcp_stream(bytes, a, b);
+    struct stream st[VFMIG_REF_MAX_STREAMS];
+    pthread_t th[2 * VFMIG_REF_MAX_STREAMS];
+    unsigned started = 0, ready = 0;
+    int e = 0;
+    for (; ready < n; ready++) {
+        struct stream *s = &st[ready];
+        *s = (struct stream){.listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), .from = from[ready],
+                             .to = to[ready], .bytes = bytes / n + (ready == n - 1 ? bytes % n : 0)};
+        s->sa = (struct sockaddr_in){.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t sl = sizeof(s->sa);
+        if (s->listen_fd < 0 || bind(s->listen_fd, (void *)&s->sa, sizeof(s->sa)) < 0 ||
+            listen(s->listen_fd, 1) < 0 || getsockname(s->listen_fd, (void *)&s->sa, &sl) < 0) {
+            e = errno;
+            if (s->listen_fd >= 0)
+                close(s->listen_fd);
+            break;
+        }
     }
-    free(a.buf);
-    free(b.buf);
+    uint64_t t0 = vfmig_now_ns();
+    for (unsigned i = 0; !e && i < n; i++) {
+        if (pthread_create(&th[started], NULL, sink_thread, &st[i]) != 0) {
+            e = EAGAIN;
+            break;
+        }
+        started++;
+        if (pthread_create(&th[started], NULL, source_thread, &st[i]) != 0) {
+            e = EAGAIN;
+            shutdown(st[i].listen_fd, SHUT_RDWR); /* its sink must not wait for a writer */
+            break;
+        }
+        started++;
+    }
+    if (e) /* streams whose sink never started: nothing to wait for; the others get an EOF */
+        for (unsigned i = 0; i < ready; i++)
+            shutdown(st[i].listen_fd, SHUT_RDWR);
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    double secs = (double)(vfmig_now_ns() - t0) / 1e9;
+    uint64_t got = 0;
+    for (unsigned i = 0; i < ready; i++) {
+        close(st[i].listen_fd);
+        e = e ? e : st[i].err;
+        got += st[i].got == st[i].bytes ? st[i].got : 0;
+    }
+    if (e)
+        return -e;
+    return got == bytes ? (double)got / secs : -EIO; /* a short stream measured nothing */
+}
+
+double vfmig_ref_tcp_loopback(uint64_t bytes, unsigned streams)
+{
+    if (streams < 1 || streams > VFMIG_REF_MAX_STREAMS)
+        return -EINVAL;
+    struct end a[VFMIG_REF_MAX_STREAMS] = {{0}}, b[VFMIG_REF_MAX_STREAMS] = {{0}};
+    double r = 0;
+    for (unsigned i = 0; i < streams; i++) {
+        a[i] = (struct end){malloc(CHUNK), CHUNK};
+        b[i] = (struct end){malloc(CHUNK), CHUNK};
+        if (!a[i].buf || !b[i].buf)
+            r = -ENOMEM;
+        else {
+            memset(a[i].buf, 0x5a, CHUNK);
+            memset(b[i].buf, 0, CHUNK);
+        }
+    }
+    if (r == 0)
+        r = tcp_streams(bytes, a, b, streams);
+    for (unsigned i = 0; i < streams; i++) {
+        free(a[i].buf);
+        free(b[i].buf);
+    }
     return r;
 }
 
@@ -168,23 +217,31 @@ static uint8_t *ram_like(uint64_t bytes)
     return p;
 }
 
-double vfmig_ref_tcp_loopback_ram(uint64_t bytes)
+double vfmig_ref_tcp_loopback_ram(uint64_t bytes, unsigned streams)
 {
-    if (bytes < 4096)
+    if (bytes < 4096 || streams < 1 || streams > VFMIG_REF_MAX_STREAMS)
         return -EINVAL;
-    struct end a = {ram_like(bytes), bytes}, b = {ram_like(bytes), bytes};
+    uint8_t *src = ram_like(bytes), *dst = ram_like(bytes);
     double r = -ENOMEM;
-    if (a.buf && b.buf) {
+    if (src && dst) {
         for (uint64_t off = 0; off < bytes; off += 4096)
-            a.buf[off] = (uint8_t)(off >> 12 | 1); /* every page present, as the idle guest leaves it */
-        r = tcp_stream(bytes, a, b);
+            src[off] = (uint8_t)(off >> 12 | 1); /* every page present, as the idle guest leaves it */
+        /* Stream i moves the i-th of n contiguous slices (the last takes the remainder). */
+        struct end a[VFMIG_REF_MAX_STREAMS], b[VFMIG_REF_MAX_STREAMS];
+        uint64_t slice = bytes / streams;
+        for (unsigned i = 0; i < streams; i++) {
+            uint64_t len = i == streams - 1 ? bytes - slice * i : slice;
+            a[i] = (struct end){src + slice * i, len};
+            b[i] = (struct end){dst + slice * i, len};
+        }
+        r = tcp_streams(bytes, a, b, streams);
         for (uint64_t off = 0; r > 0 && off < bytes; off += 4096)
-            if (b.buf[off] != a.buf[off])
+            if (dst[off] != src[off])
                 r = -EIO; /* the RAM did not arrive where it belongs */
     }
-    if (a.buf)
-        munmap(a.buf, bytes);
-    if (b.buf)
-        munmap(b.buf, bytes);
+    if (src)
+        munmap(src, bytes);
+    if (dst)
+        munmap(dst, bytes);
     return r;
 }

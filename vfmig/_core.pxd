@@ -149,8 +149,8 @@ cdef extern from "vfmig/ramfile.h":
 cdef extern from "vfmig/refbench.h":
     double vfmig_ref_memcpy(uint64_t bytes, int reps) nogil
     double vfmig_ref_eventfd_rtt(int rounds) nogil
-    double vfmig_ref_tcp_loopback(uint64_t bytes) nogil
-    double vfmig_ref_tcp_loopback_ram(uint64_t bytes) nogil
+    double vfmig_ref_tcp_loopback(uint64_t bytes, unsigned streams) nogil
+    double vfmig_ref_tcp_loopback_ram(uint64_t bytes, unsigned streams) nogil
 
 cdef extern from "vfmig/crc32c.h":
     uint32_t vfmig_crc32c(uint32_t crc, const void *buf, size_t len) nogil

@@ -772,20 +772,22 @@ def ref_eventfd_rtt(int rounds=50000):
     return r
 
 
-def ref_tcp_loopback(uint64_t nbytes=2 << 30):
-    """Loopback TCP throughput, one stream, bytes/s, between two cache-hot 1 MiB buffers."""
+def ref_tcp_loopback(uint64_t nbytes=2 << 30, unsigned streams=1):
+    """Loopback TCP throughput over `streams` parallel connections, bytes/s in all, between
+    cache-hot 1 MiB buffers; -errno on failure."""
     cdef double r
     with nogil:
-        r = vfmig_ref_tcp_loopback(nbytes)
+        r = vfmig_ref_tcp_loopback(nbytes, streams)
     return r
 
 
-def ref_tcp_loopback_ram(uint64_t nbytes=1 << 30):
-    """Loopback TCP throughput, one stream, bytes/s, moving nbytes of RAM (a memfd with every page
-    present) into a fresh memfd of the same size, as a migration moves guest RAM."""
+def ref_tcp_loopback_ram(uint64_t nbytes=1 << 30, unsigned streams=1):
+    """Loopback TCP throughput over `streams` parallel connections, bytes/s in all, moving nbytes
+    of RAM (a memfd with every page present) into a fresh memfd of the same size, each stream its
+    own slice, as a migration moves guest RAM; -errno on failure."""
     cdef double r
     with nogil:
-        r = vfmig_ref_tcp_loopback_ram(nbytes)
+        r = vfmig_ref_tcp_loopback_ram(nbytes, streams)
     return r
 
 
