@@ -216,9 +216,9 @@ def test_report_has_the_documented_keys() -> None:
 
 
 BW_LIMIT = 64 << 20
-# Arrival rate bounds, as a fraction of the limit. Upper 1.15: the sender paces every channel to
-# limit/N from the start of the round, so beyond one 1 MiB record in flight per channel nothing
-# can arrive early; 15% covers a relay thread that stalled and caught up. Lower 0.5: 64 MiB/s is
+# Arrival rate bounds, as a fraction of the limit. Upper 1.15: the sender paces all channels
+# together to the limit from the start of the round, so beyond one 1 MiB record in flight per
+# channel nothing can arrive early; 15% covers a relay thread that stalled and caught up. Lower 0.5: 64 MiB/s is
 # a small fraction of what loopback and this relay carry, so only a starved CPU (2 shared cores)
 # slows it, and 0.5 still catches a limit applied twice (e.g. divided by the channel count again).
 BW_LOW, BW_HIGH = 0.5, 1.15
@@ -247,8 +247,37 @@ def test_bandwidth_limit_is_honoured_at_the_receiver(limit: int, channels: int) 
         assert total > BW_HIGH * BW_LIMIT, f"unlimited ran at only {total / 2**20:.1f} MiB/s: the bound is moot"
         return
     assert BW_LOW * limit <= total <= BW_HIGH * limit, (total / 2**20, mib)
-    for rate in per_channel:  # pages are striped evenly, and each channel is paced to limit/N
+    for rate in per_channel:  # pages are striped evenly, so the channels share the limit evenly
         assert BW_LOW * limit / channels <= rate <= BW_HIGH * limit / channels, mib
+
+
+def test_a_round_on_one_channel_gets_the_whole_bandwidth() -> None:
+    """--bandwidth is the link's, shared by all channels: when a round's pages all fall on one
+    channel's stripes (a guest dirtying a few MiB in a row, the usual final round), that channel
+    must get the whole limit, not its 1/N share, or the stop takes N times what the policy
+    predicted. The idle guest's 2 MiB working set at 4 MiB is one stripe (512 pages): channel 0
+    of 2. Pacing per channel (the old code) ran it at limit/2 (and broke a 30 ms limit in the
+    converge bench). Timed at the relay, by when channel 0's bytes arrived: its 2 MiB come as
+    two 1 MiB records, each followed by a pace, so its last bytes (the zero runs of later
+    stripes, then ITER) come once the 2 MiB's time at the limit has passed, 0.5 s; at limit/2
+    the sleeps alone take 1 s."""
+    limit = 4 << 20
+    with MicroVM(memory="64M", guest="idle", wss_bytes=2 << 20) as vm, serve_destination() as dst:
+        relay = CountingRelay(_dst_addr(dst)).start()
+        vm.start()
+        wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to touch its RAM and halt")
+        try:
+            r = migrate(vm, relay.address, MigrationOptions(bandwidth=limit, channels=2))
+        finally:
+            relay.close()
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed"
+    data = relay.page_bytes()
+    assert data[0] > 2 << 20 and data[1] < 64 << 10, data  # the round's data all on channel 0
+    first, last = relay.arrivals[1][0][0], relay.arrivals[1][-1][0]
+    span = (last - first) / 1e9
+    at_limit = (2 << 20) / limit
+    assert 0.9 * at_limit <= span < 1.5 * at_limit, f"channel 0's bytes spanned {span:.3f} s"
 
 
 def _rates_at_events(vm: MicroVM, samples: list[tuple[int, int]]) -> Callable[[str, dict], None]:

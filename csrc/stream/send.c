@@ -150,13 +150,19 @@ static void cache_drop(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_
         c->tag[cache_slot(s, p) % c->nslots] = 0;
 }
 
-static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t t0)
+/* All channels share --bandwidth, the link's: each adds what it wrote since its last call
+ * (*counted) to the round's total and sleeps until the link would have carried that much, so a
+ * round whose pages fall on one channel's stripes gets the whole link, not a 1/N share. Any
+ * channel thread; lock-free. */
+static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t *counted)
 {
+    uint64_t mine = ch->st.bytes - *counted;
+    *counted = ch->st.bytes;
+    uint64_t total = atomic_fetch_add(&s->paced, mine) + mine;
     uint64_t bw = atomic_load(&s->bandwidth);
     if (!bw)
         return;
-    double per_chan = (double)bw / s->nchan;
-    uint64_t due = t0 + (uint64_t)((double)ch->st.bytes * 1e9 / per_chan), now = vfmig_now_ns();
+    uint64_t due = s->round_t0 + (uint64_t)((double)total * 1e9 / (double)bw), now = vfmig_now_ns();
     if (due > now) {
         struct timespec ts = {.tv_sec = (time_t)((due - now) / 1000000000ull),
                               .tv_nsec = (long)((due - now) % 1000000000ull)};
@@ -257,7 +263,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
 {
     struct vfmig_chan_tx *ch = &s->ch[c];
     struct vfmig_vm *vm = s->vm;
-    uint64_t t0 = vfmig_now_ns();
+    uint64_t counted = 0; /* of this channel's bytes, those pace() has added to the round's */
     int delta = atomic_load(&s->delta) && ch->cache.nslots;
     struct run r = {0};
     for (uint64_t stripe = c * (uint64_t)VFMIG_STRIPE_PAGES; stripe < vm->npages;
@@ -313,7 +319,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
                     int rc = flush(s, ch, &r);
                     if (rc < 0)
                         return send_fail(ch, c, rc);
-                    pace(s, ch, t0);
+                    pace(s, ch, &counted);
                     r.count = 0;
                 }
                 if (!r.count) {
@@ -342,7 +348,7 @@ static int send_stripes(struct vfmig_sender *s, uint32_t c)
             int rc = flush(s, ch, &r);
             if (rc < 0)
                 return send_fail(ch, c, rc);
-            pace(s, ch, t0);
+            pace(s, ch, &counted);
             r.count = 0;
         }
     }
@@ -367,6 +373,8 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
     s->round++;
     s->bits = bits;
     s->zero_copy = zero_copy;
+    s->round_t0 = t0;
+    atomic_store(&s->paced, 0);
     pthread_t th[VFMIG_MAX_CHANNELS];
     struct job jobs[VFMIG_MAX_CHANNELS];
     int live[VFMIG_MAX_CHANNELS] = {0};

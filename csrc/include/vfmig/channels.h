@@ -43,6 +43,8 @@ struct vfmig_sender {
     uint32_t nchan;
     struct vfmig_chan_tx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t bandwidth; /* bytes/s over all channels, 0 = unlimited */
+    _Atomic uint64_t paced;     /* bytes written this round, all channels together (pace) */
+    uint64_t round_t0;          /* when this round began (pace) */
     _Atomic int cancel;
     const uint64_t *bits;       /* the round being sent */
     int zero_copy;
