@@ -6,10 +6,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vfmig.vm import MicroVM
 
@@ -139,3 +142,22 @@ class CountingRelay:
         for _, c, k in events[i_lo + 1 : i_hi + 1]:
             per[c] += k
         return (acc[i_hi] - acc[i_lo]) / secs, [b / secs for b in per]
+
+
+@contextlib.contextmanager
+def vm_process(sock_dir: Path, *vm_args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`vfmig vm run --control SOCK --seconds 0 VM_ARGS` in its own process, with the socket in
+    `sock_dir`; yields the process once it has said where its control socket is, and the socket
+    path. Killed on the way out if it still runs."""
+    sock = str(sock_dir / f"vm-{time.monotonic_ns()}.sock")
+    cmd = [sys.executable, "-m", "vfmig", "vm", "run", "--control", sock, "--seconds", "0", *vm_args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    try:
+        line = p.stdout.readline()
+        assert "control socket" in line, line + (p.stderr.read() if p.stderr else "")
+        yield p, sock
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from tests.conftest import host_skip, run_cli
+from tests.helpers import vm_process
+from vfmig import control
 from vfmig.demo import start_destination
 
 
@@ -75,48 +77,30 @@ def test_missing_dev_kvm() -> None:
 @pytest.mark.usefixtures("kvm")
 def test_migrate_a_vm_run_by_another_process(tmp_path) -> None:
     """vm run --control in one process, receive in a second, migrate from a third."""
-    sock = str(tmp_path / "vm.sock")
-    cmd = ["vm", "run", "--memory", "128M", "--rate", "50000", "--control", sock, "--seconds", "0"]
-    vm = subprocess.Popen([sys.executable, "-m", "vfmig", *cmd], stdout=subprocess.PIPE, text=True)
-    dst = None
-    try:
-        assert "control socket" in vm.stdout.readline()
+    with vm_process(tmp_path, "--memory", "128M", "--rate", "50000") as (vm, sock):
         dst, addr = start_destination(run_seconds=0.3)
-        out = tmp_path / "report.json"
-        r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
-        assert r.returncode == 0, r.stderr
-        assert "migration completed" in r.stdout
-        assert "iteration 1:" in r.stderr and "guest resumed" in r.stderr  # progress, streamed
-        doc = json.loads(out.read_text())
-        assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
-        assert vm.wait(30) == 0 and "VM migrated" in vm.stdout.read()
-        assert dst.wait(30) == 0
-    finally:
-        for p in (vm, dst):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        try:
+            out = tmp_path / "report.json"
+            r = run_cli("migrate", "--control", sock, "--to", addr, "--verify", "--channels", "2", "--json", str(out))
+            assert r.returncode == 0, r.stderr
+            assert "migration completed" in r.stdout
+            assert "iteration 1:" in r.stderr and "guest resumed" in r.stderr  # progress, streamed
+            doc = json.loads(out.read_text())
+            assert doc["status"] == "completed" and doc["verification"]["memory_match"] is True
+            assert vm.wait(30) == 0 and "VM migrated" in vm.communicate()[0]
+            assert dst.wait(30) == 0
+        finally:
+            if dst.poll() is None:
+                dst.kill()
 
 
 @pytest.mark.usefixtures("kvm")
 def test_migrate_to_nowhere_keeps_the_vm(tmp_path) -> None:
-    sock = str(tmp_path / "vm.sock")
-    vm = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", "vm", "run", "--memory", "64M", "--control", sock, "--seconds", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert "control socket" in vm.stdout.readline()
-    try:
+    with vm_process(tmp_path, "--memory", "64M") as (_, sock):
         r = run_cli("migrate", "--control", sock, "--to", "tcp://127.0.0.1:9")
         _assert_one_line_error(r, "the source VM keeps running")
-        from vfmig import control
-
         stats = control.request(sock, {"cmd": "stats"})
         assert stats["ok"] and stats["stats"]["touches"] > 0
-    finally:
-        vm.terminate()
-        vm.wait(10)
 
 
 def test_migrate_without_a_vm() -> None:

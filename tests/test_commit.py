@@ -5,14 +5,12 @@ commit, so a wrong page fails the migration while the source can still resume.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.helpers import keeps_running, wait_until
+from tests.helpers import keeps_running, vm_process, wait_until
 from vfmig import _core
 from vfmig.demo import start_destination
 from vfmig.errors import MigrationError
@@ -166,30 +164,8 @@ def test_verify_passes_on_an_honest_migration_and_counts_every_page() -> None:
     assert r.verification.mismatched_pages == 0
 
 
-def test_cli_migrate_exits_non_zero_when_verification_fails(tmp_path: object) -> None:
-    sock = f"/tmp/vfmig-test-{time.monotonic_ns()}.sock"
-    vmproc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vfmig",
-            "vm",
-            "run",
-            "--guest",
-            "idle",
-            "--memory",
-            "128M",
-            "--control",
-            sock,
-            "--seconds",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert vmproc.stdout is not None and "control socket" in vmproc.stdout.readline()
+def test_cli_migrate_exits_non_zero_when_verification_fails(tmp_path: Path) -> None:
+    with vm_process(tmp_path, "--guest", "idle", "--memory", "128M") as (_, sock):
         listener = Listener("tcp://127.0.0.1:0")
         listener.after_load = _flip_byte(0x1000000)  # type: ignore[assignment]
         with serve_destination(listener) as dst:
@@ -200,9 +176,6 @@ def test_cli_migrate_exits_non_zero_when_verification_fails(tmp_path: object) ->
         status = run_cli("vm", "status", "--control", sock, "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["state"] == "running", "the source must keep running"
-    finally:
-        vmproc.kill()
-        vmproc.wait(10)
 
 
 def test_zero_page_crc_is_what_a_hole_hashes_to() -> None:

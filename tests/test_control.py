@@ -3,7 +3,6 @@ resume, stop) served while a migration runs, Ctrl-C cancelling a migration, hone
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -12,14 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.helpers import wait_until
+from tests.helpers import vm_process, wait_until
 from vfmig import control
 from vfmig.demo import start_destination
 from vfmig.errors import ConfigError, MigrationError, VfmigError
@@ -230,23 +228,9 @@ def test_migration_fails_at_the_pause_deadline_then_the_same_vm_migrates() -> No
 
 
 # helpers for the `vm run --control` process ----------------------------------------------------
-@contextlib.contextmanager
-def vm_process(tmp_path: Path, memory: str = "64M", rate: int = 20_000) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`vfmig vm run --control` in its own process; yields it and its socket path."""
-    sock = str(tmp_path / "vm.sock")
-    cmd = ["vm", "run", "--memory", memory, "--rate", str(rate), "--control", sock, "--seconds", "0"]
-    p = subprocess.Popen(
-        [sys.executable, "-m", "vfmig", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert p.stdout is not None
-    try:
-        line = p.stdout.readline()
-        assert "control socket" in line, line
-        yield p, sock
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
+# the guest of most of these tests: a dirtier small and slow enough to start in a blink
+SMALL = ("--memory", "64M", "--rate", "20000")
+BUSY = ("--memory", "128M", "--rate", "50000")
 
 
 def status(sock: str) -> dict[str, Any]:
@@ -284,7 +268,7 @@ def read_until(stream: Any, needle: str) -> list[str]:
 
 # 2. vm status / resume / stop ------------------------------------------------------------------
 def test_vm_status_resume_stop(tmp_path: Path) -> None:
-    with vm_process(tmp_path) as (p, sock):
+    with vm_process(tmp_path, *SMALL) as (p, sock):
         r = run_cli("vm", "status", "--control", sock, "--json")
         assert r.returncode == 0, r.stderr
         st = json.loads(r.stdout)
@@ -301,7 +285,7 @@ def test_vm_status_resume_stop(tmp_path: Path) -> None:
 
 
 def test_failure_before_commit_says_the_source_keeps_running(tmp_path: Path) -> None:
-    with vm_process(tmp_path) as (_, sock):
+    with vm_process(tmp_path, *SMALL) as (_, sock):
         line = one_line_error(run_cli("migrate", "--control", sock, "--to", "tcp://127.0.0.1:9"), "cannot connect")
         assert line.endswith("; the source VM keeps running"), line
         st = status(sock)
@@ -312,7 +296,7 @@ def test_failure_before_commit_says_the_source_keeps_running(tmp_path: Path) -> 
 
 # 3. an ambiguous commit: the source stays paused, and says how to resume it ----------------------
 def test_lost_go_leaves_the_source_paused_until_vm_resume(tmp_path: Path) -> None:
-    with vm_process(tmp_path) as (_, sock):
+    with vm_process(tmp_path, *SMALL) as (_, sock):
         with (
             serve_destination() as dst,
             FaultProxy(("127.0.0.1", dst.port), Fault(record="GO", action="cut")) as proxy,
@@ -337,7 +321,7 @@ def test_lost_go_leaves_the_source_paused_until_vm_resume(tmp_path: Path) -> Non
 # 4. Ctrl-C cancels; after the final state left, it cannot, and the client says so -------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_migrate_cancels_and_the_source_keeps_running(tmp_path: Path, sig: signal.Signals) -> None:
-    with vm_process(tmp_path, memory="128M", rate=50_000) as (_, sock):
+    with vm_process(tmp_path, *BUSY) as (_, sock):
         dst, address = start_destination(run_seconds=0.3)
         try:
             mig = subprocess.Popen(
@@ -379,7 +363,7 @@ def test_the_suites_children_take_ctrl_c() -> None:
 def test_vm_process_interrupted_mid_migration_cancels_it_and_exits_cleanly(tmp_path: Path) -> None:
     """Ctrl-C on `vm run` itself: the migration is cancelled, the process exits as interrupted
     (not by a signal), and the client is told the source VM is gone, not that it keeps running."""
-    with vm_process(tmp_path, memory="128M", rate=50_000) as (p, sock):
+    with vm_process(tmp_path, *BUSY) as (p, sock):
         dst, address = start_destination(run_seconds=0.3)
         try:
             mig = subprocess.Popen(
@@ -404,7 +388,7 @@ def test_vm_process_interrupted_mid_migration_cancels_it_and_exits_cleanly(tmp_p
 def test_interrupt_after_the_final_state_left_cannot_cancel(tmp_path: Path) -> None:
     gate = threading.Event()  # holds READY in the proxy until the client has been interrupted
     with (
-        vm_process(tmp_path) as (p, sock),
+        vm_process(tmp_path, *SMALL) as (p, sock),
         serve_destination() as dst,
         FaultProxy(("127.0.0.1", dst.port), Fault(direction=DOWN, record="READY", action="call", hook=gate.wait)) as px,
     ):
@@ -433,7 +417,7 @@ def test_bad_pause_timeout_fails_before_contacting_anyone() -> None:
 
 # 5. the --json path is checked before anything moves; after the commit nothing tracebacks --------
 def test_unwritable_json_path_fails_before_migrating(tmp_path: Path) -> None:
-    with vm_process(tmp_path) as (p, sock):
+    with vm_process(tmp_path, *SMALL) as (p, sock):
         bad = str(tmp_path / "missing" / "report.json")
         one_line_error(
             run_cli("migrate", "--control", sock, "--to", "tcp://127.0.0.1:9", "--json", bad),

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import host_skip, run_cli
-from tests.helpers import wait_running, wait_until
+from tests.helpers import vm_process, wait_running, wait_until
 from vfmig import _core
 from vfmig.demo import start_destination
 from vfmig.migration import MigrationOptions, migrate
@@ -358,50 +358,29 @@ def test_cli_migrate_probes_and_vfmig_probe_see_the_same_downtime(tmp_path: Path
     the engine's, and the report names what attached and what was silent."""
     if _bpf_reason():
         host_skip(str(_bpf_reason()))
-    sock = str(tmp_path / "vm.sock")
-    vm = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vfmig",
-            "vm",
-            "run",
-            "--memory",
-            "64M",
-            "--vcpus",
-            "1",
-            "--control",
-            sock,
-            "--seconds",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    dst, address = start_destination(run_seconds=0.5)
-    watcher = None
-    try:
-        wait_until(lambda: os.path.exists(sock), "the VM's control socket", timeout=30)
-        watcher = subprocess.Popen(
-            [sys.executable, "-m", "vfmig", "probe", "--pid", str(vm.pid), "--pid", str(dst.pid), "--json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert watcher.stderr is not None
-        line = watcher.stderr.readline()
-        assert "watching" in line and "bcc" in line, line + watcher.stderr.read()
-        out = run_cli("migrate", "--control", sock, "--to", address, "--probes", "--json", "-", timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert dst.wait(timeout=60) == 0
-        watcher.send_signal(signal.SIGINT)
-        wout, werr = watcher.communicate(timeout=60)
-        assert watcher.returncode == 0, werr
-    finally:
-        for p in (vm, dst, watcher):
-            if p is not None and p.poll() is None:
-                p.kill()
+    with vm_process(tmp_path, "--memory", "64M", "--vcpus", "1") as (vm, sock):
+        dst, address = start_destination(run_seconds=0.5)
+        watcher = None
+        try:
+            watcher = subprocess.Popen(
+                [sys.executable, "-m", "vfmig", "probe", "--pid", str(vm.pid), "--pid", str(dst.pid), "--json"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert watcher.stderr is not None
+            line = watcher.stderr.readline()
+            assert "watching" in line and "bcc" in line, line + watcher.stderr.read()
+            out = run_cli("migrate", "--control", sock, "--to", address, "--probes", "--json", "-", timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert dst.wait(timeout=60) == 0
+            watcher.send_signal(signal.SIGINT)
+            wout, werr = watcher.communicate(timeout=60)
+            assert watcher.returncode == 0, werr
+        finally:
+            for p in (dst, watcher):
+                if p is not None and p.poll() is None:
+                    p.kill()
     import json
 
     doc = json.loads(out.stdout)
