@@ -222,8 +222,9 @@ def render_converge(path: Path | None = None) -> str:
             f"(reps: {wall}) | |"
         )
     streams = idle.get("channels", 1)
+    mib = idle.get("memory_mib")
     for ref, what in (  # references added in later runs appear when the run has them
-        ("tcp_ram", f"loopback TCP moving {idle['memory_mib']} MiB of RAM into fresh memory"),
+        ("tcp_ram", f"loopback TCP moving {mib} MiB of RAM into fresh memory"),
         (f"tcp_{streams}", f"loopback TCP, {streams} streams (as many as vfmig's channels)"),
         (f"tcp_ram_{streams}", f"loopback TCP, {streams} streams, moving RAM into fresh memory"),
     ):
