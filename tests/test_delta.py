@@ -66,6 +66,17 @@ def test_a_1gib_guest_rewriting_128mib_converges_under_30ms_by_delta_pages(verif
     assert r.downtime_limit_exceeded is False and "WARNING" not in r.summary()
 
 
+def test_the_delta_cache_grows_to_the_dirty_set_it_engages_on() -> None:
+    """A quarter of RAM by default; when delta pages engage on a larger dirty set, that set plus a
+    quarter, up to half of RAM (a cache smaller than what the guest rewrites misses on the rest
+    every round); an explicit size always wins."""
+    gib, o = 1 << 30, MigrationOptions()
+    assert o.delta_cache_pages(gib) == o.delta_cache_pages(gib, 32_770) == gib // 4 // 4096
+    assert o.delta_cache_pages(gib, 80_000) == 100_000
+    assert o.delta_cache_pages(gib, 131_072) == gib // 2 // 4096
+    assert MigrationOptions(delta_cache=64 << 20).delta_cache_pages(gib, 131_072) == (64 << 20) // 4096
+
+
 def test_delta_pages_come_before_throttling_on_the_first_sign() -> None:
     """With auto-converge on too, delta pages engage first, in round 2, on the sign auto-converge
     throttles on (the guest dirties faster than half the link drains), not after rounds of a dirty

@@ -226,7 +226,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "--delta-cache",
         metavar="SIZE",
         default="0",
-        help="memory for last-sent pages (default: a quarter of guest RAM)",
+        help="memory for last-sent pages (default: a quarter of guest RAM, or the dirty set when delta "
+        "pages engage, up to half)",
     )
     p.add_argument(
         "--compress",

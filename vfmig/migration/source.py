@@ -73,7 +73,11 @@ UNTHROTTLE_TIMEOUT_MS = 10
 DELTA_MODES = ("auto", "always", "off")
 # The default delta cache: a quarter of guest RAM holds the working set of most busy guests
 # (a 1 GiB guest rewriting 128 MiB, say) at a cost the source host can spare for the migration.
+# When delta pages engage on a larger dirty set, the cache grows to hold it (plus a quarter),
+# up to half of RAM: a cache smaller than the set the guest rewrites misses on the rest every
+# round (a 1 GiB guest rewriting 512 MiB at 1 Gbit/s: 28.9 s with a quarter, 8.3 s with all).
 DELTA_CACHE_FRACTION = 4
+DELTA_CACHE_MAX_FRACTION = 2
 # zstd's fast end: on a 1 Gbit/s link level 1 already compresses faster than the link carries.
 ZSTD_DEFAULT_LEVEL = 1
 # The guest's and the engine's downtime agree within max(1 ms, 10%); beyond, the report says why.
@@ -103,13 +107,17 @@ class MigrationOptions:
     probes: bool = False  # watch both sides with the kernel probes; the report gains `probes`
     # Delta pages: "auto" engages them as the first remedy when precopy stops converging,
     # "always" from the first re-sent page, "off" never. The cache holds delta_cache bytes of
-    # last-sent pages (0: a quarter of guest RAM).
+    # last-sent pages (0: a quarter of guest RAM, or the dirty set when they engage, up to half).
     delta: str = "auto"
     delta_cache: int = 0
     compress: str = ""  # "zstd" or "zstd:LEVEL" (1..19): each page channel compresses its runs
 
-    def delta_cache_pages(self, mem_bytes: int) -> int:
-        return (self.delta_cache or mem_bytes // DELTA_CACHE_FRACTION) // 4096
+    def delta_cache_pages(self, mem_bytes: int, dirty_pages: int = 0) -> int:
+        """The cache for delta pages engaged on a round of `dirty_pages` (0: not known yet)."""
+        if self.delta_cache:
+            return self.delta_cache // 4096
+        floor, cap = mem_bytes // DELTA_CACHE_FRACTION // 4096, mem_bytes // DELTA_CACHE_MAX_FRACTION // 4096
+        return max(floor, min(cap, dirty_pages * 5 // 4))
 
     def compress_level(self) -> int:
         """The zstd level of `compress` (0: off). Raises ConfigError for anything else."""
@@ -409,7 +417,7 @@ class Migration:
         if level:
             self._sender.set_compress(level)
         if self.opts.delta == "always":
-            self._engage_delta()
+            self._engage_delta(0)
         self.report.tracker = self._sender.tracker or self.report.tracker
         # Devices stream their state from here; DMA they do meanwhile is in the dirty log.
         specs = {d.name: d for d in cfg.devices}
@@ -463,7 +471,8 @@ class Migration:
                         if stalled
                         else f"dirtying {human_bytes(dirty_rate * bytes_per_page)}/s, over half the link"
                     )
-                    self._remedy("delta pages", index, elapsed_ms, f"not converging ({why}): {self._engage_delta()}")
+                    engaged = self._engage_delta(dirty)
+                    self._remedy("delta pages", index, elapsed_ms, f"not converging ({why}): {engaged}")
                     delta_round = index
                     watch.restart()
                 elif stalled and policy.auto_converge and throttle < policy.throttle_max:
@@ -516,10 +525,10 @@ class Migration:
                 },
             )
 
-    def _engage_delta(self) -> str:
-        """Delta pages on; returns what the report says of them."""
+    def _engage_delta(self, dirty: int) -> str:
+        """Delta pages on, sized for a round of `dirty` pages; returns what the report says."""
         assert self._sender is not None
-        pages = self.opts.delta_cache_pages(self.vm.config.memory)
+        pages = self.opts.delta_cache_pages(self.vm.config.memory, dirty)
         self._sender.set_delta(pages)
         self._delta_on = True
         return f"delta pages against a {human_bytes(pages * 4096)} cache"
