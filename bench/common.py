@@ -45,6 +45,11 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     return path
 
 
+def ref_bps_key(ref: str) -> str:
+    """Where the idle row keeps a TCP reference's figure: "tcp_ram_2" -> "tcp_loopback_ram_2_Bps"."""
+    return ref.replace("tcp", "tcp_loopback", 1) + "_Bps"
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)

@@ -53,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median, write_results  # noqa: E402
+from common import median, ref_bps_key, write_results  # noqa: E402
 from migrate_bench import _free_port, warm_memory  # noqa: E402
 from qemu import Qemu, available  # noqa: E402
 
@@ -482,18 +482,13 @@ def _idle_refs() -> dict[str, float]:
     return refs
 
 
-def _bps_key(ref: str) -> str:
-    """Where a reference's figure is kept: "tcp_ram_2" -> "tcp_loopback_ram_2_Bps"."""
-    return ref.replace("tcp", "tcp_loopback", 1) + "_Bps"
-
-
 def idle_row(tmp: Path, reps: int) -> dict[str, Any]:
     guest = ["--memory", f"{MEMORY_MIB}M", "--guest", "idle"]
     runs = []
     for i in range(reps):
         refs = _idle_refs()
         r = vfmig_run(tmp, guest, IDLE_LIMIT_MS, ("--channels", str(IDLE_CHANNELS)), 60, verify=False)
-        r.update({_bps_key(k): v for k, v in refs.items()})
+        r.update({ref_bps_key(k): v for k, v in refs.items()})
         failed = {k: v for k, v in refs.items() if v <= 0}  # a reference that failed returns -errno
         if failed:
             r["error"] = f"a TCP reference failed: {failed}"
@@ -512,7 +507,7 @@ def idle_row(tmp: Path, reps: int) -> dict[str, Any]:
     if ok:
         doc["throughput_Bps"] = median([r["throughput_Bps"] for r in ok])
         for k in refs:
-            doc[_bps_key(k)] = median([r[_bps_key(k)] for r in ok])
+            doc[ref_bps_key(k)] = median([r[ref_bps_key(k)] for r in ok])
         for vs in [f"vs_{k}" for k in refs] + ["ram_wall_vs_tcp"]:
             doc[vs] = median([r[vs] for r in ok])
             doc[f"{vs}_runs"] = [r[vs] for r in ok]

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from common import ref_bps_key
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -231,7 +233,7 @@ def render_converge(path: Path | None = None) -> str:
         if idle.get(f"vs_{ref}") is None:
             continue
         per = ", ".join(f"{x:.2f}" for x in idle[f"vs_{ref}_runs"])
-        bps = idle[ref.replace("tcp", "tcp_loopback", 1) + "_Bps"]
+        bps = idle[ref_bps_key(ref)]
         rows.append(
             f"| | throughput / {what} | {_gb(idle['throughput_Bps'])} (TCP {_gb(bps)}) | | "
             f"{idle[f'vs_{ref}']:.2f}x (reps: {per}) | |"
