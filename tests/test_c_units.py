@@ -23,6 +23,7 @@ C_TESTS = [
     ("simvf", ["{guests}/vfdrv.bin"]),
     ("dma_log", []),
     ("delta", []),
+    ("pace", []),
 ]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}

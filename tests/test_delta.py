@@ -6,9 +6,12 @@ full-rate dirtier, pages that change while their delta is encoded still arrive r
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from tests.helpers import keeps_running, wait_running
+from vfmig import _core
 from vfmig.migration import Incoming, LimitCancelled, MigrationOptions, migrate
 from vfmig.migration.policy import Policy
 from vfmig.testing import serve_destination
@@ -75,6 +78,43 @@ def test_the_delta_cache_grows_to_the_dirty_set_it_engages_on() -> None:
     assert o.delta_cache_pages(gib, 80_000) == 100_000
     assert o.delta_cache_pages(gib, 131_072) == gib // 2 // 4096
     assert MigrationOptions(delta_cache=64 << 20).delta_cache_pages(gib, 131_072) == (64 << 20) // 4096
+    # It lives in the source VM's process: it grows only into half the host's available memory.
+    assert o.delta_cache_pages(gib, 131_072, available=800 << 20) == (400 << 20) // 4096
+    assert o.delta_cache_pages(gib, 131_072, available=300 << 20) == gib // 4 // 4096
+
+
+class _TightSender(_core.PageSender):
+    """The real page sender, on a host that cannot give a delta cache over `most` pages."""
+
+    most = 0
+
+    def set_delta(self, cache_pages: int) -> None:
+        if cache_pages > self.most:
+            raise _core.CoreError(errno.ENOMEM, f"out of memory for a delta cache of {cache_pages * 4096 >> 20} MiB")
+        super().set_delta(cache_pages)
+
+
+@pytest.mark.parametrize("most", [(64 << 20) // 4096, 0], ids=["default-size", "none"])
+def test_a_delta_cache_the_host_cannot_give_falls_back(monkeypatch: pytest.MonkeyPatch, most: int) -> None:
+    """A 256 MiB guest rewriting 128 MiB grows its cache to 128 MiB when delta pages engage. If
+    that allocation fails, the default quarter (64 MiB) is tried, and if that fails too the
+    migration goes on without delta pages, the report saying why, rather than failing."""
+    monkeypatch.setattr(_core, "PageSender", _TightSender)
+    _TightSender.most = most
+    with MicroVM(memory="256M", guest="dirtier", wss_bytes=128 << 20) as vm, serve_destination() as dst:
+        vm.start()
+        wait_running(vm, passes=1)
+        r = migrate(vm, dst.address, _opts(verify=True, max_iterations=4))
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed", r.error
+    assert r.verification.memory_match is True
+    detail = next(x["detail"] for x in r.remedies if x["remedy"] == "delta pages")
+    if most:
+        assert detail.endswith("against a 64.0 MiB cache"), detail
+        assert sum(it.delta_pages for it in r.iterations) > 0
+    else:
+        assert "delta pages off: out of memory for a delta cache of 64 MiB" in detail, detail
+        assert sum(it.delta_pages for it in r.iterations) == 0
 
 
 def test_delta_pages_come_before_throttling_on_the_first_sign() -> None:

@@ -226,8 +226,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
         "--delta-cache",
         metavar="SIZE",
         default="0",
-        help="memory for last-sent pages (default: a quarter of guest RAM, or the dirty set when delta "
-        "pages engage, up to half)",
+        help="memory for last-sent pages (default: a quarter of guest RAM; when delta pages engage on a "
+        "larger dirty set, that set and a quarter more, up to half of RAM and of the host's available memory)",
     )
     p.add_argument(
         "--compress",

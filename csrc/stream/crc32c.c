@@ -1,4 +1,4 @@
-/* CRC32C, two ways, chosen once per process:
+/* CRC32C, two ways, chosen at load time (vfmig_crc32c_use can switch, for tests and benches):
  * - fold: carry-less multiplication (VPCLMULQDQ on AVX-512), 256 bytes a step, where the CPU
  *   has it. It runs at memory speed on RAM that is not in cache (the page sender's case), about
  *   twice the crc32 instruction's rate on this machine (docs/host-facts.md);
@@ -21,6 +21,8 @@
 /* a * b modulo POLY, reflected bit order (x^0 is the top bit). */
 static uint32_t multmodp(uint32_t a, uint32_t b)
 {
+    if (!a) /* the loop below ends on a's last set bit */
+        return 0;
     uint32_t m = 1u << 31, p = 0;
     for (;;) {
         if (a & m) {
@@ -161,7 +163,7 @@ FOLD_TARGET static inline __m512i load(uint8_t **dst, const uint8_t *p)
 FOLD_TARGET static uint64_t crc_fold(uint64_t s, uint8_t *dst, const uint8_t *p, size_t len)
 {
     __m512i x0 = load(&dst, p), x1 = load(&dst, p + 64), x2 = load(&dst, p + 128), x3 = load(&dst, p + 192);
-    x0 = _mm512_xor_si512(x0, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)(uint32_t)s)));
+    x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)(uint32_t)s)));
     p += 256;
     len -= 256;
     __m512i k = k512v(C.k2048); /* four vectors apart: 2048 bits */

@@ -28,6 +28,7 @@ int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fd
                       struct vfmig_err *err)
 {
     memset(s, 0, sizeof(*s));
+    vfmig_pacer_init(&s->pacer);
     if (nchan < 1 || nchan > VFMIG_MAX_CHANNELS)
         return vfmig_fail(err, EINVAL, "channels must be 1..%d, got %u", VFMIG_MAX_CHANNELS, nchan);
     s->vm = vm;
@@ -64,6 +65,7 @@ void vfmig_sender_free(struct vfmig_sender *s)
     }
     free(s->sent);
     s->sent = NULL;
+    vfmig_pacer_destroy(&s->pacer);
 }
 
 int vfmig_sender_set_delta(struct vfmig_sender *s, uint64_t cache_pages)
@@ -151,18 +153,14 @@ static void cache_drop(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_
 }
 
 /* All channels share --bandwidth, the link's: each adds what it wrote since its last call
- * (*counted) to the round's total and sleeps until the link would have carried that much, so a
- * round whose pages fall on one channel's stripes gets the whole link, not a 1/N share. Any
- * channel thread; lock-free. */
+ * (*counted) to the pacer and sleeps until the link would have carried the total, so a round
+ * whose pages fall on one channel's stripes gets the whole link, not a 1/N share. Any channel
+ * thread; the pacer's lock is not held while it sleeps. */
 static void pace(struct vfmig_sender *s, struct vfmig_chan_tx *ch, uint64_t *counted)
 {
-    uint64_t mine = ch->st.bytes - *counted;
+    uint64_t mine = ch->st.bytes - *counted, now = vfmig_now_ns();
     *counted = ch->st.bytes;
-    uint64_t total = atomic_fetch_add(&s->paced, mine) + mine;
-    uint64_t bw = atomic_load(&s->bandwidth);
-    if (!bw)
-        return;
-    uint64_t due = s->round_t0 + (uint64_t)((double)total * 1e9 / (double)bw), now = vfmig_now_ns();
+    uint64_t due = vfmig_pacer_due(&s->pacer, mine, atomic_load(&s->bandwidth), now);
     if (due > now) {
         struct timespec ts = {.tv_sec = (time_t)((due - now) / 1000000000ull),
                               .tv_nsec = (long)((due - now) % 1000000000ull)};
@@ -373,8 +371,7 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
     s->round++;
     s->bits = bits;
     s->zero_copy = zero_copy;
-    s->round_t0 = t0;
-    atomic_store(&s->paced, 0);
+    vfmig_pacer_restart(&s->pacer, t0);
     pthread_t th[VFMIG_MAX_CHANNELS];
     struct job jobs[VFMIG_MAX_CHANNELS];
     int live[VFMIG_MAX_CHANNELS] = {0};

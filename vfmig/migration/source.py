@@ -19,6 +19,7 @@ Any failure before the destination says it resumed leaves the source VM running 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from vfmig import _core
 from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
+from vfmig.host import meminfo_bytes
 from vfmig.migration.policy import ConvergenceWatch, Policy, WireCost
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
@@ -107,16 +109,21 @@ class MigrationOptions:
     probes: bool = False  # watch both sides with the kernel probes; the report gains `probes`
     # Delta pages: "auto" engages them as the first remedy when precopy stops converging,
     # "always" from the first re-sent page, "off" never. The cache holds delta_cache bytes of
-    # last-sent pages (0: a quarter of guest RAM, or the dirty set when they engage, up to half).
+    # last-sent pages (0: a quarter of guest RAM; when auto engages them on a larger dirty set,
+    # that set and a quarter more, up to half of RAM and of the host's available memory).
     delta: str = "auto"
     delta_cache: int = 0
     compress: str = ""  # "zstd" or "zstd:LEVEL" (1..19): each page channel compresses its runs
 
-    def delta_cache_pages(self, mem_bytes: int, dirty_pages: int = 0) -> int:
-        """The cache for delta pages engaged on a round of `dirty_pages` (0: not known yet)."""
+    def delta_cache_pages(self, mem_bytes: int, dirty_pages: int = 0, available: int | None = None) -> int:
+        """The cache for delta pages engaged on a round of `dirty_pages` (0: not known yet). It
+        grows past the default only into half of the host's `available` memory (bytes; None:
+        not known), since it lives in the source VM's own process."""
         if self.delta_cache:
             return self.delta_cache // 4096
         floor, cap = mem_bytes // DELTA_CACHE_FRACTION // 4096, mem_bytes // DELTA_CACHE_MAX_FRACTION // 4096
+        if available is not None:
+            cap = min(cap, available // 2 // 4096)
         return max(floor, min(cap, dirty_pages * 5 // 4))
 
     def compress_level(self) -> int:
@@ -526,12 +533,28 @@ class Migration:
             )
 
     def _engage_delta(self, dirty: int) -> str:
-        """Delta pages on, sized for a round of `dirty` pages; returns what the report says."""
+        """Delta pages on, sized for a round of `dirty` pages; returns what the report says. A
+        grown cache the host cannot give falls back to the default size, and then, under
+        --delta auto, to no delta pages (the next remedy takes over); a size the user chose
+        (--delta-cache, --delta always) fails the migration with the reason instead."""
         assert self._sender is not None
-        pages = self.opts.delta_cache_pages(self.vm.config.memory, dirty)
-        self._sender.set_delta(pages)
-        self._delta_on = True
-        return f"delta pages against a {human_bytes(pages * 4096)} cache"
+        self._delta_on = True  # engaged once, whatever came of it
+        mem = self.vm.config.memory
+        pages = self.opts.delta_cache_pages(mem, dirty, meminfo_bytes("MemAvailable"))
+        failed: OSError | None = None
+        for n in dict.fromkeys((pages, self.opts.delta_cache_pages(mem))):
+            try:
+                self._sender.set_delta(n)
+            except _core.CoreError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                failed = e
+                continue
+            return f"delta pages against a {human_bytes(n * 4096)} cache"
+        assert failed is not None
+        if self.opts.delta == "auto" and not self.opts.delta_cache:
+            return f"delta pages off: {failed.strerror}"
+        raise failed
 
     def _remedy(self, name: str, iteration: int, at_ms: float, detail: str) -> None:
         event = {"remedy": name, "iteration": iteration, "at_ms": round(at_ms, 1), "detail": detail}

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vfmig.host import meminfo_bytes
 from vfmig.observe import probes, runs
 from vfmig.observe.runs import RunRecord
 
@@ -184,9 +185,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _buffer_kb() -> int:
     ncpu = os.cpu_count() or 1
-    mem_kb = 0
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])  # MemTotal
+    mem_kb = (meminfo_bytes("MemTotal") or 0) // 1024
     cap = mem_kb // MEM_SHARE // ncpu if mem_kb else PER_CPU_KB
     return max(1024, min(PER_CPU_KB, cap))
 

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "vfmig/delta.h"
+#include "vfmig/pace.h"
 #include "vfmig/stream.h"
 #include "vfmig/vm.h"
 
@@ -43,8 +44,7 @@ struct vfmig_sender {
     uint32_t nchan;
     struct vfmig_chan_tx ch[VFMIG_MAX_CHANNELS];
     _Atomic uint64_t bandwidth; /* bytes/s over all channels, 0 = unlimited */
-    _Atomic uint64_t paced;     /* bytes written this round, all channels together (pace) */
-    uint64_t round_t0;          /* when this round began (pace) */
+    struct vfmig_pacer pacer;   /* the link's pace, all channels together */
     _Atomic int cancel;
     const uint64_t *bits;       /* the round being sent */
     int zero_copy;
