@@ -11,11 +11,12 @@ void vfmig_pacer_init(struct vfmig_pacer *p)
 
 void vfmig_pacer_destroy(struct vfmig_pacer *p) { pthread_mutex_destroy(&p->lock); }
 
-void vfmig_pacer_restart(struct vfmig_pacer *p, uint64_t now)
+void vfmig_pacer_restart(struct vfmig_pacer *p, uint64_t now, uint64_t bw)
 {
     pthread_mutex_lock(&p->lock);
     p->t0 = now;
     p->bytes = 0;
+    p->bw = bw;
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -29,12 +30,12 @@ uint64_t vfmig_pacer_due(struct vfmig_pacer *p, uint64_t bytes, uint64_t bw, uin
         p->t0 = now;
         p->bytes = 0;
     }
+    /* Idle credit beyond the burst is forgotten before these bytes are counted. */
+    uint64_t carried = p->t0 + (uint64_t)((double)p->bytes * 1e9 / (double)bw);
+    if (carried + VFMIG_PACE_BURST_NS < now)
+        p->t0 += now - VFMIG_PACE_BURST_NS - carried;
     p->bytes += bytes;
-    uint64_t span = (uint64_t)((double)p->bytes * 1e9 / (double)bw), due = p->t0 + span;
-    if (due + VFMIG_PACE_BURST_NS < now) { /* idle credit beyond the burst is forgotten */
-        p->t0 = now - VFMIG_PACE_BURST_NS - span;
-        due = now - VFMIG_PACE_BURST_NS;
-    }
+    uint64_t due = p->t0 + (uint64_t)((double)p->bytes * 1e9 / (double)bw);
     pthread_mutex_unlock(&p->lock);
     return due;
 }

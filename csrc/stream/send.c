@@ -371,7 +371,7 @@ int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy
     s->round++;
     s->bits = bits;
     s->zero_copy = zero_copy;
-    vfmig_pacer_restart(&s->pacer, t0);
+    vfmig_pacer_restart(&s->pacer, t0, atomic_load(&s->bandwidth));
     pthread_t th[VFMIG_MAX_CHANNELS];
     struct job jobs[VFMIG_MAX_CHANNELS];
     int live[VFMIG_MAX_CHANNELS] = {0};

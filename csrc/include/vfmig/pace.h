@@ -20,8 +20,8 @@ struct vfmig_pacer {
 
 void vfmig_pacer_init(struct vfmig_pacer *p);
 void vfmig_pacer_destroy(struct vfmig_pacer *p);
-/* Start the count at `now` (a new round). Any thread; takes p->lock. */
-void vfmig_pacer_restart(struct vfmig_pacer *p, uint64_t now);
+/* Start the count at `now` (a new round) under `bw` bytes/s. Any thread; takes p->lock. */
+void vfmig_pacer_restart(struct vfmig_pacer *p, uint64_t now, uint64_t bw);
 /* Add `bytes` written at `now` under `bw` bytes/s (0: unlimited) and return the time by which
  * the link will have carried everything counted (<= now: no wait). Any thread; takes p->lock
  * for a few instructions, never sleeps. */
