@@ -129,7 +129,7 @@ def test_delta_pages_come_before_throttling_on_the_first_sign() -> None:
     assert r.status == "completed", r.error
     names = [x["remedy"] for x in r.remedies]
     assert names[0] == "delta pages" and r.remedies[0]["iteration"] == 2, r.remedies
-    assert "over half the link" in r.remedies[0]["detail"], r.remedies
+    assert "over half the link, " in r.remedies[0]["detail"], r.remedies  # and more than 3 rounds from the limit
     assert all(x["iteration"] > 2 for x in r.remedies[1:]), r.remedies
     assert r.downtime_limit_exceeded is False, r.summary()
 

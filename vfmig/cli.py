@@ -206,7 +206,9 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", default="0", help="bytes/s over all channels, e.g. 500M (default unlimited)")
     p.add_argument("--max-iterations", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=120.0, metavar="S")
-    p.add_argument("--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than the link")
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle vCPUs that dirty faster than precopy can converge"
+    )
     p.add_argument(
         "--limit-action",
         choices=("force", "cancel"),

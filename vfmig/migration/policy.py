@@ -3,6 +3,7 @@ early when precopy is not converging, and keep the downtime limit's promise (lim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vfmig.errors import ConfigError
@@ -18,6 +19,10 @@ STOP_OVERHEAD_MS = 2.0
 # exceeded (downtime_limit_exceeded). Callers bound by the limit choose cancel: the migration
 # ends and the source keeps running.
 LIMIT_ACTIONS = ("force", "cancel")
+# A guest that precopy will bring under the limit within this many more rounds at the pace of the
+# last one needs no remedy, even if it dirties at over half the link's rate: a remedy costs more
+# than those rounds (delta pages fill their cache for a round first; throttling slows the guest).
+CONVERGE_ROUNDS = 3
 
 
 @dataclass
@@ -78,16 +83,32 @@ class Policy:
             return f"reached the {self.time_limit_s:g} s time limit{hs}"
         return None
 
-    @staticmethod
-    def outpaced(dirty_Bps: float, bandwidth_Bps: float) -> bool:
-        """The guest dirties (in wire bytes) faster than half the link drains: each round can
-        shrink the dirty set by less than half, so precopy will not converge soon (QEMU's
-        auto-converge test). Known after round 2, before the dirty set can be seen not to shrink."""
-        return dirty_Bps > bandwidth_Bps * 0.5
+    def rounds_to_limit(self, dirty_bytes: float, dirty_Bps: float, bandwidth_Bps: float) -> float:
+        """More rounds plain precopy needs before the stop fits the limit: a round carries the
+        dirty set at the link's rate while the guest dirties at its own, so the set shrinks by
+        dirty_Bps / bandwidth_Bps a round (inf when it does not shrink)."""
+        fits = (self.max_downtime_ms - STOP_OVERHEAD_MS) / 1e3 * bandwidth_Bps
+        if dirty_bytes <= fits:
+            return 0.0
+        if fits <= 0 or dirty_Bps >= bandwidth_Bps:
+            return math.inf
+        if dirty_Bps <= 0:
+            return 1.0
+        return math.log(dirty_bytes / fits) / math.log(bandwidth_Bps / dirty_Bps)
 
-    def throttle(self, current: int, dirty_Bps: float, bandwidth_Bps: float) -> int:
-        """Auto-converge: throttle the vCPUs harder while they dirty faster than the link drains."""
-        if not self.auto_converge or not self.outpaced(dirty_Bps, bandwidth_Bps):
+    def outpaced(self, dirty_Bps: float, bandwidth_Bps: float, dirty_bytes: float = math.inf) -> bool:
+        """The guest dirties (in wire bytes) faster than half the link drains, so each round
+        shrinks the dirty set by less than half (QEMU's auto-converge test), and at that pace
+        precopy is more than CONVERGE_ROUNDS rounds from fitting the limit with `dirty_bytes` to
+        send (not given: the first test alone). Known after round 2, before the dirty set can be
+        seen not to shrink."""
+        if dirty_Bps <= bandwidth_Bps * 0.5:
+            return False
+        return self.rounds_to_limit(dirty_bytes, dirty_Bps, bandwidth_Bps) > CONVERGE_ROUNDS
+
+    def throttle(self, current: int, dirty_Bps: float, bandwidth_Bps: float, dirty_bytes: float = math.inf) -> int:
+        """Auto-converge: throttle the vCPUs harder while they outpace the link (outpaced)."""
+        if not self.auto_converge or not self.outpaced(dirty_Bps, bandwidth_Bps, dirty_bytes):
             return current
         if current == 0:
             return self.throttle_initial

@@ -224,6 +224,10 @@ class _Device:
     reset_required: bool | None = None  # what the destination told its driver
 
 
+def _rounds_text(rounds: float) -> str:
+    return "never reaching the limit at this pace" if rounds == float("inf") else f"{rounds:.1f} rounds from the limit"
+
+
 class Migration:
     """One outgoing migration of a running MicroVM. run() returns the Report or raises."""
 
@@ -469,14 +473,16 @@ class Migration:
                     self._stop_predicted_ms = predicted
                     return  # converged: the collected pages go with the final round
                 stalled = watch.observe(dirty, bandwidth)
-                outpaced = policy.outpaced(dirty_rate * bytes_per_page, bandwidth)
+                dirty_Bps, left = dirty_rate * bytes_per_page, final * bytes_per_page
+                outpaced = policy.outpaced(dirty_Bps, bandwidth, left)
                 if (stalled or outpaced) and self.opts.delta == "auto" and not self._delta_on:
                     # The first remedy: re-dirtied pages go as deltas against their last copy.
                     # On the same early sign auto-converge throttles on, and before it.
                     why = (
                         f"the dirty set has not shrunk in {policy.stall_rounds} rounds"
                         if stalled
-                        else f"dirtying {human_bytes(dirty_rate * bytes_per_page)}/s, over half the link"
+                        else f"dirtying {human_bytes(dirty_Bps)}/s, over half the link, "
+                        + _rounds_text(policy.rounds_to_limit(left, dirty_Bps, bandwidth))
                     )
                     engaged = self._engage_delta(dirty)
                     self._remedy("delta pages", index, elapsed_ms, f"not converging ({why}): {engaged}")
@@ -497,7 +503,7 @@ class Migration:
                     return
                 elif index > delta_round + 1:  # delta pages, just engaged, have not been measured yet
                     before = throttle
-                    throttle = policy.throttle(throttle, dirty_rate * bytes_per_page, bandwidth)
+                    throttle = policy.throttle(throttle, dirty_Bps, bandwidth, left)
                     if throttle:
                         self.vm.core.set_throttle(throttle)
                     if throttle and not before:
