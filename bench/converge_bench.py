@@ -497,12 +497,17 @@ def idle_row(tmp: Path, reps: int) -> dict[str, Any]:
             r["ram_Bps_wall"] = (MEMORY_MIB << 20) / (r["wall_ms"] / 1e3)
             r["ram_wall_vs_tcp"] = r["ram_Bps_wall"] / refs["tcp"]
         runs.append(r)
-        figures = (f"{k} {v / 1e9:.2f} GB/s" + (f" ({r[f'vs_{k}']:.2f}x)" if f"vs_{k}" in r else "")
-                   for k, v in refs.items())
+        figures = (
+            f"{k} {v / 1e9:.2f} GB/s" + (f" ({r[f'vs_{k}']:.2f}x)" if f"vs_{k}" in r else "") for k, v in refs.items()
+        )
         print(f"  idle rep {i + 1}: {_fmt(r)}; " + ", ".join(figures), flush=True)
     ok = [r for r in runs if "vs_tcp" in r]
     doc: dict[str, Any] = {
-        "memory_mib": MEMORY_MIB, "limit_ms": IDLE_LIMIT_MS, "reps": reps, "channels": IDLE_CHANNELS, "runs": runs,
+        "memory_mib": MEMORY_MIB,
+        "limit_ms": IDLE_LIMIT_MS,
+        "reps": reps,
+        "channels": IDLE_CHANNELS,
+        "runs": runs,
     }
     if ok:
         doc["throughput_Bps"] = median([r["throughput_Bps"] for r in ok])
