@@ -236,6 +236,7 @@ cdef extern from "vfmig/channels.h":
     int vfmig_sender_set_compress(vfmig_sender *s, int level) nogil
     int vfmig_send_round(vfmig_sender *s, const uint64_t *bits, int zero_copy, vfmig_round_stats *out) nogil
     int vfmig_send_marker(vfmig_sender *s, uint32_t iteration, uint64_t dirty) nogil
+    int vfmig_sender_wait_applied(vfmig_sender *s, uint32_t iteration, int timeout_ms) nogil
     int vfmig_send_eos(vfmig_sender *s) nogil
     struct vfmig_chan_rx:
         uint64_t pages

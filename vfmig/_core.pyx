@@ -1041,6 +1041,15 @@ cdef class PageSender:
         if rc < 0:
             raise StreamError(-rc, self.s.err.msg.decode())
 
+    def wait_applied(self, uint32_t iteration, int timeout_ms):
+        """Block (GIL released) until the destination has applied round `iteration` on every
+        channel."""
+        cdef int rc
+        with nogil:
+            rc = vfmig_sender_wait_applied(&self.s, iteration, timeout_ms)
+        if rc < 0:
+            raise StreamError(-rc, self.s.err.msg.decode())
+
     def send_eos(self):
         cdef int rc
         with nogil:

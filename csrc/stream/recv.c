@@ -245,6 +245,21 @@ static int load_pages(struct vfmig_receiver *r, uint32_t c, const struct vfmig_r
     return 0;
 }
 
+/* Tell the source every record before ITER n is in RAM: its round is not done until then (a
+ * compressed round can sit whole in the socket buffers while this side still decodes it).
+ * Channel thread. A failed send is left to the next read, which fails too. */
+static void applied(struct vfmig_chan_rx *ch, uint32_t iteration)
+{
+    if (ch->mem)
+        return;
+    struct {
+        struct vfmig_rec_hdr h;
+        struct vfmig_iter it;
+    } rec = {.it = {.iteration = iteration}};
+    vfmig_rec_seal(&rec.h, VFMIG_REC_APPLIED, &rec.it, sizeof(rec.it), NULL, 0);
+    (void)send(ch->fd, &rec, sizeof(rec), MSG_NOSIGNAL);
+}
+
 /* Errors from the shared record checks (stream.c) don't know the channel: add it. */
 static int on_channel(struct vfmig_chan_rx *ch, uint32_t c, int rc)
 {
@@ -289,6 +304,7 @@ static int recv_channel(struct vfmig_receiver *r, uint32_t c)
                 return vfmig_fail(&ch->err, EPROTO, "channel %u: ITER %u out of sequence (expected %llu)", c,
                                   it.iteration, (unsigned long long)ch->iterations + 1);
             ch->iterations++;
+            applied(ch, it.iteration);
         } else if (h.type == VFMIG_REC_EOS) {
             struct vfmig_eos e;
             if ((rc = small_payload(ch, c, &h, &e, sizeof(e))) < 0)

@@ -1,6 +1,7 @@
 /* The page sender: one thread per channel walks its stripes of the dirty bitmap, groups pages
  * into runs (raw, zero or delta) and writes them as PAGES records, compressed on request. */
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,7 @@ int vfmig_sender_init(struct vfmig_sender *s, struct vfmig_vm *vm, const int *fd
         s->ch[i].fd = fds[i];
         /* A peer that stops reading must not hang us: time out and fail the migration. */
         setsockopt(fds[i], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        setsockopt(fds[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)); /* a record of APPLIED cut short */
         /* Headers fill the end of the first page, so pages start page-aligned right after. */
         s->ch[i].staging = aligned_alloc(4096, 4096 + RUN_BYTES);
         s->ch[i].dbuf = malloc(RUN_BYTES + VFMIG_PAGE_SIZE);
@@ -435,6 +437,59 @@ int vfmig_send_marker(struct vfmig_sender *s, uint32_t iteration, uint64_t dirty
         int rc = send_small(s, c, VFMIG_REC_ITER, &it, sizeof(it), 1);
         if (rc < 0)
             return rc;
+    }
+    return 0;
+}
+
+static int applied_io(struct vfmig_sender *s, uint32_t c, int rc)
+{
+    if (rc == -ECONNRESET)
+        return vfmig_fail(&s->err, ECONNRESET, "channel %u: the destination closed the connection", c);
+    return vfmig_fail(&s->err, -rc, "channel %u: reading APPLIED failed: %s", c, strerror(-rc));
+}
+
+static int read_applied(struct vfmig_sender *s, uint32_t c)
+{
+    struct vfmig_chan_tx *ch = &s->ch[c];
+    struct vfmig_rec_hdr h;
+    struct vfmig_iter it;
+    int rc = vfmig_read_all(ch->fd, &h, sizeof(h));
+    if (rc < 0)
+        return applied_io(s, c, rc);
+    if ((rc = vfmig_rec_check_hdr(&h, sizeof(it), &s->err)) < 0)
+        return rc;
+    if (h.type != VFMIG_REC_APPLIED || h.len != sizeof(it))
+        return vfmig_fail(&s->err, EPROTO, "channel %u: the destination sent %s, not APPLIED", c, vfmig_rec_name(h.type));
+    if ((rc = vfmig_read_all(ch->fd, &it, sizeof(it))) < 0)
+        return applied_io(s, c, rc);
+    if ((rc = vfmig_rec_check_crc(&h, &it, &s->err)) < 0)
+        return rc;
+    if (it.iteration != ch->applied + 1 || it.reserved || it.dirty_pages)
+        return vfmig_fail(&s->err, EPROTO, "channel %u: APPLIED %u out of sequence (expected %u)", c, it.iteration,
+                          ch->applied + 1);
+    ch->applied = it.iteration;
+    return 0;
+}
+
+int vfmig_sender_wait_applied(struct vfmig_sender *s, uint32_t iteration, int timeout_ms)
+{
+    uint64_t deadline = vfmig_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    for (uint32_t c = 0; c < s->nchan; c++) {
+        while (s->ch[c].applied < iteration) {
+            uint64_t now = vfmig_now_ns();
+            struct pollfd pfd = {.fd = s->ch[c].fd, .events = POLLIN};
+            int n = poll(&pfd, 1, now < deadline ? (int)((deadline - now + 999999) / 1000000) : 0);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return vfmig_fail(&s->err, errno, "channel %u: poll failed: %s", c, strerror(errno));
+            if (n == 0)
+                return vfmig_fail(&s->err, ETIMEDOUT, "channel %u: the destination has not applied round %u in %d ms",
+                                  c, iteration, timeout_ms);
+            int rc = read_applied(s, c);
+            if (rc < 0)
+                return rc;
+        }
     }
     return 0;
 }

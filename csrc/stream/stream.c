@@ -10,7 +10,7 @@
 static const char *const names[VFMIG_REC__COUNT] = {
     "INVALID", "HELLO", "HELLO_ACK", "CHANNEL", "PAGES", "ITER", "DEVICE",
     "VCPU", "EOS", "RESUMED", "ERROR", "PAGE_HASHES", "GUEST", "READY", "GO",
-    "AUTH_INIT", "AUTH_CHALLENGE", "AUTH_RESPONSE", "DEVICE_DATA",
+    "AUTH_INIT", "AUTH_CHALLENGE", "AUTH_RESPONSE", "DEVICE_DATA", "APPLIED",
 };
 
 const char *vfmig_rec_name(uint32_t type) { return type < VFMIG_REC__COUNT ? names[type] : "UNKNOWN"; }

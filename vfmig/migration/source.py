@@ -73,6 +73,7 @@ DEVICE_STOP_STATE = "STOP_COPY"  # where each migratable device goes once the VM
 # running guest exits far sooner, a halted one is not waited for; one that does neither is late.
 UNTHROTTLE_TIMEOUT_MS = 10
 DELTA_MODES = ("auto", "always", "off")
+APPLIED_TIMEOUT_MS = 30_000  # a destination that has not applied a round by then is stuck
 # The default delta cache: a quarter of guest RAM holds the working set of most busy guests
 # (a 1 GiB guest rewriting 128 MiB, say) at a cost the source host can spare for the migration.
 # When delta pages engage on a larger dirty set, the cache grows to hold it (plus a quarter),
@@ -510,6 +511,11 @@ class Migration:
                         self._remedy("throttle", index, elapsed_ms, f"dirtying faster than the link: {throttle}%")
             st = sender.send_round(zero_copy=False)
             sender.send_marker(index, dirty)
+            # A round is done when the destination has it in RAM, not when the sockets took it: a
+            # compressed round can sit whole in the socket buffers, and so would its rate.
+            waited = time.monotonic_ns()
+            sender.wait_applied(index, APPLIED_TIMEOUT_MS)
+            st["ns"] += time.monotonic_ns() - waited
             device_bytes = self._drain_precopy()
             secs = st["ns"] / 1e9
             bandwidth = st["bytes"] / secs if secs > 0 else bandwidth

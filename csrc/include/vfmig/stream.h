@@ -35,6 +35,7 @@ enum vfmig_rec_type {
     VFMIG_REC_AUTH_CHALLENGE = 16, /* control, dst->src: the destination's nonce and proof */
     VFMIG_REC_AUTH_RESPONSE = 17,  /* control, src->dst: the source's proof; HELLO follows */
     VFMIG_REC_DEVICE_DATA = 18,    /* control, src->dst: a chunk of a device's migration data stream */
+    VFMIG_REC_APPLIED = 19,        /* page channel, dst->src: every record up to ITER n is in RAM */
     VFMIG_REC__COUNT
 };
 
