@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import queue
 import socket
 import subprocess
 import sys
@@ -49,17 +50,27 @@ def keeps_running(vm: MicroVM, timeout: float = 10.0) -> bool:
     return True
 
 
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
 @dataclass
 class CountingRelay:
     """A TCP relay in front of `target` that counts the source->destination bytes of every
     connection (0 = control, 1.. = page channels, in accept order) with their arrival times,
     as a receiver sees them. Optionally calls `trigger` once, when connection `trigger_conn`
-    has carried `trigger_offset` bytes (before forwarding the chunk that crosses it)."""
+    has carried `trigger_offset` bytes (before forwarding the chunk that crosses it). With
+    `drain_Bps`, the page channels' source->destination bytes are taken in at once and passed
+    on at that rate: a destination that receives fast and applies slowly."""
 
     target: tuple[str, int]
     trigger_conn: int = -1
     trigger_offset: int = 0
     trigger: Callable[[], None] | None = None
+    drain_Bps: int = 0
     sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
     fired: threading.Event = field(default_factory=threading.Event)
     arrivals: list[list[tuple[int, int]]] = field(default_factory=list)  # per conn: (t_ns, total bytes)
@@ -96,6 +107,10 @@ class CountingRelay:
     def _pump(self, src: socket.socket, dst: socket.socket, index: int) -> None:
         seen = 0
         log = self.arrivals[index] if index >= 0 else None
+        lag: queue.Queue[bytes | None] | None = None
+        if index >= 1 and self.drain_Bps:
+            lag = queue.Queue()
+            threading.Thread(target=self._drain, args=(lag, src, dst), daemon=True).start()
         try:
             while True:
                 data = src.recv(1 << 16)
@@ -108,14 +123,31 @@ class CountingRelay:
                         self.fired.set()
                         if self.trigger is not None:
                             self.trigger()
-                dst.sendall(data)
+                if lag is not None:
+                    lag.put(data)
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+            if lag is not None:
+                lag.put(None)  # the drain closes both once it has passed everything on
+            else:
+                _close(src, dst)
+
+    def _drain(self, lag: queue.Queue[bytes | None], src: socket.socket, dst: socket.socket) -> None:
+        t0, sent = time.monotonic(), 0
+        try:
+            while (data := lag.get()) is not None:
+                dst.sendall(data)
+                sent += len(data)
+                ahead = t0 + sent / self.drain_Bps - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)  # the emulated destination's pace, not a wait for an event
+        except OSError:
+            pass
+        finally:
+            _close(src, dst)
 
     def page_bytes(self) -> list[int]:
         """Bytes that arrived on each page channel (the control connection left out)."""

@@ -18,7 +18,7 @@ from vfmig.migration import Migration, MigrationOptions, migrate
 from vfmig.migration import source as migration
 from vfmig.migration.destination import Incoming
 from vfmig.migration.policy import Policy
-from vfmig.testing import Destination, Fault, FaultProxy, serve_destination
+from vfmig.testing import DOWN, Destination, Fault, FaultProxy, serve_destination
 from vfmig.vm import MicroVM
 
 pytestmark = pytest.mark.usefixtures("kvm")
@@ -280,6 +280,29 @@ def test_a_round_on_one_channel_gets_the_whole_bandwidth() -> None:
     assert 0.9 * at_limit <= span < 1.5 * at_limit, f"channel 0's bytes spanned {span:.3f} s"
 
 
+def test_a_round_ends_when_the_destination_has_applied_it() -> None:
+    """A destination that takes pages in fast but applies them slowly (a compressed round
+    decoding into cold memory; here a relay that buffers without bound and passes 40 MB/s on)
+    must not let the source stop while it is behind: a round ends, and its rate is measured,
+    when the destination says APPLIED. Before, the idle guest's 16 MiB went into the buffers in
+    milliseconds, the source measured GB/s, found nothing dirty, and stopped with 16 MiB still
+    to apply: a stop of ~400 ms against a 50 ms limit."""
+    drain = 40_000_000
+    with MicroVM(memory="64M", guest="idle", wss_bytes=16 << 20) as vm, serve_destination() as dst:
+        relay = CountingRelay(_dst_addr(dst), drain_Bps=drain).start()
+        vm.start()
+        wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to touch its RAM and halt")
+        try:
+            r = migrate(vm, relay.address, MigrationOptions(policy=Policy(max_downtime_ms=50)))
+        finally:
+            relay.close()
+        assert isinstance(dst.wait(), Incoming)
+    assert r.status == "completed", r.error
+    assert r.iterations[0].bandwidth_Bps < 2 * drain, r.iterations[0]  # the applied rate, not the buffers'
+    assert r.downtime_ms is not None and r.downtime_ms <= 50, r.summary()
+    assert r.downtime_limit_exceeded is False
+
+
 def _rates_at_events(vm: MicroVM, samples: list[tuple[int, int]]) -> Callable[[str, dict], None]:
     """A progress callback that samples the guest's own counter at every event."""
 
@@ -376,6 +399,27 @@ def test_corrupt_or_truncated_stream_is_refused(fault: Fault, match: str) -> Non
         assert proxy.fired.is_set()
         res = dst.wait()
         assert isinstance(res, MigrationError), "the destination must not resume a guest"
+
+
+@pytest.mark.parametrize(
+    ("action", "match"), [("flip", "APPLIED.*CRC|CRC mismatch"), ("cut", "closed the connection|APPLIED")]
+)
+def test_a_bad_applied_record_fails_the_migration_cleanly(action: str, match: str) -> None:
+    """The destination's APPLIED is checked like any record: a flipped payload byte is a CRC
+    mismatch, a channel closed in its place is a peer gone; either way the source runs on and
+    the destination resumes nothing."""
+    with MicroVM(memory=MEM, rate_pps=20_000) as vm, serve_destination(accept_timeout=5) as dst:
+        vm.start()
+        wait_running(vm)
+        host, port = dst.listener.sock.getsockname()[:2]
+        fault = Fault(conn=1, direction=DOWN, record="APPLIED", action=action, at_byte=-4)
+        proxy = FaultProxy((host, port), fault).start()
+        try:
+            _fails_cleanly(vm, proxy.address, match)
+        finally:
+            proxy.close()
+        assert proxy.fired.is_set()
+        assert isinstance(dst.wait(), MigrationError), "the destination must not resume a guest"
 
 
 def test_wrong_protocol_version(monkeypatch: pytest.MonkeyPatch) -> None:
