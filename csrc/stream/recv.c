@@ -30,6 +30,7 @@ int vfmig_receiver_init(struct vfmig_receiver *r, struct vfmig_vm *vm, const int
         return vfmig_fail(err, EINVAL, "channels must be 1..%d, got %u", VFMIG_MAX_CHANNELS, nchan);
     r->vm = vm;
     r->nchan = nchan;
+    atomic_store(&r->first_failed, -1);
     for (uint32_t i = 0; i < nchan; i++)
         r->ch[i].fd = -1;
     r->written = calloc((vm->npages + 63) / 64, sizeof(uint64_t));
@@ -334,8 +335,16 @@ static void *rx_thread(void *arg)
     pthread_setname_np(pthread_self(), name);
     int rc = recv_channel(r, (uint32_t)(ch - r->ch));
     ch->rc = rc;
-    if (rc < 0) /* one bad channel dooms the migration: stop the others promptly */
+    if (rc < 0) { /* one bad channel dooms the migration: stop the others promptly */
         atomic_store(&r->cancel, 1);
+        int none = -1;
+        /* The others may sit in recv with nothing coming (the source waits for APPLIED):
+         * shutting their sockets wakes them, and tells the source at once. */
+        if (atomic_compare_exchange_strong(&r->first_failed, &none, (int)(ch - r->ch)))
+            for (uint32_t c = 0; c < r->nchan; c++)
+                if (&r->ch[c] != ch && r->ch[c].fd >= 0)
+                    shutdown(r->ch[c].fd, SHUT_RDWR);
+    }
     return NULL;
 }
 
@@ -360,7 +369,12 @@ int vfmig_receiver_join(struct vfmig_receiver *r)
             pthread_join(r->ch[c].thread, NULL);
         r->ch[c].thread_live = 0;
     }
-    /* Report the root cause, not a channel that merely saw the cancel. */
+    /* Report the root cause, not a channel that merely saw the cancel or its socket shut. */
+    int first = atomic_load(&r->first_failed);
+    if (first >= 0) {
+        r->err = r->ch[first].err;
+        return r->ch[first].rc;
+    }
     int rc = 0;
     for (uint32_t c = 0; c < r->nchan; c++) {
         if (r->ch[c].rc < 0 && (rc == 0 || rc == -ECANCELED)) {

@@ -484,8 +484,9 @@ int vfmig_sender_wait_applied(struct vfmig_sender *s, uint32_t iteration, int ti
             if (n < 0)
                 return vfmig_fail(&s->err, errno, "channel %u: poll failed: %s", c, strerror(errno));
             if (n == 0)
-                return vfmig_fail(&s->err, ETIMEDOUT, "channel %u: the destination has not applied round %u in %d ms",
-                                  c, iteration, timeout_ms);
+                return vfmig_fail(&s->err, ETIMEDOUT,
+                                  "channel %u: the destination did not answer that it applied round %u in %d ms", c,
+                                  iteration, timeout_ms);
             int rc = read_applied(s, c);
             if (rc < 0)
                 return rc;

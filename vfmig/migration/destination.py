@@ -340,7 +340,8 @@ class Listener:
         except BaseException:
             rx.cancel()
             for s in chans:
-                s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):  # a failed channel's receiver shut them already
+                    s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(_core.StreamError):
                 rx.join()
             raise

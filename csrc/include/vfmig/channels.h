@@ -106,6 +106,7 @@ struct vfmig_receiver {
     _Atomic uint64_t *written;  /* pages that hold data (a ZERO record must clear them) */
     _Atomic uint64_t *populated; /* stripes already populated */
     _Atomic int cancel;
+    _Atomic int first_failed;   /* the channel that failed first (-1: none): the root cause */
     struct vfmig_err err;
 };
 
