@@ -286,14 +286,14 @@ def test_a_round_ends_when_the_destination_has_applied_it() -> None:
     must not let the source stop while it is behind: a round ends, and its rate is measured,
     when the destination says APPLIED. Before, the idle guest's 16 MiB went into the buffers in
     milliseconds, the source measured GB/s, found nothing dirty, and stopped with 16 MiB still
-    to apply: a stop of ~400 ms against a 50 ms limit."""
+    to apply: a stop of ~400 ms against a 50 ms limit. One page channel: the relay paces each."""
     drain = 40_000_000
     with MicroVM(memory="64M", guest="idle", wss_bytes=16 << 20) as vm, serve_destination() as dst:
         relay = CountingRelay(_dst_addr(dst), drain_Bps=drain).start()
         vm.start()
         wait_until(lambda: vm.vcpu_stats()[0].state == 2, "the idle guest to touch its RAM and halt")
         try:
-            r = migrate(vm, relay.address, MigrationOptions(policy=Policy(max_downtime_ms=50)))
+            r = migrate(vm, relay.address, MigrationOptions(channels=1, policy=Policy(max_downtime_ms=50)))
         finally:
             relay.close()
         assert isinstance(dst.wait(), Incoming)
