@@ -15,6 +15,7 @@
 
 #define HDRS (sizeof(struct vfmig_rec_hdr) + sizeof(struct vfmig_pages_hdr))
 #define SEND_TIMEOUT_S 30
+#define CANCEL_POLL_MS 50 /* how often a wait for APPLIED looks at cancel */
 #define RUN_BYTES ((size_t)VFMIG_RUN_MAX_PAGES * VFMIG_PAGE_SIZE)
 
 struct run {
@@ -476,11 +477,14 @@ int vfmig_sender_wait_applied(struct vfmig_sender *s, uint32_t iteration, int ti
     uint64_t deadline = vfmig_now_ns() + (uint64_t)timeout_ms * 1000000ull;
     for (uint32_t c = 0; c < s->nchan; c++) {
         while (s->ch[c].applied < iteration) {
+            if (atomic_load(&s->cancel))
+                return vfmig_fail(&s->err, ECANCELED, "migration cancelled");
             uint64_t now = vfmig_now_ns();
             struct pollfd pfd = {.fd = s->ch[c].fd, .events = POLLIN};
-            int n = poll(&pfd, 1, now < deadline ? (int)((deadline - now + 999999) / 1000000) : 0);
-            if (n < 0 && errno == EINTR)
-                continue;
+            int left = now < deadline ? (int)((deadline - now + 999999) / 1000000) : 0;
+            int n = poll(&pfd, 1, left < CANCEL_POLL_MS ? left : CANCEL_POLL_MS);
+            if ((n < 0 && errno == EINTR) || (n == 0 && left > CANCEL_POLL_MS))
+                continue; /* a slice ended: look at cancel again */
             if (n < 0)
                 return vfmig_fail(&s->err, errno, "channel %u: poll failed: %s", c, strerror(errno));
             if (n == 0)

@@ -75,8 +75,8 @@ uint64_t vfmig_sender_cached(const struct vfmig_sender *s, const uint64_t *bits)
  * matches its bytes). Blocks the caller, no lock held. 0 or -errno (s->err). */
 int vfmig_send_round(struct vfmig_sender *s, const uint64_t *bits, int zero_copy, struct vfmig_round_stats *out);
 /* Wait until every channel's destination end says it applied round `iteration` (APPLIED
- * records, read in sequence). Between rounds, caller's thread. 0, or -ETIMEDOUT after
- * timeout_ms, -EPROTO on a bad record, -errno (s->err). */
+ * records, read in sequence). Between rounds, caller's thread; vfmig_sender cancel ends it within
+ * 50 ms. 0, or -ETIMEDOUT after timeout_ms, -ECANCELED, -EPROTO on a bad record, -errno (s->err). */
 int vfmig_sender_wait_applied(struct vfmig_sender *s, uint32_t iteration, int timeout_ms);
 /* ITER or EOS on every channel. 0 or -errno. */
 int vfmig_send_marker(struct vfmig_sender *s, uint32_t iteration, uint64_t dirty);
