@@ -4,6 +4,7 @@ the faults a device stream can have. The KVM tests run an in-process destination
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
@@ -279,7 +280,12 @@ def test_vf_migrates_live_and_keeps_every_packet_accounted() -> None:
         # The destination's guest receives from its own device, with no error.
         _packets_flow(inc.vm)
         _wire_drained(inc.vm)
-        final, sent = _driver(inc.vm), inc.vm.core.simvf_counters(VF)["sent"]
+        sent = inc.vm.core.simvf_counters(VF)["sent"]
+        # The guest moves next_seq before it counts the packet: its books close a moment later.
+        # Seen once, on a fresh clone: received + dropped_seen one short right after next_seq matched.
+        with contextlib.suppress(AssertionError):  # the assert below says what did not add up
+            wait_until(lambda: sum(_driver(inc.vm)[k] for k in ("received", "dropped_seen")) == sent, "books", 2)
+        final = _driver(inc.vm)
         assert final["errors"] == 0, final
         assert final["received"] + final["dropped_seen"] == sent, (final, sent)
     (dev,) = report.devices
