@@ -5,8 +5,8 @@ with the sequential pattern, and over 128 MiB with the fresh pattern (every page
 with new data each pass, so neither deltas nor compression help; 512 MiB with --fresh-512: its
 first pass alone takes ~7 min here). Each row runs at downtime limits of 30 and 300 ms:
 
-  unlimited link  vfmig (defaults: delta pages, then throttling, as remedies), QEMU default,
-                  QEMU with xbzrle (xbzrle-cache-size 256 MiB), QEMU with auto-converge;
+  unlimited link  vfmig (defaults: delta pages, then throttling, as remedies), the same with
+                  --compress zstd, QEMU default, QEMU with xbzrle (xbzrle-cache-size 256 MiB), QEMU with auto-converge;
   1 Gbit/s link   vfmig --bandwidth 125M, with and without --compress zstd; QEMU max-bandwidth
                   125000000, default and with multifd + multifd-compression zstd.
 
@@ -112,6 +112,7 @@ FRESH_512 = Row("fresh-512M", "fresh", 512)
 _REMEDIES = ("--auto-converge",)
 VFMIG_CONFIGS = (
     VfmigConfig("vfmig", "unlimited", _REMEDIES),
+    VfmigConfig("vfmig-zstd", "unlimited", ("--compress", "zstd", *_REMEDIES), ("--compress",)),
     VfmigConfig("vfmig-1g", "1gbit", ("--bandwidth", "125M", *_REMEDIES)),
     VfmigConfig("vfmig-1g-zstd", "1gbit", ("--bandwidth", "125M", "--compress", "zstd", *_REMEDIES), ("--compress",)),
 )

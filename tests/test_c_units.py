@@ -24,6 +24,7 @@ C_TESTS = [
     ("dma_log", []),
     ("delta", []),
     ("pace", []),
+    ("dirty_ring", []),
 ]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}

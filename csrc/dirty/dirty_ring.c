@@ -4,7 +4,10 @@
  * limit: entries are overwritten and pages lost (docs/host-facts.md). So:
  * the ring is sized far above what the guest dirties between harvests, the harvester runs
  * every HARVEST_US, and any sign of an overrun (a harvest near the ring size, or a ring-full
- * exit with nothing to harvest) marks all RAM dirty for the round. No page is lost silently. */
+ * exit with nothing to harvest) marks all RAM dirty for the round. After an overrun this KVM
+ * also goes on writing at a place other than where the walk reads next, so the vCPU's ring is
+ * swept whole (every DIRTY entry, wherever it is) until the two agree again, and every sync()
+ * sweeps all rings: a round never ends with an entry left behind. No page is lost silently. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +25,7 @@ struct ring_priv {
     int thread_live;
     _Atomic int stop;
     uint32_t idx[VFMIG_MAX_VCPUS];
+    uint8_t resync[VFMIG_MAX_VCPUS]; /* overran: sweep this ring whole until KVM writes at idx */
     uint64_t *pages;           /* scratch: page indices of one harvest */
 };
 
@@ -33,8 +37,50 @@ static uint64_t gfn_to_page(const struct vfmig_vm *vm, uint32_t slot, uint64_t o
     return UINT64_MAX;
 }
 
-/* Harvest every vCPU's ring once. Caller holds p->lock. */
-static int harvest(struct vfmig_tracker *t)
+/* One entry into pages[*n] (unless it names no RAM: returns 0) and handed back to KVM. */
+static int take_entry(const struct vfmig_vm *vm, struct kvm_dirty_gfn *e, uint64_t *pages, uint64_t *n)
+{
+    uint64_t page = gfn_to_page(vm, e->slot, e->offset);
+    if (page != UINT64_MAX)
+        pages[(*n)++] = page;
+    __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+    return page != UINT64_MAX;
+}
+
+static int is_dirty(struct kvm_dirty_gfn *e)
+{
+    return (__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY) != 0;
+}
+
+void vfmig_dirty_ring_take(const struct vfmig_vm *vm, struct kvm_dirty_gfn *ring, uint32_t nent, uint32_t *idx,
+                           int sweep, uint64_t *pages, uint64_t *n, struct vfmig_ring_take *out)
+{
+    *out = (struct vfmig_ring_take){0};
+    while (out->walked < nent && is_dirty(&ring[*idx % nent])) {
+        out->garbage += !take_entry(vm, &ring[*idx % nent], pages, n);
+        (*idx)++;
+        out->walked++;
+    }
+    if (!sweep)
+        return;
+    /* The rest of the ring, in order from where the walk stopped (not DIRTY, so a run of
+     * entries KVM wrote elsewhere cannot straddle it): KVM writes next after the last one. */
+    uint32_t from = *idx % nent, last = 0;
+    for (uint32_t k = 1; k < nent; k++) {
+        struct kvm_dirty_gfn *e = &ring[(from + k) % nent];
+        if (!is_dirty(e))
+            continue;
+        out->garbage += !take_entry(vm, e, pages, n);
+        out->strays++;
+        last = k;
+    }
+    if (out->strays)
+        *idx += last + 1;
+}
+
+/* Harvest every vCPU's ring once; sweep: every ring whole, not only those that overran.
+ * Caller holds p->lock. */
+static int harvest(struct vfmig_tracker *t, int sweep)
 {
     struct ring_priv *p = t->priv;
     struct vfmig_vm *vm = t->vm;
@@ -42,25 +88,16 @@ static int harvest(struct vfmig_tracker *t)
     uint64_t n = 0;
     int overrun = 0;
     for (uint32_t c = 0; c < vm->nvcpus; c++) {
-        struct kvm_dirty_gfn *ring = vm->vcpus[c].ring;
-        uint32_t got = 0;
-        while (got < nent) {
-            struct kvm_dirty_gfn *e = &ring[p->idx[c] % nent];
-            uint32_t f = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
-            if (!(f & KVM_DIRTY_GFN_F_DIRTY))
-                break;
-            uint64_t page = gfn_to_page(vm, e->slot, e->offset);
-            if (page == UINT64_MAX)
-                overrun = 1; /* garbage entry: trust nothing this round */
-            else
-                p->pages[n++] = page;
-            __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-            p->idx[c]++;
-            got++;
-        }
+        struct vfmig_ring_take got;
+        vfmig_dirty_ring_take(vm, vm->vcpus[c].ring, nent, &p->idx[c], sweep || p->resync[c], p->pages, &n, &got);
+        uint32_t taken = got.walked + got.strays;
         int was_full = atomic_exchange(&vm->vcpus[c].ring_full, 0); /* set by vcpu.c on a ring-full exit */
-        if (got + OVERRUN_SLACK >= nent || (was_full && got == 0))
-            overrun = 1;
+        if (got.garbage || taken + OVERRUN_SLACK >= nent || (was_full && taken == 0)) {
+            overrun = 1; /* garbage: trust nothing this round */
+            p->resync[c] = 1;
+        } else if (got.walked && !got.strays) {
+            p->resync[c] = 0; /* KVM wrote where the walk reads: in step again */
+        }
     }
     if (n && ioctl(vm->vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
         return vfmig_fail(&t->err, errno, "KVM_RESET_DIRTY_RINGS: %s", strerror(errno));
@@ -83,7 +120,7 @@ static void *harvester(void *arg)
     pthread_setname_np(pthread_self(), "vfmig-harvest"); /* for perf and the BPF probes' thread filters */
     while (!atomic_load(&p->stop)) {
         pthread_mutex_lock(&p->lock);
-        int r = harvest(t);
+        int r = harvest(t, 0);
         pthread_mutex_unlock(&p->lock);
         if (r < 0)
             atomic_store(&t->set.all, 1); /* sync() reports the error */
@@ -105,7 +142,7 @@ static int ring_start(struct vfmig_tracker *t)
         return vfmig_fail(&t->err, ENOMEM, "out of memory");
     /* Entries left from an earlier tracking session are stale: skip them. */
     pthread_mutex_lock(&p->lock);
-    harvest(t);
+    harvest(t, 1);
     pthread_mutex_unlock(&p->lock);
     int r = vfmig_vm_set_dirty_logging(vm, 1);
     if (r < 0)
@@ -120,7 +157,7 @@ static int ring_sync(struct vfmig_tracker *t)
 {
     struct ring_priv *p = t->priv;
     pthread_mutex_lock(&p->lock);
-    int r = harvest(t);
+    int r = harvest(t, 1);
     pthread_mutex_unlock(&p->lock);
     return r;
 }
@@ -135,7 +172,7 @@ static void ring_stop(struct vfmig_tracker *t)
         pthread_join(p->thread, NULL);
     vfmig_vm_set_dirty_logging(t->vm, 0);
     pthread_mutex_lock(&p->lock);
-    harvest(t); /* leave the rings empty for a later session */
+    harvest(t, 1); /* leave the rings empty for a later session */
     pthread_mutex_unlock(&p->lock);
     pthread_mutex_destroy(&p->lock);
     free(p->pages);

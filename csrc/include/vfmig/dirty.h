@@ -52,6 +52,17 @@ struct vfmig_tracker {
     struct vfmig_err err;
 };
 
+/* What one vCPU's dirty ring gave: entries from the walk's index on, entries found elsewhere by
+ * a sweep (this KVM writes out of step after it overran the ring), entries naming no RAM. */
+struct vfmig_ring_take {
+    uint32_t walked, strays, garbage;
+};
+/* Take one ring's DIRTY entries into pages[*n...] (*n advances) and mark them RESET: those from
+ * *idx on in ring order and, with sweep, every other DIRTY entry too, after which *idx points past
+ * the last of them. The caller still owes KVM_RESET_DIRTY_RINGS. One harvesting thread at a time. */
+void vfmig_dirty_ring_take(const struct vfmig_vm *vm, struct kvm_dirty_gfn *ring, uint32_t nent, uint32_t *idx,
+                           int sweep, uint64_t *pages, uint64_t *n, struct vfmig_ring_take *out);
+
 extern const struct vfmig_tracker_ops vfmig_tracker_bitmap;
 extern const struct vfmig_tracker_ops vfmig_tracker_ring;
 
