@@ -29,6 +29,7 @@ from vfmig import _core
 from vfmig.acceptor import REFUSALS_KEPT, Acceptor, Opening
 from vfmig.auth import MAC_LEN, Authenticator, AuthError, Session, is_loopback
 from vfmig.errors import ConfigError, MigrationError, VfmigError
+from vfmig.migration.collector import collector_paused
 from vfmig.migration.wire import (
     ControlChannel,
     DeviceDataOrder,
@@ -191,6 +192,7 @@ class Listener:
     def _serve(self, ctrl: ControlChannel, session: Session, run_seconds: float) -> Incoming:
         vm: MicroVM | None = None
         chans: list[socket.socket] = []
+        gc_off = contextlib.ExitStack()
         try:
             hello = Hello.decode(ctrl.expect("HELLO", self.timeouts.setup_s, max_len=64 + 16384))
             session = session.with_hello_token(hello.token)
@@ -203,9 +205,11 @@ class Listener:
                 config = self.config_override(config)
             vm = MicroVM.from_config(config)
             chans = self._accept_channels(ctrl, hello, session)
+            gc_off.enter_context(collector_paused())  # until the guest runs here (the load is C threads)
             cps, pages, extra = self._load(ctrl, hello, vm, chans)
             ctrl.expect("GO", self.timeouts.go_s)
         except BaseException as e:
+            gc_off.close()
             msg = str(e) if isinstance(e, VfmigError) else f"{type(e).__name__}: {e}"
             with contextlib.suppress(VfmigError):
                 ctrl.send("ERROR", msg.encode())
@@ -223,7 +227,8 @@ class Listener:
         # The commit: the source has promised never to resume this guest. From here it is ours,
         # and this side never sends ERROR again: the source reads an ERROR after its GO as proof
         # that the guest never started here, and resumes it.
-        inc = self._start(vm, cps, pages)
+        with gc_off:
+            inc = self._start(vm, cps, pages)
         if "devices" in extra:
             _MigDevices.add_handshake(vm, extra["devices"])
         try:

@@ -35,6 +35,7 @@ from vfmig import _core
 from vfmig.auth import Authenticator, read_key
 from vfmig.errors import ConfigError, MigrationError, VfmigError
 from vfmig.host import meminfo_bytes
+from vfmig.migration.collector import collector_paused
 from vfmig.migration.policy import ConvergenceWatch, Policy, WireCost
 from vfmig.migration.wire import (
     PHASE_PRECOPY,
@@ -298,7 +299,8 @@ class Migration:
             self._watch_peer()
             with self._watch_destination():
                 self._precopy(t0)
-                self._stop_and_copy()
+                with collector_paused():
+                    self._stop_and_copy()
             self._wait_resumed()
         except BaseException as e:
             reason = self._peer_reason(e)
