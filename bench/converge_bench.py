@@ -6,7 +6,8 @@ with new data each pass, so neither deltas nor compression help; 512 MiB with --
 first pass alone takes ~7 min here). Each row runs at downtime limits of 30 and 300 ms:
 
   unlimited link  vfmig (defaults: delta pages, then throttling, as remedies), the same with
-                  --compress zstd, QEMU default, QEMU with xbzrle (xbzrle-cache-size 256 MiB), QEMU with auto-converge;
+                  --compress zstd, QEMU default, QEMU with xbzrle (xbzrle-cache-size 256 MiB),
+                  QEMU with auto-converge;
   1 Gbit/s link   vfmig --bandwidth 125M, with and without --compress zstd; QEMU max-bandwidth
                   125000000, default and with multifd + multifd-compression zstd.
 

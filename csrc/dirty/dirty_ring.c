@@ -66,7 +66,8 @@ void vfmig_dirty_ring_take(const struct vfmig_vm *vm, struct kvm_dirty_gfn *ring
     /* The rest of the ring, in order from where the walk stopped (not DIRTY, so a run of
      * entries KVM wrote elsewhere cannot straddle it): KVM writes next after the last one. */
     uint32_t from = *idx % nent, last = 0;
-    for (uint32_t k = 1; k < nent; k++) {
+    /* At most nent in all: KVM may refill walked slots while we sweep, and pages has room for one ring. */
+    for (uint32_t k = 1; k < nent && out->walked + out->strays < nent; k++) {
         struct kvm_dirty_gfn *e = &ring[(from + k) % nent];
         if (!is_dirty(e))
             continue;

@@ -57,9 +57,10 @@ struct vfmig_tracker {
 struct vfmig_ring_take {
     uint32_t walked, strays, garbage;
 };
-/* Take one ring's DIRTY entries into pages[*n...] (*n advances) and mark them RESET: those from
- * *idx on in ring order and, with sweep, every other DIRTY entry too, after which *idx points past
- * the last of them. The caller still owes KVM_RESET_DIRTY_RINGS. One harvesting thread at a time. */
+/* Take one ring's DIRTY entries, at most nent, into pages[*n...] (*n advances) and mark them RESET:
+ * those from *idx on in ring order and, with sweep, every other DIRTY entry too, after which *idx
+ * points past the last of them. The caller still owes KVM_RESET_DIRTY_RINGS. One harvesting
+ * thread at a time (the tracker's lock). */
 void vfmig_dirty_ring_take(const struct vfmig_vm *vm, struct kvm_dirty_gfn *ring, uint32_t nent, uint32_t *idx,
                            int sweep, uint64_t *pages, uint64_t *n, struct vfmig_ring_take *out);
 
