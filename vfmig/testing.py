@@ -13,7 +13,6 @@ import contextlib
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -75,6 +74,7 @@ class FaultProxy:
         self._n = 0
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._closed = threading.Event()  # ends a delay early: no pump outlives its proxy
 
     @property
     def address(self) -> str:
@@ -85,6 +85,7 @@ class FaultProxy:
         return self
 
     def close(self) -> None:
+        self._closed.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close() alone does not
         self.sock.close()
@@ -186,7 +187,7 @@ class FaultProxy:
         if f.action == "cut_after":
             return [], None, rec
         if f.action == "delay":
-            time.sleep(f.delay_s)  # the fault itself is the delay; what triggers it is the stream
+            self._closed.wait(f.delay_s)  # the fault itself is the delay; what triggers it is the stream
             return [rec], None, None
         if f.action == "duplicate":
             return [rec, rec], None, None
