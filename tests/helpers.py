@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vfmig.migration.wire import hang_up
 from vfmig.vm import MicroVM
 
 
@@ -48,13 +49,6 @@ def keeps_running(vm: MicroVM, timeout: float = 10.0) -> bool:
     except AssertionError:
         return False
     return True
-
-
-def _close(*socks: socket.socket) -> None:
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        s.close()
 
 
 @dataclass
@@ -135,7 +129,7 @@ class CountingRelay:
             if lag is not None:
                 lag.put(None)  # the drain closes both once it has passed everything on
             else:
-                _close(src, dst)
+                hang_up(src, dst)
 
     def _drain(self, lag: queue.Queue[bytes | None], src: socket.socket, dst: socket.socket) -> None:
         t0, sent = 0.0, 0
@@ -151,7 +145,7 @@ class CountingRelay:
         except OSError:
             pass
         finally:
-            _close(src, dst)
+            hang_up(src, dst)
 
     def page_bytes(self) -> list[int]:
         """Bytes that arrived on each page channel (the control connection left out)."""

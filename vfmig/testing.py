@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from vfmig import _core
 from vfmig.migration.destination import Incoming, Listener
+from vfmig.migration.wire import hang_up
 
 HDR_LEN = _core.REC_HEADER_LEN
 UP, DOWN = "up", "down"  # source -> destination, destination -> source
@@ -86,14 +87,9 @@ class FaultProxy:
 
     def close(self) -> None:
         self._closed.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close() alone does not
-        self.sock.close()
+        hang_up(self.sock)  # wakes the accept loop
         with self._lock:
-            for s in self._socks:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+            hang_up(*self._socks)
 
     def __enter__(self) -> FaultProxy:
         return self.start()

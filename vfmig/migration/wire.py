@@ -241,6 +241,15 @@ def _hdr_len_crc(header: bytes) -> tuple[int, int]:
     return length, crc
 
 
+def hang_up(*socks: socket.socket) -> None:
+    """Shut each socket both ways, which wakes any thread blocked on it (close() alone does not),
+    then close it. A peer already gone is no error."""
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
 class ControlChannel:
     """Framed records over a TCP socket, with timeouts and a digest of what was sent/received."""
 
@@ -306,9 +315,7 @@ class ControlChannel:
         self.send(rtype, json.dumps(doc).encode())
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        hang_up(self.sock)
 
 
 def connect(host: str, port: int, timeout: float) -> socket.socket:
